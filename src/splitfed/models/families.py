@@ -1,0 +1,367 @@
+"""Per-family adapters: how to embed, run layers ``i..j`` and finish a transformers model.
+
+Each adapter uses the library's own modules (embeddings, decoder/encoder layers, rotary
+embeddings, mask builders, task heads) and only re-states the few lines of each model's outer
+``forward`` that glue them together, so that a model can be cut between any two layers.
+
+The registry :data:`FAMILIES` maps a config ``model_type`` to its adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
+
+HEADS = ("causal_lm", "classification", "span_qa")
+
+
+@dataclass
+class LayerContext:
+    """What every layer of one forward pass needs besides the hidden states.
+
+    Built by each party from the 2-D ``attention_mask`` that crosses with the activations, so
+    masks and position encodings never cross the wire.
+    """
+
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None = None
+    masks: dict[str, Any] = field(default_factory=dict)
+    position_embeddings: Any = None
+    past_key_values: Any = None
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position of each row (decoder classification pools there).
+
+    transformers pools at the rightmost token that is not ``pad_token_id``; a party past the cut
+    has no token ids, so the attention mask stands in for them. Both agree when padding tokens
+    appear only where the mask is 0, which the collators guarantee.
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.to(torch.long)).argmax(-1)
+
+
+class FamilyAdapter:
+    """Base class: the cut points of one model family.
+
+    Subclasses name the modules of the family (:meth:`layers`, :meth:`embedding_modules`,
+    :meth:`finish_modules`) and implement :meth:`embed`, :meth:`context`, :meth:`run_layer` and
+    :meth:`finish`.
+    """
+
+    name = "base"
+    model_types: tuple[str, ...] = ()
+    heads: tuple[str, ...] = HEADS
+    #: attribute of the task model that holds the backbone, per head
+    backbone_attr: str = "model"
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The backbone inside a task model (``model.model``, ``model.transformer``, ...)."""
+        return getattr(model, self.backbone_attr)  # type: ignore[no-any-return]
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The stack of transformer blocks."""
+        raise NotImplementedError
+
+    def num_layers(self, model: nn.Module) -> int:
+        """Number of transformer blocks."""
+        return len(self.layers(model))
+
+    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Modules used by :meth:`embed` (they go to the party holding the embeddings)."""
+        raise NotImplementedError
+
+    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+        """Modules used by :meth:`finish`: final norm and task head."""
+        raise NotImplementedError
+
+    def task_head_names(self, head: str) -> tuple[str, ...]:
+        """Names (keys of :meth:`finish_modules`) of freshly initialised task-head modules.
+
+        These are trained even when the segment is otherwise LoRA-tuned, as peft's
+        ``modules_to_save`` does.
+        """
+        return ()
+
+    def embed(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids to the hidden states that enter layer 0."""
+        raise NotImplementedError
+
+    def context(
+        self,
+        model: nn.Module,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+    ) -> LayerContext:
+        """Masks and position encodings for running layers on ``hidden``."""
+        raise NotImplementedError
+
+    def run_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Run block ``index`` on ``hidden``."""
+        raise NotImplementedError
+
+    def finish(
+        self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, head: str
+    ) -> torch.Tensor:
+        """Final norm and task head: hidden states after the last block to the task's logits."""
+        raise NotImplementedError
+
+
+def _default_positions(hidden: torch.Tensor, past_key_values: Any) -> torch.Tensor:
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    return (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
+
+
+class DecoderAdapter(FamilyAdapter):
+    """Llama-style decoders: Llama (and SmolLM2), Qwen2, Mistral, Gemma.
+
+    ``model.model.{embed_tokens, layers, norm, rotary_emb}`` with ``lm_head`` or ``score``; layers
+    take ``position_embeddings`` and a mask chosen per ``config.layer_types`` (full or sliding).
+    """
+
+    name = "llama"
+    model_types = ("llama", "qwen2", "mistral", "gemma", "qwen3")
+    heads = ("causal_lm", "classification")
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.backbone(model).layers  # type: ignore[no-any-return]
+
+    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {"embed_tokens": self.backbone(model).embed_tokens}
+
+    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+        out_name = "lm_head" if head == "causal_lm" else "score"
+        return {"norm": self.backbone(model).norm, out_name: getattr(model, out_name)}
+
+    def task_head_names(self, head: str) -> tuple[str, ...]:
+        return ("score",) if head == "classification" else ()
+
+    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
+        return self.backbone(model).embed_tokens(input_ids)  # type: ignore[no-any-return]
+
+    def _layer_type(self, config: Any, index: int) -> str:
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            return str(layer_types[index])
+        return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None):  # type: ignore[no-untyped-def]
+        backbone = self.backbone(model)
+        config = backbone.config
+        if position_ids is None:
+            position_ids = _default_positions(hidden, past_key_values)
+        kwargs = {
+            "config": config,
+            "inputs_embeds": hidden,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        types = {self._layer_type(config, i) for i in range(config.num_hidden_layers)}
+        masks: dict[str, Any] = {}
+        if "full_attention" in types:
+            masks["full_attention"] = create_causal_mask(**kwargs)
+        if "sliding_attention" in types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        rope = backbone.rotary_emb(hidden, position_ids=position_ids)
+        return LayerContext(attention_mask, position_ids, masks, rope, past_key_values)
+
+    def run_layer(self, model, index, hidden, ctx):  # type: ignore[no-untyped-def]
+        layer = self.layers(model)[index]
+        mask = ctx.masks[self._layer_type(self.backbone(model).config, index)]
+        return layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=ctx.position_embeddings,
+            position_ids=ctx.position_ids,
+            past_key_values=ctx.past_key_values,
+            use_cache=ctx.past_key_values is not None,
+        )
+
+    def finish(self, model, hidden, attention_mask, head):  # type: ignore[no-untyped-def]
+        hidden = self.backbone(model).norm(hidden)
+        if head == "causal_lm":
+            return model.lm_head(hidden)
+        logits = model.score(hidden)
+        return _pool_last(logits, attention_mask)
+
+
+def _pool_last(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return logits[:, -1]
+    index = last_token_index(attention_mask)
+    return logits[torch.arange(logits.shape[0], device=logits.device), index]
+
+
+class GPT2Adapter(FamilyAdapter):
+    """GPT-2: ``transformer.{wte, wpe, drop, h, ln_f}`` with ``lm_head`` or ``score``."""
+
+    name = "gpt2"
+    model_types = ("gpt2",)
+    heads = ("causal_lm", "classification")
+    backbone_attr = "transformer"
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.backbone(model).h  # type: ignore[no-any-return]
+
+    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        b = self.backbone(model)
+        return {"wte": b.wte, "wpe": b.wpe, "drop": b.drop}
+
+    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+        out_name = "lm_head" if head == "causal_lm" else "score"
+        return {"ln_f": self.backbone(model).ln_f, out_name: getattr(model, out_name)}
+
+    def task_head_names(self, head: str) -> tuple[str, ...]:
+        return ("score",) if head == "classification" else ()
+
+    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
+        b = self.backbone(model)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return b.drop(b.wte(input_ids) + b.wpe(position_ids))
+
+    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None):  # type: ignore[no-untyped-def]
+        b = self.backbone(model)
+        if position_ids is None:
+            position_ids = _default_positions(hidden, past_key_values)
+        mask = create_causal_mask(
+            config=b.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        return LayerContext(attention_mask, position_ids, {"full_attention": mask}, None, past_key_values)
+
+    def run_layer(self, model, index, hidden, ctx):  # type: ignore[no-untyped-def]
+        block = self.layers(model)[index]
+        return block(
+            hidden,
+            ctx.past_key_values,
+            ctx.masks["full_attention"],
+            use_cache=ctx.past_key_values is not None,
+            position_ids=ctx.position_ids,
+        )
+
+    def finish(self, model, hidden, attention_mask, head):  # type: ignore[no-untyped-def]
+        hidden = self.backbone(model).ln_f(hidden)
+        if head == "causal_lm":
+            return model.lm_head(hidden)
+        return _pool_last(model.score(hidden), attention_mask)
+
+
+class BertAdapter(FamilyAdapter):
+    """BERT and RoBERTa encoders (MiniLM is BERT): ``embeddings`` + ``encoder.layer``."""
+
+    name = "bert"
+    model_types = ("bert", "roberta")
+    heads = ("classification", "span_qa")
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        return getattr(model, model.config.model_type)  # type: ignore[no-any-return]
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.backbone(model).encoder.layer  # type: ignore[no-any-return]
+
+    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {"embeddings": self.backbone(model).embeddings}
+
+    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+        if head == "span_qa":
+            return {"qa_outputs": model.qa_outputs}
+        mods: dict[str, nn.Module] = {"classifier": model.classifier}
+        pooler = getattr(self.backbone(model), "pooler", None)
+        if pooler is not None:
+            mods["pooler"] = pooler
+        if hasattr(model, "dropout"):
+            mods["dropout"] = model.dropout
+        return mods
+
+    def task_head_names(self, head: str) -> tuple[str, ...]:
+        return ("qa_outputs",) if head == "span_qa" else ("classifier",)
+
+    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
+        return self.backbone(model).embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids
+        )
+
+    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None):  # type: ignore[no-untyped-def]
+        mask = create_bidirectional_mask(
+            config=self.backbone(model).config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        return LayerContext(attention_mask, position_ids, {"full_attention": mask})
+
+    def run_layer(self, model, index, hidden, ctx):  # type: ignore[no-untyped-def]
+        return self.layers(model)[index](hidden, attention_mask=ctx.masks["full_attention"])
+
+    def finish(self, model, hidden, attention_mask, head):  # type: ignore[no-untyped-def]
+        if head == "span_qa":
+            return model.qa_outputs(hidden)
+        if model.config.model_type == "roberta":
+            return model.classifier(hidden)
+        pooled = self.backbone(model).pooler(hidden)
+        return model.classifier(model.dropout(pooled))
+
+
+class DistilBertAdapter(BertAdapter):
+    """DistilBERT: ``distilbert.embeddings`` + ``distilbert.transformer.layer``."""
+
+    name = "distilbert"
+    model_types = ("distilbert",)
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        return model.distilbert  # type: ignore[no-any-return]
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.backbone(model).transformer.layer  # type: ignore[no-any-return]
+
+    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+        if head == "span_qa":
+            return {"qa_outputs": model.qa_outputs, "dropout": model.dropout}
+        return {"pre_classifier": model.pre_classifier, "classifier": model.classifier, "dropout": model.dropout}
+
+    def task_head_names(self, head: str) -> tuple[str, ...]:
+        return ("qa_outputs",) if head == "span_qa" else ("pre_classifier", "classifier")
+
+    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
+        return self.backbone(model).embeddings(input_ids, None, position_ids)
+
+    def finish(self, model, hidden, attention_mask, head):  # type: ignore[no-untyped-def]
+        if head == "span_qa":
+            return model.qa_outputs(model.dropout(hidden))
+        pooled = torch.relu(model.pre_classifier(hidden[:, 0]))
+        return model.classifier(model.dropout(pooled))
+
+
+FAMILIES: dict[str, FamilyAdapter] = {}
+for _adapter in (DecoderAdapter(), GPT2Adapter(), BertAdapter(), DistilBertAdapter()):
+    for _model_type in _adapter.model_types:
+        FAMILIES[_model_type] = _adapter
+
+
+def family_for(config: Any) -> FamilyAdapter:
+    """The adapter for a transformers config, or a clear error listing the supported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported for splitting; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]

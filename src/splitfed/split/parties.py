@@ -1,0 +1,379 @@
+"""The two sides of a split: :class:`DataParty` and :class:`ModelParty`.
+
+A party knows its segments and its optimizer, never the transport: the data party talks through a
+:class:`~splitfed.transport.channel.Channel`, the model party answers messages in
+:meth:`ModelParty.handle`. One training step runs exactly one backward pass per segment: the
+gradient that crosses back and the parameter gradients come from the same pass.
+
+Message kinds (data party → model party, and the reply):
+
+``forward``  {hidden, attention_mask[, labels]} → ``forward_result`` {logits | hidden | loss[, grad]}
+``backward`` {grad} → ``backward_result`` {grad} (one-way, no reply, when the head is frozen)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from splitfed.models.partition import Segment
+from splitfed.transport.channel import Channel, Message
+
+LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+LabelsAt = Literal["data", "model"]
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class ProtocolError(RuntimeError):
+    """A message that does not fit the session (wrong kind, missing tensor, unknown batch)."""
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """Optimizer and learning-rate schedule of one party.
+
+    Parameters
+    ----------
+    optimizer : {"adamw", "sgd"}, default "adamw"
+    lr : float, default 2e-4
+    weight_decay : float, default 0.0
+    scheduler : {"constant", "linear", "cosine"}, default "linear"
+    warmup_steps : int, default 0
+    total_steps : int, default 100
+        Number of optimizer updates (for the schedule).
+    max_grad_norm : float | None, default 1.0
+        Clip each party's own gradients to this norm (``None``: no clipping).
+    """
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = 0
+    total_steps: int = 100
+    max_grad_norm: float | None = 1.0
+
+
+class _Trainer:
+    """Optimizer + schedule over a set of parameters (shared by both parties)."""
+
+    def __init__(self, params: list[nn.Parameter], spec: OptimSpec) -> None:
+        from transformers import get_scheduler
+
+        self.params = params
+        self.spec = spec
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        if params:
+            if spec.optimizer == "sgd":
+                self.optimizer = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+            else:
+                self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+            self.scheduler = get_scheduler(
+                spec.scheduler if spec.scheduler != "constant" else "constant_with_warmup",
+                self.optimizer,
+                num_warmup_steps=spec.warmup_steps,
+                num_training_steps=max(spec.total_steps, 1),
+            )
+
+    def update(self) -> None:
+        if self.optimizer is None:
+            return
+        if self.spec.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None and state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _params(segments: Mapping[str, Segment]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for segment in segments.values():
+        for p in segment.trainable_parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _require(message: Message, *names: str) -> None:
+    missing = [n for n in names if n not in message.tensors]
+    if missing:
+        raise ProtocolError(
+            f"{message.kind!r} message lacks tensor(s) {missing}; it carries {sorted(message.tensors)}"
+        )
+
+
+@dataclass
+class _Pending:
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+class ModelParty:
+    """The party that runs the middle of the model (HBT) or everything after the head (HT).
+
+    Parameters
+    ----------
+    body : Segment
+        Its segment. In HT it ends with the final norm and task head.
+    optim : OptimSpec
+    loss_fn : LossFn | None, default None
+        Needed only when the data party sends labels (``labels_at: model``).
+    head_trainable : bool, default True
+        Whether the data party's head trains. When it does not (SplitFrozen), the model party
+        computes no gradient for its input and sends none back.
+    """
+
+    def __init__(
+        self,
+        body: Segment,
+        optim: OptimSpec,
+        loss_fn: LossFn | None = None,
+        head_trainable: bool = True,
+    ) -> None:
+        self.body = body
+        self.loss_fn = loss_fn
+        self.head_trainable = head_trainable
+        self.trainer = _Trainer(_params({"body": body}), optim)
+        self._pending: dict[tuple[str, int], _Pending] = {}
+        self.updates = 0
+
+    def handle(self, message: Message) -> Message | None:
+        """Answer one message from a data party (the only entry point a transport calls)."""
+        if message.kind == "forward":
+            return self._forward(message)
+        if message.kind == "backward":
+            return self._backward(message)
+        raise ProtocolError(f"unknown message kind {message.kind!r}; expected 'forward' or 'backward'")
+
+    def _key(self, message: Message) -> tuple[str, int]:
+        return (str(message.meta.get("client", "")), int(message.meta.get("batch_id", 0) or 0))
+
+    def _forward(self, message: Message) -> Message:
+        _require(message, "hidden", "attention_mask")
+        train = bool(message.meta.get("train", False))
+        hidden = message.tensors["hidden"]
+        mask = message.tensors["attention_mask"]
+        if not train:
+            self.body.eval()
+            with torch.no_grad():
+                out = self.body(hidden=hidden, attention_mask=mask)
+            return Message("forward_result", {"logits" if self.body.has_finish else "hidden": out}, {})
+        self.body.train()
+        inputs = hidden.requires_grad_(self.head_trainable)
+        out = self.body(hidden=inputs, attention_mask=mask)
+        if "labels" in message.tensors:
+            return self._loss_and_backward(message, inputs, out)
+        self._pending[self._key(message)] = _Pending(inputs, out)
+        kind = "logits" if self.body.has_finish else "hidden"
+        return Message("forward_result", {kind: out.detach()}, {"batch_id": message.meta.get("batch_id")})
+
+    def _loss_and_backward(self, message: Message, inputs: torch.Tensor, logits: torch.Tensor) -> Message:
+        if self.loss_fn is None or not self.body.has_finish:
+            raise ProtocolError("labels were sent to a model party that does not compute the loss")
+        batch = {k: v for k, v in message.tensors.items() if k != "hidden"}
+        loss = self.loss_fn(logits, batch)
+        scale = float(message.meta.get("loss_scale", 1.0) or 1.0)
+        (loss * scale).backward()
+        if message.meta.get("update", True):
+            self.trainer.update()
+            self.updates += 1
+        tensors = {"loss": loss.detach().reshape(1)}
+        if self.head_trainable and inputs.grad is not None:
+            tensors["grad"] = inputs.grad
+        return Message("forward_result", tensors, {"batch_id": message.meta.get("batch_id")})
+
+    def _backward(self, message: Message) -> Message | None:
+        _require(message, "grad")
+        key = self._key(message)
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            raise ProtocolError(f"backward for unknown batch {key[1]} (client {key[0]!r}): no forward pending")
+        grad = message.tensors["grad"]
+        if grad.shape != pending.outputs.shape:
+            raise ProtocolError(
+                f"gradient shape {tuple(grad.shape)} does not match the forward output {tuple(pending.outputs.shape)}"
+            )
+        pending.outputs.backward(grad.to(pending.outputs.dtype))
+        if message.meta.get("update", True):
+            self.trainer.update()
+            self.updates += 1
+        if not self.head_trainable:
+            return None
+        assert pending.inputs.grad is not None
+        return Message("backward_result", {"grad": pending.inputs.grad}, {"batch_id": message.meta.get("batch_id")})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer/scheduler state and the update count (for checkpoints)."""
+        return {"trainer": self.trainer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.trainer.load_state_dict(state.get("trainer", {}))
+        self.updates = int(state.get("updates", 0))
+
+
+@dataclass
+class StepResult:
+    """What one training micro-batch produced."""
+
+    loss: float
+    batch_size: int
+    bytes_to_model: int = 0
+    bytes_to_data: int = 0
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+class DataParty:
+    """The party that owns the raw data, the labels and the first (and, in HBT, last) layers.
+
+    Parameters
+    ----------
+    head : Segment
+        Embeddings + first blocks.
+    channel : Channel
+        Its only way to the model party.
+    loss_fn : LossFn
+        ``loss_fn(logits, batch)``; used here unless ``labels_at == "model"``.
+    optim : OptimSpec
+    tail : Segment | None, default None
+        HBT: last blocks + final norm + task head.
+    labels_at : {"data", "model"}, default "data"
+        HT only: ``"model"`` sends the labels and lets the model party compute the loss
+        (SplitLoRA / SplitFrozen style: no logits cross).
+    client_id : str, default ""
+        Names this data party in messages (the model party may serve several).
+    """
+
+    def __init__(
+        self,
+        head: Segment,
+        channel: Channel,
+        loss_fn: LossFn,
+        optim: OptimSpec,
+        tail: Segment | None = None,
+        labels_at: LabelsAt = "data",
+        client_id: str = "",
+    ) -> None:
+        if labels_at not in ("data", "model"):
+            raise ValueError(f"labels_at must be 'data' or 'model', got {labels_at!r}")
+        if tail is not None and labels_at == "model":
+            raise ValueError("labels_at: model is an HT option; in HBT the data party's tail computes the loss")
+        self.head, self.tail, self.channel = head, tail, channel
+        self.loss_fn = loss_fn
+        self.labels_at = labels_at
+        self.client_id = client_id
+        segments = {"head": head} | ({"tail": tail} if tail is not None else {})
+        self.trainer = _Trainer(_params(segments), optim)
+        self.head_trainable = head.is_trainable
+        self._batch_id = 0
+        self.updates = 0
+
+    def _meta(self, **extra: Any) -> dict[str, Any]:
+        return {"client": self.client_id, "batch_id": self._batch_id, **extra}
+
+    def _run_head(self, batch: Mapping[str, torch.Tensor], train: bool) -> torch.Tensor:
+        self.head.train(train)
+        kwargs = {k: batch[k] for k in INPUT_KEYS if k in batch}
+        if train and self.head_trainable:
+            return self.head(**kwargs)  # type: ignore[no-any-return]
+        # SplitFrozen: the head runs forward-only, keeping no graph.
+        with torch.no_grad():
+            return self.head(**kwargs)  # type: ignore[no-any-return]
+
+    def train_step(self, batch: Mapping[str, torch.Tensor], update: bool = True, loss_scale: float = 1.0) -> StepResult:
+        """One micro-batch across the split: forward, loss, one backward per segment.
+
+        ``update=False`` accumulates gradients (both parties step on the next ``update=True``);
+        ``loss_scale`` scales the gradients (``1/accumulation_steps``).
+        """
+        self._batch_id += 1
+        before = (self.channel.bytes_to_model, self.channel.bytes_to_data)
+        mask = batch["attention_mask"]
+        hidden = self._run_head(batch, train=True)
+        tensors = {"hidden": hidden, "attention_mask": mask}
+        if self.labels_at == "model":
+            tensors |= {k: v for k, v in batch.items() if k not in INPUT_KEYS}
+            reply = self.channel.request(
+                Message("forward", tensors, self._meta(train=True, update=update, loss_scale=loss_scale))
+            )
+            _require(reply, "loss")
+            loss_value = float(reply.tensors["loss"].item())
+            self._head_backward(hidden, reply.tensors.get("grad"))
+        else:
+            reply = self.channel.request(Message("forward", tensors, self._meta(train=True)))
+            received = reply.tensors["hidden" if self.tail is not None else "logits"].requires_grad_(True)
+            if self.tail is not None:
+                self.tail.train()
+                logits = self.tail(hidden=received, attention_mask=mask)
+            else:
+                logits = received
+            loss = self.loss_fn(logits, batch)
+            (loss * loss_scale).backward()
+            loss_value = float(loss.detach().item())
+            assert received.grad is not None
+            message = Message("backward", {"grad": received.grad}, self._meta(update=update))
+            if self.head_trainable:
+                back = self.channel.request(message)
+                _require(back, "grad")
+                self._head_backward(hidden, back.tensors["grad"])
+            else:
+                self.channel.send(message)
+        if update:
+            self.trainer.update()
+            self.updates += 1
+        return StepResult(
+            loss=loss_value,
+            batch_size=int(mask.shape[0]),
+            bytes_to_model=self.channel.bytes_to_model - before[0],
+            bytes_to_data=self.channel.bytes_to_data - before[1],
+        )
+
+    def _head_backward(self, hidden: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if not self.head_trainable:
+            return
+        if grad is None:
+            raise ProtocolError("the model party sent no gradient for the trainable head")
+        if grad.shape != hidden.shape:
+            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != head output {tuple(hidden.shape)}")
+        hidden.backward(grad.to(hidden.dtype))
+
+    @torch.no_grad()
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a batch across the split (evaluation; nothing is trained, no labels cross)."""
+        self._batch_id += 1
+        mask = batch["attention_mask"]
+        hidden = self._run_head(batch, train=False)
+        reply = self.channel.request(
+            Message("forward", {"hidden": hidden, "attention_mask": mask}, self._meta(train=False))
+        )
+        if self.tail is None:
+            _require(reply, "logits")
+            return reply.tensors["logits"]
+        _require(reply, "hidden")
+        self.tail.eval()
+        return self.tail(hidden=reply.tensors["hidden"], attention_mask=mask)  # type: ignore[no-any-return]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer/scheduler state and counters (for checkpoints)."""
+        return {"trainer": self.trainer.state_dict(), "updates": self.updates, "batch_id": self._batch_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.trainer.load_state_dict(state.get("trainer", {}))
+        self.updates = int(state.get("updates", 0))
+        self._batch_id = int(state.get("batch_id", 0))
+

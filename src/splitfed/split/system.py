@@ -1,0 +1,87 @@
+"""Assemble a data party, a model party and the channel between them from one model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from splitfed.models.partition import FinetuneReport, FinetuneSpec, Segment, SplitSpec, apply_finetune, partition
+from splitfed.split.parties import DataParty, LabelsAt, LossFn, ModelParty, OptimSpec
+from splitfed.transport.channel import ChannelTransform, CrossingRecorder, InProcessChannel
+
+
+@dataclass
+class SplitSystem:
+    """Both parties of one in-process split, and what joins them."""
+
+    data_party: DataParty
+    model_party: ModelParty
+    channel: InProcessChannel
+    segments: dict[str, Segment]
+    finetune: dict[str, FinetuneReport]
+
+
+def build_model_party(
+    model: nn.Module,
+    split: SplitSpec,
+    head: str,
+    finetune: Mapping[str, FinetuneSpec],
+    optim: OptimSpec,
+    loss_fn: LossFn | None = None,
+) -> tuple[ModelParty, dict[str, Segment], dict[str, FinetuneReport]]:
+    """Cut ``model``, set up fine-tuning of every segment and build the model party.
+
+    ``finetune`` maps a segment role (``head``, ``body``, ``tail``) to its spec; a missing role is
+    frozen. Returns the model party, all segments and what each segment trains.
+    """
+    segments = partition(model, split, head)
+    reports = {role: apply_finetune(seg, finetune.get(role, FinetuneSpec("frozen"))) for role, seg in segments.items()}
+    model_party = ModelParty(
+        segments["body"], optim, loss_fn=loss_fn, head_trainable=segments["head"].is_trainable
+    )
+    return model_party, segments, reports
+
+
+def build_split(
+    model: nn.Module,
+    split: SplitSpec,
+    head: str,
+    finetune: Mapping[str, FinetuneSpec],
+    loss_fn: LossFn,
+    optim: OptimSpec | None = None,
+    labels_at: LabelsAt = "data",
+    transforms: Sequence[ChannelTransform] = (),
+    recorder: CrossingRecorder | None = None,
+) -> SplitSystem:
+    """Cut ``model`` and join the two parties with an in-process channel.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformers task model (``...ForCausalLM``, ``...ForSequenceClassification``, ...).
+    split : SplitSpec
+    head : str
+        ``"causal_lm"``, ``"classification"`` or ``"span_qa"``.
+    finetune : Mapping[str, FinetuneSpec]
+        Per segment role; missing roles are frozen.
+    loss_fn : LossFn
+        ``loss_fn(logits, batch)``.
+    optim : OptimSpec | None
+        The same schedule drives both parties (each steps its own optimizer).
+    labels_at, transforms, recorder
+        See :class:`DataParty` and :class:`~splitfed.transport.channel.Channel`.
+    """
+    optim = optim or OptimSpec()
+    model_party, segments, reports = build_model_party(model, split, head, finetune, optim, loss_fn)
+    channel = InProcessChannel(model_party.handle, transforms=transforms, recorder=recorder)
+    data_party = DataParty(
+        segments["head"],
+        channel,
+        loss_fn,
+        optim,
+        tail=segments.get("tail"),
+        labels_at=labels_at,
+    )
+    return SplitSystem(data_party, model_party, channel, segments, reports)

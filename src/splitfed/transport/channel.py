@@ -1,0 +1,230 @@
+"""The channel between a data party and a model party.
+
+Every crossing of the split goes through one :class:`Channel`: the data party sends a
+:class:`Message` (one-way with :meth:`Channel.send`, or waiting for the model party's reply
+with :meth:`Channel.request`). A channel can
+
+* record every crossing (:class:`CrossingRecorder`), which is what attacks read, and
+* wrap any crossing with a :class:`ChannelTransform`, which is where defenses plug in.
+
+Parties know nothing about transport; a transport knows nothing about models. The in-process
+channel here hands messages straight to a handler; the network runtime implements the same
+interface over gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+Direction = Literal["to_model", "to_data"]
+MetaValue = int | float | str | bool | None
+
+
+@dataclass
+class Message:
+    """What crosses the split: a kind, named tensors, and small scalar metadata.
+
+    Parameters
+    ----------
+    kind : str
+        What the message is, e.g. ``"forward"``, ``"forward_result"``, ``"backward"``.
+    tensors : dict[str, torch.Tensor]
+        Named tensors. Only tensors cross: no tokens (unless a caller puts them here, which
+        tests forbid), no pickled objects.
+    meta : dict[str, int | float | str | bool | None]
+        Scalars such as the step number or whether to apply an optimizer update.
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, MetaValue] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Raw bytes of the tensor payload (what a wire format must carry at least)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class Crossing:
+    """One recorded crossing of the split."""
+
+    index: int
+    direction: Direction
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, MetaValue]
+    nbytes: int
+
+
+class CrossingRecorder:
+    """Keeps every crossing a channel carries, or just its size.
+
+    Parameters
+    ----------
+    keep_tensors : bool, default True
+        Keep (detached, CPU) copies of the tensors. Attacks need them; byte accounting does not.
+    kinds : Iterable[str] | None, default None
+        Record only these message kinds; ``None`` records all.
+    """
+
+    def __init__(self, keep_tensors: bool = True, kinds: Iterable[str] | None = None) -> None:
+        self.keep_tensors = keep_tensors
+        self.kinds = set(kinds) if kinds is not None else None
+        self.crossings: list[Crossing] = []
+
+    def __call__(self, direction: Direction, message: Message) -> None:
+        if self.kinds is not None and message.kind not in self.kinds:
+            return
+        tensors = (
+            {k: v.detach().to("cpu", copy=True) for k, v in message.tensors.items()}
+            if self.keep_tensors
+            else {}
+        )
+        self.crossings.append(
+            Crossing(len(self.crossings), direction, message.kind, tensors, dict(message.meta), message.nbytes)
+        )
+
+    def clear(self) -> None:
+        """Forget every recorded crossing."""
+        self.crossings.clear()
+
+    def of_kind(self, kind: str) -> list[Crossing]:
+        """The recorded crossings of one message kind, in order."""
+        return [c for c in self.crossings if c.kind == kind]
+
+
+class ChannelTransform(Protocol):
+    """A function applied to a message as it crosses (defenses, compression, tests).
+
+    It receives the direction and the message and returns the message to deliver. It must not
+    modify the tensors in place: the sender may still need them.
+    """
+
+    def __call__(self, direction: Direction, message: Message) -> Message: ...
+
+
+@dataclass
+class TransformRule:
+    """Apply ``transform`` to messages of the given kinds and tensor names.
+
+    Parameters
+    ----------
+    transform : Callable[[torch.Tensor], torch.Tensor]
+        Maps one tensor to the tensor that crosses instead.
+    kinds : Sequence[str]
+        Message kinds it applies to, e.g. ``("forward",)`` for activations sent to the model party.
+    tensor_names : Sequence[str] | None, default None
+        Which tensors of those messages; ``None`` means all floating-point tensors.
+    """
+
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    kinds: Sequence[str]
+    tensor_names: Sequence[str] | None = None
+
+    def __call__(self, direction: Direction, message: Message) -> Message:
+        if message.kind not in self.kinds:
+            return message
+        out = dict(message.tensors)
+        for name, tensor in message.tensors.items():
+            wanted = name in self.tensor_names if self.tensor_names is not None else tensor.is_floating_point()
+            if wanted:
+                out[name] = self.transform(tensor)
+        return Message(message.kind, out, dict(message.meta))
+
+
+Handler = Callable[[Message], Message | None]
+
+
+class Channel:
+    """Base class of every transport: transforms, recording and byte accounting live here once.
+
+    Subclasses implement :meth:`_deliver`, which carries a message to the model party and returns
+    its reply (or ``None`` for one-way messages).
+
+    Parameters
+    ----------
+    transforms : Sequence[ChannelTransform], default ()
+        Applied in order to every message in both directions (each decides what it touches).
+    recorder : CrossingRecorder | None, default None
+        Receives every message after the transforms, i.e. exactly what crossed.
+    """
+
+    def __init__(
+        self, transforms: Sequence[ChannelTransform] = (), recorder: CrossingRecorder | None = None
+    ) -> None:
+        self.transforms = list(transforms)
+        self.recorder = recorder
+        self.bytes_to_model = 0
+        self.bytes_to_data = 0
+        self.messages = 0
+
+    def _cross(self, direction: Direction, message: Message) -> Message:
+        for transform in self.transforms:
+            message = transform(direction, message)
+        if direction == "to_model":
+            self.bytes_to_model += message.nbytes
+        else:
+            self.bytes_to_data += message.nbytes
+        self.messages += 1
+        if self.recorder is not None:
+            self.recorder(direction, message)
+        return message
+
+    def request(self, message: Message) -> Message:
+        """Send ``message`` to the model party and return its reply."""
+        reply = self._deliver(self._cross("to_model", message))
+        if reply is None:
+            raise RuntimeError(f"model party sent no reply to a {message.kind!r} request")
+        return self._cross("to_data", reply)
+
+    def send(self, message: Message) -> None:
+        """Send ``message`` to the model party without waiting for a reply."""
+        reply = self._deliver(self._cross("to_model", message))
+        if reply is not None:
+            self._cross("to_data", reply)
+
+    def reset_counters(self) -> None:
+        """Zero the byte and message counters."""
+        self.bytes_to_model = self.bytes_to_data = self.messages = 0
+
+    def _deliver(self, message: Message) -> Message | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release transport resources (nothing for the in-process channel)."""
+
+
+class InProcessChannel(Channel):
+    """Delivers messages to a handler in the same process.
+
+    Tensors are detached on the way (the autograd graph never spans the cut, exactly as over a
+    network) but not copied, so the simulator costs no extra memory traffic.
+
+    Parameters
+    ----------
+    handler : Callable[[Message], Message | None]
+        Usually :meth:`splitfed.split.ModelParty.handle`.
+    transforms, recorder
+        See :class:`Channel`.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        transforms: Sequence[ChannelTransform] = (),
+        recorder: CrossingRecorder | None = None,
+    ) -> None:
+        super().__init__(transforms, recorder)
+        self.handler = handler
+
+    def _cross(self, direction: Direction, message: Message) -> Message:
+        detached = Message(message.kind, {k: v.detach() for k, v in message.tensors.items()}, message.meta)
+        return super()._cross(direction, detached)
+
+    def _deliver(self, message: Message) -> Message | None:
+        return self.handler(message)

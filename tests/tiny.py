@@ -1,0 +1,135 @@
+"""Tiny random models of every supported family, for fast unit tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DistilBertConfig,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    RobertaConfig,
+)
+
+VOCAB = 97
+PAD = 0
+
+
+def tiny_config(family: str, num_labels: int = 3) -> PretrainedConfig:
+    """A 4-layer random config with dropout off (so split and unsplit runs are comparable)."""
+    common = {"vocab_size": VOCAB, "pad_token_id": PAD, "num_labels": num_labels}
+    decoder = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+        **common,
+    }
+    encoder = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout": 0.0,
+        **common,
+    }
+    if family == "llama":
+        return LlamaConfig(**decoder)
+    if family == "qwen2":
+        return Qwen2Config(**decoder)
+    if family == "mistral":
+        return MistralConfig(**decoder, sliding_window=4)
+    if family == "gemma":
+        return GemmaConfig(**decoder, head_dim=8)
+    if family == "gpt2":
+        return GPT2Config(
+            n_embd=32, n_layer=4, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            summary_first_dropout=0.0, **common,
+        )
+    if family == "bert":
+        return BertConfig(**encoder)
+    if family == "roberta":
+        return RobertaConfig(**{**encoder, "pad_token_id": 1, "max_position_embeddings": 70})
+    if family == "distilbert":
+        return DistilBertConfig(
+            vocab_size=VOCAB, pad_token_id=PAD, num_labels=num_labels, dim=32, hidden_dim=64, n_layers=4, n_heads=4,
+            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, qa_dropout=0.0,
+        )
+    raise KeyError(family)
+
+
+DECODERS = ("llama", "qwen2", "mistral", "gemma", "gpt2")
+ENCODERS = ("bert", "roberta", "distilbert")
+FAMILY_HEADS = [(f, h) for f in DECODERS for h in ("causal_lm", "classification")] + [
+    (f, h) for f in ENCODERS for h in ("classification", "span_qa")
+]
+
+
+def tiny_model(family: str, head: str, seed: int = 0) -> torch.nn.Module:
+    """A random tiny task model in eval mode."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, num_labels=2 if head == "span_qa" else 3)
+    config._attn_implementation = "eager" if family == "gemma" else "sdpa"
+    cls = {
+        "causal_lm": AutoModelForCausalLM,
+        "classification": AutoModelForSequenceClassification,
+        "span_qa": AutoModelForQuestionAnswering,
+    }[head]
+    return cls.from_config(config).eval()
+
+
+def tiny_batch(head: str, batch: int = 3, seq: int = 9, seed: int = 1, pad: int = PAD) -> dict[str, torch.Tensor]:
+    """Right-padded random batch with labels for ``head``; pad ids only where the mask is 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(1, batch):
+        mask[row, seq - 2 * row :] = 0
+    ids = ids.masked_fill(mask == 0, pad)
+    if head == "causal_lm":
+        labels = ids.masked_fill(mask == 0, -100)
+    elif head == "classification":
+        labels = torch.randint(0, 3, (batch,), generator=g)
+    else:
+        starts = torch.randint(0, 3, (batch,), generator=g)
+        labels = torch.stack([starts, starts + 1], dim=-1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def reference_logits(model: torch.nn.Module, head: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unsplit model's logits, in the layout segments produce."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if head == "span_qa":
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+    return out.logits
+
+
+def simple_loss(head: str):
+    """A task loss of the shape splitfed's tasks use: loss(logits, batch)."""
+
+    def loss(logits: torch.Tensor, batch) -> torch.Tensor:
+        labels = batch["labels"]
+        if head == "causal_lm":
+            return torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        if head == "classification":
+            return torch.nn.functional.cross_entropy(logits, labels)
+        start = torch.nn.functional.cross_entropy(logits[..., 0], labels[:, 0])
+        end = torch.nn.functional.cross_entropy(logits[..., 1], labels[:, 1])
+        return (start + end) / 2
+
+    return loss
