@@ -56,8 +56,15 @@ def tiny_config(family: str, num_labels: int = 3) -> PretrainedConfig:
         return GemmaConfig(**decoder, head_dim=8)
     if family == "gpt2":
         return GPT2Config(
-            n_embd=32, n_layer=4, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            summary_first_dropout=0.0, **common,
+            n_embd=32,
+            n_layer=4,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            summary_first_dropout=0.0,
+            **common,
         )
     if family == "bert":
         return BertConfig(**encoder)
@@ -65,8 +72,18 @@ def tiny_config(family: str, num_labels: int = 3) -> PretrainedConfig:
         return RobertaConfig(**{**encoder, "pad_token_id": 1, "max_position_embeddings": 70})
     if family == "distilbert":
         return DistilBertConfig(
-            vocab_size=VOCAB, pad_token_id=PAD, num_labels=num_labels, dim=32, hidden_dim=64, n_layers=4, n_heads=4,
-            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, qa_dropout=0.0,
+            vocab_size=VOCAB,
+            pad_token_id=PAD,
+            num_labels=num_labels,
+            dim=32,
+            hidden_dim=64,
+            n_layers=4,
+            n_heads=4,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+            qa_dropout=0.0,
         )
     raise KeyError(family)
 
@@ -91,7 +108,9 @@ def tiny_model(family: str, head: str, seed: int = 0) -> torch.nn.Module:
     return cls.from_config(config).eval()
 
 
-def tiny_batch(head: str, batch: int = 3, seq: int = 9, seed: int = 1, pad: int = PAD) -> dict[str, torch.Tensor]:
+def tiny_batch(
+    head: str, batch: int = 3, seq: int = 9, seed: int = 1, pad: int = PAD
+) -> dict[str, torch.Tensor]:
     """Right-padded random batch with labels for ``head``; pad ids only where the mask is 0."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import FAMILY_HEADS, reference_logits, simple_loss, tiny_batch, tiny_model
 
 from splitfed.models.partition import FinetuneSpec, SplitConfigError, SplitSpec, partition
 from splitfed.split.parties import OptimSpec
 from splitfed.split.system import build_split
+from tiny import FAMILY_HEADS, reference_logits, simple_loss, tiny_batch, tiny_model
 
 SETTINGS = [SplitSpec("ht", 1), SplitSpec("ht", 3), SplitSpec("hbt", 1, 1), SplitSpec("hbt", 2, 1)]
 PAD_IDS = {"roberta": 1}
@@ -26,7 +26,9 @@ def test_split_equals_unsplit(family: str, head: str, spec: SplitSpec, mode: str
     batch = tiny_batch(head, pad=PAD_IDS.get(family, 0))
     ft = FinetuneSpec(mode, r=4, init_lora_weights=False)  # type: ignore[arg-type]
     loss_fn = simple_loss(head)
-    system = build_split(model, spec, head, dict.fromkeys(["head", "body", "tail"], ft), loss_fn, OptimSpec(lr=0.0))
+    system = build_split(
+        model, spec, head, dict.fromkeys(["head", "body", "tail"], ft), loss_fn, OptimSpec(lr=0.0)
+    )
     model.eval()
 
     split_logits = system.data_party.predict(batch)
@@ -44,7 +46,10 @@ def test_split_equals_unsplit(family: str, head: str, spec: SplitSpec, mode: str
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(split_grads) == set(ref_grads) == trainable
     if mode == "lora":
-        assert trainable and all("lora_" in n or n.split(".")[0] in {"score", "classifier", "qa_outputs", "pre_classifier"} for n in trainable)
+        assert trainable and all(
+            "lora_" in n or n.split(".")[0] in {"score", "classifier", "qa_outputs", "pre_classifier"}
+            for n in trainable
+        )
     for name in trainable:
         torch.testing.assert_close(split_grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
 
@@ -68,7 +73,10 @@ def test_lora_target_that_does_not_exist() -> None:
     model = tiny_model("llama", "causal_lm")
     with pytest.raises(SplitConfigError, match="nope"):
         build_split(
-            model, SplitSpec("ht", 1), "causal_lm", {"body": FinetuneSpec("lora", target_modules=("nope",))},
+            model,
+            SplitSpec("ht", 1),
+            "causal_lm",
+            {"body": FinetuneSpec("lora", target_modules=("nope",))},
             simple_loss("causal_lm"),
         )
 
@@ -77,8 +85,14 @@ def test_tied_embeddings_are_untied_across_parties() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                    tie_word_embeddings=True)
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
     )
     assert model.lm_head.weight is model.model.embed_tokens.weight
     segments = partition(model, SplitSpec("ht", 1), "causal_lm")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import simple_loss, tiny_batch, tiny_model
 
 from splitfed.models.partition import FinetuneSpec, SplitSpec
 from splitfed.split.parties import OptimSpec
 from splitfed.split.system import build_split
 from splitfed.transport.channel import CrossingRecorder, TransformRule
+from tiny import simple_loss, tiny_batch, tiny_model
 
 LORA = FinetuneSpec("lora", r=4)
 FROZEN = FinetuneSpec("frozen")
@@ -20,8 +20,15 @@ def _run(setting: SplitSpec, labels_at: str, head_ft: FinetuneSpec, head: str = 
     recorder = CrossingRecorder()
     batch = tiny_batch(head)
     system = build_split(
-        model, setting, head, {"head": head_ft, "body": LORA, "tail": LORA}, simple_loss(head),
-        OptimSpec(), labels_at=labels_at, recorder=recorder, **kw,  # type: ignore[arg-type]
+        model,
+        setting,
+        head,
+        {"head": head_ft, "body": LORA, "tail": LORA},
+        simple_loss(head),
+        OptimSpec(),
+        labels_at=labels_at,
+        recorder=recorder,
+        **kw,  # type: ignore[arg-type]
     )
     system.data_party.train_step(batch)
     return recorder, batch, system
@@ -74,8 +81,10 @@ def test_hbt_labels_and_logits_never_cross() -> None:
     _assert_no_tokens(recorder, batch)
 
 
-@pytest.mark.parametrize(("setting", "labels_at"), [(SplitSpec("ht", 1), "data"), (SplitSpec("ht", 1), "model"),
-                                                    (SplitSpec("hbt", 1, 1), "data")])
+@pytest.mark.parametrize(
+    ("setting", "labels_at"),
+    [(SplitSpec("ht", 1), "data"), (SplitSpec("ht", 1), "model"), (SplitSpec("hbt", 1, 1), "data")],
+)
 def test_splitfrozen_sends_no_gradient_to_the_data_party(setting: SplitSpec, labels_at: str) -> None:
     recorder, _, system = _run(setting, labels_at, FROZEN)
     to_data = [c for c in recorder.crossings if c.direction == "to_data"]
@@ -87,8 +96,14 @@ def test_splitfrozen_sends_no_gradient_to_the_data_party(setting: SplitSpec, lab
 def test_splitfrozen_trains_the_model_party_only() -> None:
     model = tiny_model("llama", "classification")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    system = build_split(model, SplitSpec("ht", 2), "classification", {"body": LORA}, simple_loss("classification"),
-                         OptimSpec(lr=1e-2))
+    system = build_split(
+        model,
+        SplitSpec("ht", 2),
+        "classification",
+        {"body": LORA},
+        simple_loss("classification"),
+        OptimSpec(lr=1e-2),
+    )
     system.data_party.train_step(tiny_batch("classification"))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before.get(n, p + 1))}
     assert changed and all(n.startswith(("model.layers.2", "model.layers.3", "score")) for n in changed)
@@ -99,7 +114,9 @@ def test_transform_applies_to_the_crossing_and_the_recording() -> None:
     recorder, batch, system = _run(SplitSpec("ht", 1), "data", LORA, transforms=[doubled])
     recorder.clear()
     with torch.no_grad():
-        expected = system.segments["head"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        expected = system.segments["head"](
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
     system.data_party.predict(batch)
     torch.testing.assert_close(recorder.of_kind("forward")[0].tensors["hidden"], expected * 2)
     # The model party computed on the transformed activations.
@@ -121,8 +138,16 @@ def test_same_seed_same_result() -> None:
     for _ in range(2):
         torch.manual_seed(3)
         model = tiny_model("gpt2", "classification", seed=3)
-        system = build_split(model, SplitSpec("ht", 1), "classification", dict.fromkeys(["head", "body"], LORA),
-                             simple_loss("classification"), OptimSpec(lr=1e-2))
-        losses.append([system.data_party.train_step(tiny_batch("classification", seed=s)).loss for s in range(4)])
+        system = build_split(
+            model,
+            SplitSpec("ht", 1),
+            "classification",
+            dict.fromkeys(["head", "body"], LORA),
+            simple_loss("classification"),
+            OptimSpec(lr=1e-2),
+        )
+        losses.append(
+            [system.data_party.train_step(tiny_batch("classification", seed=s)).loss for s in range(4)]
+        )
     assert losses[0] == losses[1]
     assert losses[0][0] != losses[0][-1]

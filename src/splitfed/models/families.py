@@ -63,23 +63,23 @@ class FamilyAdapter:
     #: attribute of the task model that holds the backbone, per head
     backbone_attr: str = "model"
 
-    def backbone(self, model: nn.Module) -> nn.Module:
+    def backbone(self, model: Any) -> Any:
         """The backbone inside a task model (``model.model``, ``model.transformer``, ...)."""
         return getattr(model, self.backbone_attr)  # type: ignore[no-any-return]
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: Any) -> nn.ModuleList:
         """The stack of transformer blocks."""
         raise NotImplementedError
 
-    def num_layers(self, model: nn.Module) -> int:
+    def num_layers(self, model: Any) -> int:
         """Number of transformer blocks."""
         return len(self.layers(model))
 
-    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+    def embedding_modules(self, model: Any) -> dict[str, nn.Module]:
         """Modules used by :meth:`embed` (they go to the party holding the embeddings)."""
         raise NotImplementedError
 
-    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+    def finish_modules(self, model: Any, head: str) -> dict[str, nn.Module]:
         """Modules used by :meth:`finish`: final norm and task head."""
         raise NotImplementedError
 
@@ -93,7 +93,7 @@ class FamilyAdapter:
 
     def embed(
         self,
-        model: nn.Module,
+        model: Any,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None = None,
@@ -104,7 +104,7 @@ class FamilyAdapter:
 
     def context(
         self,
-        model: nn.Module,
+        model: Any,
         hidden: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
@@ -113,12 +113,14 @@ class FamilyAdapter:
         """Masks and position encodings for running layers on ``hidden``."""
         raise NotImplementedError
 
-    def run_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    def run_layer(
+        self, model: Any, index: int, hidden: torch.Tensor, ctx: LayerContext
+    ) -> torch.Tensor:
         """Run block ``index`` on ``hidden``."""
         raise NotImplementedError
 
     def finish(
-        self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, head: str
+        self, model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None, head: str
     ) -> torch.Tensor:
         """Final norm and task head: hidden states after the last block to the task's logits."""
         raise NotImplementedError
@@ -137,16 +139,16 @@ class DecoderAdapter(FamilyAdapter):
     """
 
     name = "llama"
-    model_types = ("llama", "qwen2", "mistral", "gemma", "qwen3")
-    heads = ("causal_lm", "classification")
+    model_types: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma", "qwen3")
+    heads: tuple[str, ...] = ("causal_lm", "classification")
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: Any) -> nn.ModuleList:
         return self.backbone(model).layers  # type: ignore[no-any-return]
 
-    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+    def embedding_modules(self, model: Any) -> dict[str, nn.Module]:
         return {"embed_tokens": self.backbone(model).embed_tokens}
 
-    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+    def finish_modules(self, model: Any, head: str) -> dict[str, nn.Module]:
         out_name = "lm_head" if head == "causal_lm" else "score"
         return {"norm": self.backbone(model).norm, out_name: getattr(model, out_name)}
 
@@ -214,18 +216,18 @@ class GPT2Adapter(FamilyAdapter):
     """GPT-2: ``transformer.{wte, wpe, drop, h, ln_f}`` with ``lm_head`` or ``score``."""
 
     name = "gpt2"
-    model_types = ("gpt2",)
-    heads = ("causal_lm", "classification")
+    model_types: tuple[str, ...] = ("gpt2",)
+    heads: tuple[str, ...] = ("causal_lm", "classification")
     backbone_attr = "transformer"
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: Any) -> nn.ModuleList:
         return self.backbone(model).h  # type: ignore[no-any-return]
 
-    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+    def embedding_modules(self, model: Any) -> dict[str, nn.Module]:
         b = self.backbone(model)
         return {"wte": b.wte, "wpe": b.wpe, "drop": b.drop}
 
-    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+    def finish_modules(self, model: Any, head: str) -> dict[str, nn.Module]:
         out_name = "lm_head" if head == "causal_lm" else "score"
         return {"ln_f": self.backbone(model).ln_f, out_name: getattr(model, out_name)}
 
@@ -272,19 +274,19 @@ class BertAdapter(FamilyAdapter):
     """BERT and RoBERTa encoders (MiniLM is BERT): ``embeddings`` + ``encoder.layer``."""
 
     name = "bert"
-    model_types = ("bert", "roberta")
-    heads = ("classification", "span_qa")
+    model_types: tuple[str, ...] = ("bert", "roberta")
+    heads: tuple[str, ...] = ("classification", "span_qa")
 
-    def backbone(self, model: nn.Module) -> nn.Module:
+    def backbone(self, model: Any) -> Any:
         return getattr(model, model.config.model_type)  # type: ignore[no-any-return]
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: Any) -> nn.ModuleList:
         return self.backbone(model).encoder.layer  # type: ignore[no-any-return]
 
-    def embedding_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+    def embedding_modules(self, model: Any) -> dict[str, nn.Module]:
         return {"embeddings": self.backbone(model).embeddings}
 
-    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+    def finish_modules(self, model: Any, head: str) -> dict[str, nn.Module]:
         if head == "span_qa":
             return {"qa_outputs": model.qa_outputs}
         mods: dict[str, nn.Module] = {"classifier": model.classifier}
@@ -325,18 +327,22 @@ class DistilBertAdapter(BertAdapter):
     """DistilBERT: ``distilbert.embeddings`` + ``distilbert.transformer.layer``."""
 
     name = "distilbert"
-    model_types = ("distilbert",)
+    model_types: tuple[str, ...] = ("distilbert",)
 
-    def backbone(self, model: nn.Module) -> nn.Module:
+    def backbone(self, model: Any) -> Any:
         return model.distilbert  # type: ignore[no-any-return]
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: Any) -> nn.ModuleList:
         return self.backbone(model).transformer.layer  # type: ignore[no-any-return]
 
-    def finish_modules(self, model: nn.Module, head: str) -> dict[str, nn.Module]:
+    def finish_modules(self, model: Any, head: str) -> dict[str, nn.Module]:
         if head == "span_qa":
             return {"qa_outputs": model.qa_outputs, "dropout": model.dropout}
-        return {"pre_classifier": model.pre_classifier, "classifier": model.classifier, "dropout": model.dropout}
+        return {
+            "pre_classifier": model.pre_classifier,
+            "classifier": model.classifier,
+            "dropout": model.dropout,
+        }
 
     def task_head_names(self, head: str) -> tuple[str, ...]:
         return ("qa_outputs",) if head == "span_qa" else ("pre_classifier", "classifier")

@@ -216,7 +216,9 @@ def _untie_across(segments: dict[str, Segment], owner: dict[str, str]) -> None:
             for pname, param in list(module.named_parameters(recurse=False)):
                 first = seen.setdefault(id(param), role)
                 if owner[first] != owner[role]:
-                    setattr(module, pname, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+                    setattr(
+                        module, pname, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                    )
                     seen[id(getattr(module, pname))] = role
 
 
@@ -302,7 +304,7 @@ def _inject_lora(segment: Segment, spec: FinetuneSpec) -> list[str]:
     pattern = r".*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
     config = LoraConfig(
         r=spec.r,
-        lora_alpha=spec.alpha,
+        lora_alpha=int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha,  # type: ignore[arg-type]
         lora_dropout=spec.dropout,
         target_modules=pattern,
         init_lora_weights=spec.init_lora_weights,

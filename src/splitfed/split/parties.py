@@ -201,7 +201,9 @@ class ModelParty:
         key = self._key(message)
         pending = self._pending.pop(key, None)
         if pending is None:
-            raise ProtocolError(f"backward for unknown batch {key[1]} (client {key[0]!r}): no forward pending")
+            raise ProtocolError(
+                f"backward for unknown batch {key[1]} (client {key[0]!r}): no forward pending"
+            )
         grad = message.tensors["grad"]
         if grad.shape != pending.outputs.shape:
             raise ProtocolError(
@@ -214,7 +216,9 @@ class ModelParty:
         if not self.head_trainable:
             return None
         assert pending.inputs.grad is not None
-        return Message("backward_result", {"grad": pending.inputs.grad}, {"batch_id": message.meta.get("batch_id")})
+        return Message(
+            "backward_result", {"grad": pending.inputs.grad}, {"batch_id": message.meta.get("batch_id")}
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer/scheduler state and the update count (for checkpoints)."""
@@ -271,7 +275,9 @@ class DataParty:
         if labels_at not in ("data", "model"):
             raise ValueError(f"labels_at must be 'data' or 'model', got {labels_at!r}")
         if tail is not None and labels_at == "model":
-            raise ValueError("labels_at: model is an HT option; in HBT the data party's tail computes the loss")
+            raise ValueError(
+                "labels_at: model is an HT option; in HBT the data party's tail computes the loss"
+            )
         self.head, self.tail, self.channel = head, tail, channel
         self.loss_fn = loss_fn
         self.labels_at = labels_at
@@ -294,7 +300,9 @@ class DataParty:
         with torch.no_grad():
             return self.head(**kwargs)  # type: ignore[no-any-return]
 
-    def train_step(self, batch: Mapping[str, torch.Tensor], update: bool = True, loss_scale: float = 1.0) -> StepResult:
+    def train_step(
+        self, batch: Mapping[str, torch.Tensor], update: bool = True, loss_scale: float = 1.0
+    ) -> StepResult:
         """One micro-batch across the split: forward, loss, one backward per segment.
 
         ``update=False`` accumulates gradients (both parties step on the next ``update=True``);
@@ -376,4 +384,3 @@ class DataParty:
         self.trainer.load_state_dict(state.get("trainer", {}))
         self.updates = int(state.get("updates", 0))
         self._batch_id = int(state.get("batch_id", 0))
-

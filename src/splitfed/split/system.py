@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from splitfed.models.partition import FinetuneReport, FinetuneSpec, Segment, SplitSpec, apply_finetune, partition
+from splitfed.models.partition import (
+    FinetuneReport,
+    FinetuneSpec,
+    Segment,
+    SplitSpec,
+    apply_finetune,
+    partition,
+)
 from splitfed.split.parties import DataParty, LabelsAt, LossFn, ModelParty, OptimSpec
 from splitfed.transport.channel import ChannelTransform, CrossingRecorder, InProcessChannel
 
@@ -37,7 +44,10 @@ def build_model_party(
     frozen. Returns the model party, all segments and what each segment trains.
     """
     segments = partition(model, split, head)
-    reports = {role: apply_finetune(seg, finetune.get(role, FinetuneSpec("frozen"))) for role, seg in segments.items()}
+    reports = {
+        role: apply_finetune(seg, finetune.get(role, FinetuneSpec("frozen")))
+        for role, seg in segments.items()
+    }
     model_party = ModelParty(
         segments["body"], optim, loss_fn=loss_fn, head_trainable=segments["head"].is_trainable
     )

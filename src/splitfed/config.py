@@ -1,0 +1,238 @@
+"""Configuration of a splitfed run: pydantic models of the YAML files, the one place defaults live.
+
+Unknown keys and bad values are errors that name the key and the allowed values
+(:class:`ConfigError`). ``--set key.sub=value`` overrides are applied to the raw YAML before
+validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from splitfed.models.partition import FinetuneSpec, SplitSpec
+from splitfed.split.parties import OptimSpec
+
+TaskName = Literal["classification", "causal_lm", "generative_qa", "multiple_choice", "span_qa"]
+HEAD_OF_TASK: dict[str, str] = {
+    "classification": "classification",
+    "causal_lm": "causal_lm",
+    "generative_qa": "causal_lm",
+    "multiple_choice": "causal_lm",
+    "span_qa": "span_qa",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that is not valid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which model to split.
+
+    ``name`` is an offline asset (``smollm2-135m``, ``minilm-l6``; see ``splitfed assets list``),
+    a local directory with a transformers model, or a hub id (needs network).
+    """
+
+    name: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DataConfig(_Strict):
+    """Which data and how much of it.
+
+    ``name`` is a registered dataset (``fortunes-topic``, ``shakespeare``, ``glue/sst2``, ...) or
+    ``local`` with ``path`` to a CSV/JSON/JSONL/Parquet file and ``columns`` mapping the task's
+    fields to the file's columns.
+    """
+
+    name: str = "fortunes-topic"
+    path: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    task: TaskName | None = None
+    max_train: int | None = Field(default=None, ge=1)
+    max_eval: int | None = Field(default=200, ge=1)
+    max_length: int = Field(default=64, ge=4, le=8192)
+    seed: int = 0
+
+
+class SplitConfig(_Strict):
+    """Where to cut and where the loss is computed (see :class:`splitfed.models.partition.SplitSpec`)."""
+
+    setting: Literal["ht", "hbt"] = "ht"
+    head_layers: int = Field(default=2, ge=0)
+    tail_layers: int = Field(default=0, ge=0)
+    labels_at: Literal["data", "model"] = "data"
+
+    def spec(self) -> SplitSpec:
+        """As the partitioner's spec."""
+        return SplitSpec(self.setting, self.head_layers, self.tail_layers)
+
+
+class SegmentFinetune(_Strict):
+    """How one segment trains: ``frozen``, ``lora`` (peft) or ``full``."""
+
+    mode: Literal["frozen", "lora", "full"] = "lora"
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+    def spec(self) -> FinetuneSpec:
+        """As the partitioner's spec."""
+        targets = tuple(self.target_modules) if self.target_modules else None
+        return FinetuneSpec(self.mode, self.r, self.alpha, self.dropout, targets)
+
+
+class FinetuneConfig(_Strict):
+    """Per-segment fine-tuning; a segment left out follows the run's ``mode`` preset."""
+
+    head: SegmentFinetune | None = None
+    body: SegmentFinetune | None = None
+    tail: SegmentFinetune | None = None
+
+
+class TrainConfig(_Strict):
+    """Optimisation and schedule. ``steps`` counts optimizer updates; ``epochs`` is used when steps is unset."""
+
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=2e-4, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    eval_before: bool = True
+    eval_every: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=0, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+
+
+class RunConfig(_Strict):
+    """A whole split fine-tuning run (``splitfed train CONFIG.yaml``).
+
+    ``mode`` presets the per-segment fine-tuning: ``splitlora`` (VFLAIR-LLM / SplitLoRA: LoRA on
+    every segment), ``splitfrozen`` (the data party's head frozen and forward-only, LoRA on the
+    model party and on the HBT tail). Explicit ``finetune.<segment>`` entries override the preset.
+    """
+
+    name: str = "run"
+    task: TaskName = "classification"
+    mode: Literal["splitlora", "splitfrozen"] = "splitlora"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/run"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.split.setting == "hbt" and self.split.labels_at == "model":
+            raise ValueError(
+                "split.labels_at: model is only for split.setting: ht (in HBT the data party holds the loss)"
+            )
+        if self.split.setting == "ht" and self.split.tail_layers:
+            raise ValueError("split.tail_layers is only for split.setting: hbt")
+        if self.split.setting == "hbt" and self.split.tail_layers < 1:
+            raise ValueError("split.setting: hbt needs split.tail_layers >= 1")
+        return self
+
+    @property
+    def head(self) -> str:
+        """The model's task head for this run's task."""
+        return HEAD_OF_TASK[self.task]
+
+    def segment_finetune(self) -> dict[str, FinetuneSpec]:
+        """The resolved fine-tuning of each segment (preset + overrides)."""
+        preset = {
+            "splitlora": {"head": "lora", "body": "lora", "tail": "lora"},
+            "splitfrozen": {"head": "frozen", "body": "lora", "tail": "lora"},
+        }[self.mode]
+        out = {}
+        for role in ("head", "body", "tail"):
+            explicit: SegmentFinetune | None = getattr(self.finetune, role)
+            seg = explicit or SegmentFinetune(mode=preset[role])  # type: ignore[arg-type]
+            out[role] = seg.spec()
+        return out
+
+    def optim(self, total_updates: int) -> OptimSpec:
+        """Each party's optimizer spec."""
+        t = self.train
+        return OptimSpec(
+            t.optimizer, t.lr, t.weight_decay, t.scheduler, t.warmup_steps, total_updates, t.max_grad_norm
+        )
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-4), got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {err}") from err
+        _set_dotted(raw, key.strip(), value)
+    return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: the dotted key, what is wrong, and the value given."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see examples/ for valid keys)"
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig`, raising :class:`ConfigError`."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values at the top level")
+    return parse_config(apply_overrides(raw, overrides or []))
