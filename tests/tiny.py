@@ -152,3 +152,71 @@ def simple_loss(head: str):
         return (start + end) / 2
 
     return loss
+
+
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "mat",
+    "log",
+    "a",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "green",
+    "tree",
+    "house",
+    "car",
+    "road",
+    "sun",
+    "moon",
+    "star",
+    "sky",
+    "computer",
+    "program",
+    "bug",
+    "code",
+    "food",
+    "bread",
+    "soup",
+    "cheese",
+    "law",
+    "court",
+    "judge",
+    "crime",
+    "ship",
+    "space",
+    "captain",
+    "star",
+]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over :data:`WORDS` with pad/eos/unk tokens (ids 0, 1, 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny_pretrained(directory, family: str = "llama") -> str:
+    """Save a tiny random causal LM of ``family`` with :func:`tiny_tokenizer` as a local model dir."""
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    config.vocab_size = VOCAB
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return str(directory)

@@ -113,9 +113,7 @@ class FamilyAdapter:
         """Masks and position encodings for running layers on ``hidden``."""
         raise NotImplementedError
 
-    def run_layer(
-        self, model: Any, index: int, hidden: torch.Tensor, ctx: LayerContext
-    ) -> torch.Tensor:
+    def run_layer(self, model: Any, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Run block ``index`` on ``hidden``."""
         raise NotImplementedError
 

@@ -7,6 +7,26 @@ from typing import Any
 import torch
 from torch import nn
 
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says what was tried."""
+
+
+def _load(what: str, name: str, loader: Any, **kwargs: Any) -> Any:
+    from splitfed.assets import ASSETS, resolve_model
+
+    source = resolve_model(name)
+    try:
+        return loader(source, **kwargs)
+    except OSError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        raise ModelLoadError(
+            f"could not load the {what} {name!r}: it is not an offline model asset ({', '.join(sorted(n for n, a in ASSETS.items() if a.kind == 'model'))}), "
+            f"not a local model directory, and loading it as a hub id failed: {first}. "
+            "Use an asset name (`splitfed assets list`), a local path, or a hub id on a machine with network."
+        ) from None
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -14,9 +34,7 @@ def load_tokenizer(name: str) -> Any:
     """The tokenizer of ``name``; a tokenizer without a pad token pads with its EOS token."""
     from transformers import AutoTokenizer
 
-    from splitfed.assets import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    tokenizer = _load("tokenizer", name, AutoTokenizer.from_pretrained)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -41,8 +59,6 @@ def load_model(
         AutoModelForSequenceClassification,
     )
 
-    from splitfed.assets import resolve_model
-
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
     if head == "classification":
         if not num_labels:
@@ -57,5 +73,5 @@ def load_model(
         raise ValueError(f"unknown task head {head!r}; expected causal_lm, classification or span_qa")
     if pad_token_id is not None:
         kwargs["pad_token_id"] = pad_token_id
-    model = cls.from_pretrained(resolve_model(name), **kwargs)
+    model = _load("model", name, cls.from_pretrained, **kwargs)
     return model  # type: ignore[no-any-return]

@@ -26,6 +26,8 @@ from splitfed.transport.channel import Channel, Message
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 LabelsAt = Literal["data", "model"]
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+#: What ``labels_at: model`` sends; everything else in a batch (e.g. span-QA offsets) stays home.
+LABEL_KEYS = ("labels",)
 
 
 class ProtocolError(RuntimeError):
@@ -314,7 +316,7 @@ class DataParty:
         hidden = self._run_head(batch, train=True)
         tensors = {"hidden": hidden, "attention_mask": mask}
         if self.labels_at == "model":
-            tensors |= {k: v for k, v in batch.items() if k not in INPUT_KEYS}
+            tensors |= {k: batch[k] for k in LABEL_KEYS if k in batch}
             reply = self.channel.request(
                 Message("forward", tensors, self._meta(train=True, update=update, loss_scale=loss_scale))
             )

@@ -86,7 +86,9 @@ class CrossingRecorder:
             else {}
         )
         self.crossings.append(
-            Crossing(len(self.crossings), direction, message.kind, tensors, dict(message.meta), message.nbytes)
+            Crossing(
+                len(self.crossings), direction, message.kind, tensors, dict(message.meta), message.nbytes
+            )
         )
 
     def clear(self) -> None:
@@ -131,7 +133,9 @@ class TransformRule:
             return message
         out = dict(message.tensors)
         for name, tensor in message.tensors.items():
-            wanted = name in self.tensor_names if self.tensor_names is not None else tensor.is_floating_point()
+            wanted = (
+                name in self.tensor_names if self.tensor_names is not None else tensor.is_floating_point()
+            )
             if wanted:
                 out[name] = self.transform(tensor)
         return Message(message.kind, out, dict(message.meta))

@@ -1,0 +1,331 @@
+"""One split fine-tuning run in one process: load, split, train, evaluate, save.
+
+This is what ``splitfed train`` and ``splitfed demo`` call. The step logic lives in the parties
+(:mod:`splitfed.split.parties`); this module only drives them, evaluates, checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors.torch import load_file, save_file
+
+from splitfed.config import RunConfig
+from splitfed.models.loading import load_model, load_tokenizer
+from splitfed.models.partition import Segment
+from splitfed.split.parties import DataParty
+from splitfed.split.system import SplitSystem, build_split
+
+CHECKPOINT = "checkpoint"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return nullcontext(None)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def evaluate(
+    party: DataParty,
+    task: Any,
+    examples: Sequence[dict[str, Any]],
+    batch_size: int,
+    progress: Any = None,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Metrics of ``task`` on ``examples``, predicting across the split (no labels cross)."""
+    metric = task.new_metric()
+    bar = progress.add_task(desc, total=math.ceil(len(examples) / batch_size), info="") if progress else None
+    for chunk in _chunks(examples, batch_size):
+        batch = task.collate(list(chunk))
+        logits = party.predict(batch)
+        metric.update(logits.float(), batch)
+        if progress is not None:
+            progress.advance(bar)
+    if progress is not None:
+        progress.remove_task(bar)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+@dataclass
+class RunResult:
+    """What a run produced (also written to ``results.json``)."""
+
+    output_dir: Path
+    metrics_before: dict[str, float] | None
+    metrics_after: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _named_trainable(segments: dict[str, Segment], roles: Sequence[str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for role in roles:
+        if role in segments:
+            for name, p in segments[role].named_model_parameters(trainable_only=True).items():
+                out[name] = p.detach().contiguous()
+    return out
+
+
+PARTY_ROLES = {"data_party": ("head", "tail"), "model_party": ("body",)}
+
+
+def save_adapters(segments: dict[str, Segment], directory: Path) -> dict[str, str]:
+    """Write each party's trainable parameters (LoRA, task head, or all) as safetensors."""
+    paths = {}
+    for party, roles in PARTY_ROLES.items():
+        tensors = _named_trainable(segments, roles)
+        path = directory / party / "adapter.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"roles": ",".join(roles)})
+        paths[party] = str(path)
+    return paths
+
+
+def load_adapters(segments: dict[str, Segment], directory: Path) -> None:
+    """Load what :func:`save_adapters` wrote into the segments (names must match)."""
+    for party, roles in PARTY_ROLES.items():
+        path = directory / party / "adapter.safetensors"
+        if not path.is_file():
+            continue
+        saved = load_file(str(path))
+        params: dict[str, torch.nn.Parameter] = {}
+        for role in roles:
+            if role in segments:
+                params |= segments[role].named_model_parameters()
+        unknown = sorted(set(saved) - set(params))
+        if unknown:
+            raise ValueError(f"{path} holds parameters this model does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+
+
+def _save_checkpoint(system: SplitSystem, out: Path, step: int, history: list[dict[str, float]]) -> None:
+    tmp = out / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapters(system.segments, tmp)
+    torch.save(system.data_party.state_dict(), tmp / "data_party" / "state.pt")
+    torch.save(system.model_party.state_dict(), tmp / "model_party" / "state.pt")
+    torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+    final = out / CHECKPOINT
+    old = out / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(system: SplitSystem, out: Path) -> tuple[int, list[dict[str, float]]]:
+    ckpt = out / CHECKPOINT
+    if not (ckpt / "progress.json").is_file():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {out} (expected {ckpt}/progress.json); run without --resume"
+        )
+    load_adapters(system.segments, ckpt)
+    system.data_party.load_state_dict(torch.load(ckpt / "data_party" / "state.pt", weights_only=True))
+    system.model_party.load_state_dict(torch.load(ckpt / "model_party" / "state.pt", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch_rng"])
+    progress = json.loads((ckpt / "progress.json").read_text())
+    return int(progress["step"]), list(progress["history"])
+
+
+def _micro_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless deterministic micro-batches of example indices, reshuffled each epoch."""
+    epoch = 0
+    while True:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+        epoch += 1
+
+
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Run ``cfg``: split fine-tuning in one process with an in-process channel."""
+    from splitfed.data import get_task, load_splits
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    splits = load_splits(cfg.data.model_copy(update={"task": cfg.task}))
+    tokenizer = load_tokenizer(cfg.model.name)
+    num_labels = len(splits.label_names) if splits.label_names else None
+    task = get_task(cfg.task, tokenizer=tokenizer, max_length=cfg.data.max_length, num_labels=num_labels)
+    model = load_model(
+        cfg.model.name,
+        cfg.head,
+        num_labels,
+        tokenizer.pad_token_id,
+        cfg.model.dtype,
+        cfg.model.attn_implementation,
+    )
+    timings["load_s"] = time.perf_counter() - t0
+
+    batch = cfg.train.batch_size
+    if len(splits.train) < batch:
+        raise ValueError(
+            f"the training split has {len(splits.train)} examples, fewer than train.batch_size={batch}"
+        )
+    per_epoch = max(1, len(splits.train) // (batch * cfg.train.grad_accum))
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    system = build_split(
+        model,
+        cfg.split.spec(),
+        cfg.head,
+        cfg.segment_finetune(),
+        task.loss,
+        cfg.optim(total),
+        labels_at=cfg.split.labels_at,
+    )
+    trainable = {
+        party: sum(
+            p.numel()
+            for r in roles
+            if r in system.segments
+            for p in system.segments[r].trainable_parameters()
+        )
+        for party, roles in PARTY_ROLES.items()
+    }
+    log(
+        f"model {cfg.model.name}: {system.segments['head'].adapter.num_layers(model)} layers, split {cfg.split.setting} "
+        f"head={cfg.split.head_layers} tail={cfg.split.tail_layers}, mode {cfg.mode}; trainable params "
+        f"data party {trainable['data_party']:,}, model party {trainable['model_party']:,}"
+    )
+    eval_examples = splits.validation
+    eval_bs = cfg.train.eval_batch_size or batch
+    history: list[dict[str, float]] = []
+    start_step = 0
+    if resume:
+        start_step, history = _load_checkpoint(system, out)
+        log(f"resumed from {out / CHECKPOINT} at step {start_step}/{total}")
+
+    metrics_before = None
+    with _progress(progress) as bar:
+        if cfg.train.eval_before and start_step == 0:
+            t = time.perf_counter()
+            metrics_before = evaluate(system.data_party, task, eval_examples, eval_bs, bar, "eval (before)")
+            timings["eval_before_s"] = time.perf_counter() - t
+            log(f"validation before fine-tuning: {_fmt(metrics_before)}")
+        batches = _micro_batches(len(splits.train), batch, cfg.train.seed)
+        for _ in range(start_step * cfg.train.grad_accum):
+            next(batches)
+        step_bar = bar.add_task("train", total=total, completed=start_step, info="") if bar else None
+        t_train = time.perf_counter()
+        for step in range(start_step, total):
+            t_step = time.perf_counter()
+            losses, sent, received = [], 0, 0
+            for micro in range(cfg.train.grad_accum):
+                examples = [splits.train[i] for i in next(batches)]
+                result = system.data_party.train_step(
+                    task.collate(examples),
+                    update=micro == cfg.train.grad_accum - 1,
+                    loss_scale=1.0 / cfg.train.grad_accum,
+                )
+                losses.append(result.loss)
+                sent += result.bytes_to_model
+                received += result.bytes_to_data
+            record = {
+                "step": step + 1,
+                "loss": float(np.mean(losses)),
+                "seconds": time.perf_counter() - t_step,
+                "bytes_to_model": sent,
+                "bytes_to_data": received,
+            }
+            history.append(record)
+            if bar is not None:
+                bar.update(step_bar, advance=1, info=f"loss {record['loss']:.4f}")
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
+                mid = evaluate(system.data_party, task, eval_examples, eval_bs, bar, f"eval @{step + 1}")
+                record.update({f"eval_{k}": v for k, v in mid.items()})
+            if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+                _save_checkpoint(system, out, step + 1, history)
+        timings["train_s"] = time.perf_counter() - t_train
+        t = time.perf_counter()
+        metrics_after = evaluate(system.data_party, task, eval_examples, eval_bs, bar, "eval (after)")
+        timings["eval_after_s"] = time.perf_counter() - t
+    log(f"validation after fine-tuning:  {_fmt(metrics_after)}")
+
+    adapters = save_adapters(system.segments, out)
+    new_steps = [h for h in history if h["step"] > start_step]
+    summary = {
+        "config": cfg.model_dump(mode="json"),
+        "metrics_before": metrics_before,
+        "metrics_after": metrics_after,
+        "steps": total,
+        "examples": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+        },
+        "label_names": splits.label_names,
+        "trainable_params": trainable,
+        "timings": timings
+        | {"mean_step_s": float(np.mean([h["seconds"] for h in new_steps])) if new_steps else 0.0},
+        "bytes_per_step": {
+            "to_model": float(np.mean([h["bytes_to_model"] for h in history])) if history else 0.0,
+            "to_data": float(np.mean([h["bytes_to_data"] for h in history])) if history else 0.0,
+        },
+        "adapters": adapters,
+        "history": history,
+    }
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "results.json")
+    return RunResult(out, metrics_before, metrics_after, history, summary)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -1,0 +1,127 @@
+"""End-to-end runs of `splitfed train` on a tiny local model and a local CSV dataset."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from splitfed.cli import app
+from splitfed.config import parse_config
+from splitfed.run import train
+from tiny import WORDS, save_tiny_pretrained
+
+TOPICS = {0: WORDS[:10], 1: WORDS[10:20], 2: WORDS[20:]}
+
+
+def _write_csv(path: Path, n: int = 96) -> None:
+    rng = random.Random(0)
+    lines = ["sentence,topic"]
+    for i in range(n):
+        label = i % 3
+        lines.append(" ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(3, 8))) + f",t{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    save_tiny_pretrained(root / "model")
+    _write_csv(root / "data.csv")
+    return root
+
+
+def _config(root: Path, out: str, **over: object) -> dict:
+    raw = {
+        "task": "classification",
+        "mode": "splitlora",
+        "model": {"name": str(root / "model")},
+        "data": {
+            "name": "local",
+            "path": str(root / "data.csv"),
+            "columns": {"text": "sentence", "label": "topic"},
+            "max_length": 16,
+        },
+        "split": {"setting": "hbt", "head_layers": 1, "tail_layers": 1},
+        "train": {"steps": 6, "batch_size": 4, "lr": 5e-3, "seed": 0},
+        "output_dir": str(root / out),
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        raw[section][name] = value  # type: ignore[index]
+    return raw
+
+
+def test_train_writes_results_and_adapters(workspace: Path) -> None:
+    result = train(parse_config(_config(workspace, "a")), progress=False, log=lambda s: None)
+    summary = json.loads((result.output_dir / "results.json").read_text())
+    assert summary["steps"] == 6 and len(summary["history"]) == 6
+    assert set(summary["metrics_after"]) >= {"accuracy", "macro_f1"}
+    assert summary["bytes_per_step"]["to_model"] > 0 and summary["bytes_per_step"]["to_data"] > 0
+    data_adapter = load_file(str(result.output_dir / "data_party" / "adapter.safetensors"))
+    model_adapter = load_file(str(result.output_dir / "model_party" / "adapter.safetensors"))
+    assert any("lora_" in k for k in data_adapter) and any(k.startswith("score") for k in data_adapter)
+    assert all("lora_" in k for k in model_adapter) and not set(data_adapter) & set(model_adapter)
+
+
+def test_resume_continues_exactly(workspace: Path) -> None:
+    straight = train(parse_config(_config(workspace, "straight")), progress=False, log=lambda s: None)
+    first = parse_config(_config(workspace, "resumed", train__checkpoint_every=3))
+    assert _stop_after(first, 3) == 3  # a crash right after the step-3 checkpoint
+    resumed = train(first, resume=True, progress=False, log=lambda s: None)
+    losses_straight = [h["loss"] for h in straight.history]
+    losses_resumed = [h["loss"] for h in resumed.history]
+    assert losses_resumed == pytest.approx(losses_straight, abs=1e-6)
+    assert resumed.metrics_after == pytest.approx(straight.metrics_after, abs=1e-6)
+
+
+def _stop_after(cfg, steps: int) -> int:
+    """Run ``cfg`` but raise after ``steps`` optimizer steps, as a crash would."""
+    import splitfed.run as run_module
+
+    class Crash(Exception):
+        pass
+
+    original = run_module._save_checkpoint
+    saved = {}
+
+    def save_then_maybe_crash(system, out, step, history):  # type: ignore[no-untyped-def]
+        original(system, out, step, history)
+        saved["step"] = step
+        if step >= steps:
+            raise Crash
+
+    run_module._save_checkpoint = save_then_maybe_crash
+    try:
+        train(cfg, progress=False, log=lambda s: None)
+    except Crash:
+        pass
+    finally:
+        run_module._save_checkpoint = original
+    return saved["step"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(workspace: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(parse_config(_config(workspace, "empty")), resume=True, progress=False, log=lambda s: None)
+
+
+def test_cli_train_and_errors(workspace: Path, tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_config(workspace, "cli")))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["train", str(path), "--no-progress", "--set", "train.steps=2"])
+    assert ok.exit_code == 0, ok.output
+    assert (workspace / "cli" / "results.json").is_file()
+    bad = runner.invoke(app, ["train", str(path), "--set", "split.head_layers=9"])
+    assert bad.exit_code == 2 and "4 layers" in bad.output
+    unknown = runner.invoke(app, ["train", str(path), "--set", "train.learning_rate=1"])
+    assert unknown.exit_code == 2 and "train.learning_rate" in unknown.output
+    missing = runner.invoke(app, ["train", str(path), "--set", "model.name=smollm2-135m-nope"])
+    assert missing.exit_code == 2 and "could not load" in missing.output
