@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -13,47 +12,19 @@ from typer.testing import CliRunner
 from splitfed.cli import app
 from splitfed.config import parse_config
 from splitfed.run import train
-from tiny import WORDS, save_tiny_pretrained
-
-TOPICS = {0: WORDS[:10], 1: WORDS[10:20], 2: WORDS[20:]}
-
-
-def _write_csv(path: Path, n: int = 96) -> None:
-    rng = random.Random(0)
-    lines = ["sentence,topic"]
-    for i in range(n):
-        label = i % 3
-        lines.append(" ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(3, 8))) + f",t{label}")
-    path.write_text("\n".join(lines) + "\n")
+from tiny import run_config, save_tiny_pretrained, write_topic_csv
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("run")
     save_tiny_pretrained(root / "model")
-    _write_csv(root / "data.csv")
+    write_topic_csv(root / "data.csv")
     return root
 
 
-def _config(root: Path, out: str, **over: object) -> dict:
-    raw = {
-        "task": "classification",
-        "mode": "splitlora",
-        "model": {"name": str(root / "model")},
-        "data": {
-            "name": "local",
-            "path": str(root / "data.csv"),
-            "columns": {"text": "sentence", "label": "topic"},
-            "max_length": 16,
-        },
-        "split": {"setting": "hbt", "head_layers": 1, "tail_layers": 1},
-        "train": {"steps": 6, "batch_size": 4, "lr": 5e-3, "seed": 0},
-        "output_dir": str(root / out),
-    }
-    for key, value in over.items():
-        section, name = key.split("__")
-        raw[section][name] = value  # type: ignore[index]
-    return raw
+def _config(root: Path, out: str, **train: object) -> dict:
+    return run_config(root, out, train=train)
 
 
 def test_train_writes_results_and_adapters(workspace: Path) -> None:
@@ -70,7 +41,7 @@ def test_train_writes_results_and_adapters(workspace: Path) -> None:
 
 def test_resume_continues_exactly(workspace: Path) -> None:
     straight = train(parse_config(_config(workspace, "straight")), progress=False, log=lambda s: None)
-    first = parse_config(_config(workspace, "resumed", train__checkpoint_every=3))
+    first = parse_config(_config(workspace, "resumed", checkpoint_every=3))
     assert _stop_after(first, 3) == 3  # a crash right after the step-3 checkpoint
     resumed = train(first, resume=True, progress=False, log=lambda s: None)
     losses_straight = [h["loss"] for h in straight.history]
@@ -86,22 +57,22 @@ def _stop_after(cfg, steps: int) -> int:
     class Crash(Exception):
         pass
 
-    original = run_module._save_checkpoint
+    original = run_module.save_checkpoint
     saved = {}
 
-    def save_then_maybe_crash(system, out, step, history):  # type: ignore[no-untyped-def]
-        original(system, out, step, history)
+    def save_then_maybe_crash(out, segments, parties, step, history):  # type: ignore[no-untyped-def]
+        original(out, segments, parties, step, history)
         saved["step"] = step
         if step >= steps:
             raise Crash
 
-    run_module._save_checkpoint = save_then_maybe_crash
+    run_module.save_checkpoint = save_then_maybe_crash
     try:
         train(cfg, progress=False, log=lambda s: None)
     except Crash:
         pass
     finally:
-        run_module._save_checkpoint = original
+        run_module.save_checkpoint = original
     return saved["step"]
 
 

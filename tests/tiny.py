@@ -220,3 +220,42 @@ def save_tiny_pretrained(directory, family: str = "llama") -> str:
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return str(directory)
+
+
+TOPICS = {0: WORDS[:10], 1: WORDS[10:20], 2: WORDS[20:]}
+
+
+def write_topic_csv(path, n: int = 96) -> None:
+    """A 3-class CSV (columns sentence, topic) whose classes use disjoint words: learnable fast."""
+    import random
+
+    rng = random.Random(0)
+    lines = ["sentence,topic"]
+    for i in range(n):
+        label = i % 3
+        lines.append(" ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(3, 8))) + f",t{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_config(root, out: str, **sections) -> dict:
+    """A raw run config over the tiny model and CSV in ``root`` (``sections`` update top-level keys)."""
+    raw = {
+        "task": "classification",
+        "mode": "splitlora",
+        "model": {"name": str(root / "model")},
+        "data": {
+            "name": "local",
+            "path": str(root / "data.csv"),
+            "columns": {"text": "sentence", "label": "topic"},
+            "max_length": 16,
+        },
+        "split": {"setting": "hbt", "head_layers": 1, "tail_layers": 1},
+        "train": {"steps": 6, "batch_size": 4, "lr": 5e-3, "seed": 0},
+        "output_dir": str(root / out),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw

@@ -38,10 +38,12 @@ class ModelConfig(_Strict):
     """Which model to split.
 
     ``name`` is an offline asset (``smollm2-135m``, ``minilm-l6``; see ``splitfed assets list``),
-    a local directory with a transformers model, or a hub id (needs network).
+    a local directory with a transformers model, or a hub id (needs network). ``num_labels`` is
+    needed by a model party served on its own (it sees no data to count the classes).
     """
 
     name: str = "smollm2-135m"
+    num_labels: int | None = Field(default=None, ge=2)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 

@@ -34,7 +34,7 @@ from splitfed.config import RunConfig
 from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.models.partition import Segment
 from splitfed.split.parties import DataParty
-from splitfed.split.system import SplitSystem, build_split
+from splitfed.split.system import build_split
 
 CHECKPOINT = "checkpoint"
 
@@ -110,10 +110,13 @@ def _named_trainable(segments: dict[str, Segment], roles: Sequence[str]) -> dict
 PARTY_ROLES = {"data_party": ("head", "tail"), "model_party": ("body",)}
 
 
-def save_adapters(segments: dict[str, Segment], directory: Path) -> dict[str, str]:
+def save_adapters(
+    segments: dict[str, Segment], directory: Path, parties: Sequence[str] = tuple(PARTY_ROLES)
+) -> dict[str, str]:
     """Write each party's trainable parameters (LoRA, task head, or all) as safetensors."""
     paths = {}
-    for party, roles in PARTY_ROLES.items():
+    for party in parties:
+        roles = PARTY_ROLES[party]
         tensors = _named_trainable(segments, roles)
         path = directory / party / "adapter.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,9 +125,12 @@ def save_adapters(segments: dict[str, Segment], directory: Path) -> dict[str, st
     return paths
 
 
-def load_adapters(segments: dict[str, Segment], directory: Path) -> None:
+def load_adapters(
+    segments: dict[str, Segment], directory: Path, parties: Sequence[str] = tuple(PARTY_ROLES)
+) -> None:
     """Load what :func:`save_adapters` wrote into the segments (names must match)."""
-    for party, roles in PARTY_ROLES.items():
+    for party in parties:
+        roles = PARTY_ROLES[party]
         path = directory / party / "adapter.safetensors"
         if not path.is_file():
             continue
@@ -141,13 +147,20 @@ def load_adapters(segments: dict[str, Segment], directory: Path) -> None:
                 params[name].copy_(tensor)
 
 
-def _save_checkpoint(system: SplitSystem, out: Path, step: int, history: list[dict[str, float]]) -> None:
+def save_checkpoint(
+    out: Path, segments: dict[str, Segment], parties: dict[str, Any], step: int, history: list[dict[str, float]]
+) -> None:
+    """Write a checkpoint of ``parties`` (``{"data_party": ..., "model_party": ...}``) atomically.
+
+    Built in a temporary directory and renamed into place, so a crash leaves either the previous
+    checkpoint or the new one, never a half-written one.
+    """
     tmp = out / f".{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_adapters(system.segments, tmp)
-    torch.save(system.data_party.state_dict(), tmp / "data_party" / "state.pt")
-    torch.save(system.model_party.state_dict(), tmp / "model_party" / "state.pt")
+    save_adapters(segments, tmp, tuple(parties))
+    for name, party in parties.items():
+        torch.save(party.state_dict(), tmp / name / "state.pt")
     torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history}))
     final = out / CHECKPOINT
@@ -159,15 +172,16 @@ def _save_checkpoint(system: SplitSystem, out: Path, step: int, history: list[di
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(system: SplitSystem, out: Path) -> tuple[int, list[dict[str, float]]]:
+def load_checkpoint(out: Path, segments: dict[str, Segment], parties: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
+    """Restore what :func:`save_checkpoint` wrote; returns the step and the loss history."""
     ckpt = out / CHECKPOINT
+    if not (ckpt / "progress.json").is_file() and (out / f".{CHECKPOINT}.old" / "progress.json").is_file():
+        ckpt = out / f".{CHECKPOINT}.old"  # killed between the two renames
     if not (ckpt / "progress.json").is_file():
-        raise FileNotFoundError(
-            f"--resume: no checkpoint in {out} (expected {ckpt}/progress.json); run without --resume"
-        )
-    load_adapters(system.segments, ckpt)
-    system.data_party.load_state_dict(torch.load(ckpt / "data_party" / "state.pt", weights_only=True))
-    system.model_party.load_state_dict(torch.load(ckpt / "model_party" / "state.pt", weights_only=True))
+        raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {ckpt}/progress.json); run without --resume")
+    load_adapters(segments, ckpt, tuple(parties))
+    for name, party in parties.items():
+        party.load_state_dict(torch.load(ckpt / name / "state.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch_rng"])
     progress = json.loads((ckpt / "progress.json").read_text())
     return int(progress["step"]), list(progress["history"])
@@ -183,6 +197,54 @@ def _micro_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
         epoch += 1
 
 
+@dataclass
+class Workload:
+    """Everything a run needs before the parties exist: data, task, model and schedule length."""
+
+    cfg: RunConfig
+    splits: Any
+    task: Any
+    model: torch.nn.Module
+    total_steps: int
+    load_s: float
+
+
+def prepare(cfg: RunConfig) -> Workload:
+    """Seed, load the data, the task, the tokenizer and the model; count the optimizer steps."""
+    from splitfed.data import get_task, load_splits
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    t0 = time.perf_counter()
+    splits = load_splits(cfg.data.model_copy(update={"task": cfg.task}))
+    tokenizer = load_tokenizer(cfg.model.name)
+    num_labels = len(splits.label_names) if splits.label_names else None
+    if cfg.model.num_labels is not None and num_labels is not None and cfg.model.num_labels != num_labels:
+        raise ValueError(
+            f"model.num_labels={cfg.model.num_labels} but dataset {cfg.data.name!r} has {num_labels} classes "
+            f"({splits.label_names}); fix model.num_labels"
+        )
+    task = get_task(cfg.task, tokenizer=tokenizer, max_length=cfg.data.max_length, num_labels=num_labels)
+    model = load_model(
+        cfg.model.name, cfg.head, num_labels, tokenizer.pad_token_id, cfg.model.dtype, cfg.model.attn_implementation
+    )
+    batch = cfg.train.batch_size
+    if len(splits.train) < batch:
+        raise ValueError(f"the training split has {len(splits.train)} examples, fewer than train.batch_size={batch}")
+    per_epoch = max(1, len(splits.train) // (batch * cfg.train.grad_accum))
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    return Workload(cfg, splits, task, model, total, time.perf_counter() - t0)
+
+
+def trainable_counts(segments: dict[str, Segment]) -> dict[str, int]:
+    """Trainable parameters held by each party."""
+    return {
+        party: sum(p.numel() for r in roles if r in segments for p in segments[r].trainable_parameters())
+        for party, roles in PARTY_ROLES.items()
+    }
+
+
 def train(
     cfg: RunConfig,
     resume: bool = False,
@@ -190,76 +252,55 @@ def train(
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Run ``cfg``: split fine-tuning in one process with an in-process channel."""
-    from splitfed.data import get_task, load_splits
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    splits = load_splits(cfg.data.model_copy(update={"task": cfg.task}))
-    tokenizer = load_tokenizer(cfg.model.name)
-    num_labels = len(splits.label_names) if splits.label_names else None
-    task = get_task(cfg.task, tokenizer=tokenizer, max_length=cfg.data.max_length, num_labels=num_labels)
-    model = load_model(
-        cfg.model.name,
-        cfg.head,
-        num_labels,
-        tokenizer.pad_token_id,
-        cfg.model.dtype,
-        cfg.model.attn_implementation,
-    )
-    timings["load_s"] = time.perf_counter() - t0
-
-    batch = cfg.train.batch_size
-    if len(splits.train) < batch:
-        raise ValueError(
-            f"the training split has {len(splits.train)} examples, fewer than train.batch_size={batch}"
-        )
-    per_epoch = max(1, len(splits.train) // (batch * cfg.train.grad_accum))
-    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    work = prepare(cfg)
     system = build_split(
-        model,
-        cfg.split.spec(),
-        cfg.head,
-        cfg.segment_finetune(),
-        task.loss,
-        cfg.optim(total),
+        work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), work.task.loss, cfg.optim(work.total_steps),
         labels_at=cfg.split.labels_at,
     )
-    trainable = {
-        party: sum(
-            p.numel()
-            for r in roles
-            if r in system.segments
-            for p in system.segments[r].trainable_parameters()
-        )
-        for party, roles in PARTY_ROLES.items()
-    }
+    parties = {"data_party": system.data_party, "model_party": system.model_party}
+    return train_loop(work, system.data_party, system.segments, parties, resume, progress, log)
+
+
+def train_loop(
+    work: Workload,
+    data_party: DataParty,
+    segments: dict[str, Segment],
+    parties: dict[str, Any],
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Drive ``data_party`` through the run: evaluate, train with checkpoints, evaluate, save.
+
+    ``parties`` are the party objects this process holds (their adapters and optimizer states go
+    into checkpoints): both in process, only the data party when the model party is remote.
+    """
+    cfg, task, splits, total = work.cfg, work.task, work.splits, work.total_steps
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {"load_s": work.load_s}
+    trainable = trainable_counts(segments)
     log(
-        f"model {cfg.model.name}: {system.segments['head'].adapter.num_layers(model)} layers, split {cfg.split.setting} "
+        f"model {cfg.model.name}: {segments['head'].adapter.num_layers(work.model)} layers, split {cfg.split.setting} "
         f"head={cfg.split.head_layers} tail={cfg.split.tail_layers}, mode {cfg.mode}; trainable params "
         f"data party {trainable['data_party']:,}, model party {trainable['model_party']:,}"
     )
     eval_examples = splits.validation
-    eval_bs = cfg.train.eval_batch_size or batch
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     history: list[dict[str, float]] = []
     start_step = 0
     if resume:
-        start_step, history = _load_checkpoint(system, out)
+        start_step, history = load_checkpoint(out, segments, parties)
         log(f"resumed from {out / CHECKPOINT} at step {start_step}/{total}")
 
     metrics_before = None
     with _progress(progress) as bar:
         if cfg.train.eval_before and start_step == 0:
             t = time.perf_counter()
-            metrics_before = evaluate(system.data_party, task, eval_examples, eval_bs, bar, "eval (before)")
+            metrics_before = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (before)")
             timings["eval_before_s"] = time.perf_counter() - t
             log(f"validation before fine-tuning: {_fmt(metrics_before)}")
-        batches = _micro_batches(len(splits.train), batch, cfg.train.seed)
+        batches = _micro_batches(len(splits.train), cfg.train.batch_size, cfg.train.seed)
         for _ in range(start_step * cfg.train.grad_accum):
             next(batches)
         step_bar = bar.add_task("train", total=total, completed=start_step, info="") if bar else None
@@ -269,7 +310,7 @@ def train(
             losses, sent, received = [], 0, 0
             for micro in range(cfg.train.grad_accum):
                 examples = [splits.train[i] for i in next(batches)]
-                result = system.data_party.train_step(
+                result = data_party.train_step(
                     task.collate(examples),
                     update=micro == cfg.train.grad_accum - 1,
                     loss_scale=1.0 / cfg.train.grad_accum,
@@ -288,32 +329,27 @@ def train(
             if bar is not None:
                 bar.update(step_bar, advance=1, info=f"loss {record['loss']:.4f}")
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
-                mid = evaluate(system.data_party, task, eval_examples, eval_bs, bar, f"eval @{step + 1}")
+                mid = evaluate(data_party, task, eval_examples, eval_bs, bar, f"eval @{step + 1}")
                 record.update({f"eval_{k}": v for k, v in mid.items()})
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-                _save_checkpoint(system, out, step + 1, history)
+                save_checkpoint(out, segments, parties, step + 1, history)
         timings["train_s"] = time.perf_counter() - t_train
         t = time.perf_counter()
-        metrics_after = evaluate(system.data_party, task, eval_examples, eval_bs, bar, "eval (after)")
+        metrics_after = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (after)")
         timings["eval_after_s"] = time.perf_counter() - t
     log(f"validation after fine-tuning:  {_fmt(metrics_after)}")
 
-    adapters = save_adapters(system.segments, out)
+    adapters = save_adapters(segments, out, tuple(parties))
     new_steps = [h for h in history if h["step"] > start_step]
     summary = {
         "config": cfg.model_dump(mode="json"),
         "metrics_before": metrics_before,
         "metrics_after": metrics_after,
         "steps": total,
-        "examples": {
-            "train": len(splits.train),
-            "validation": len(splits.validation),
-            "test": len(splits.test),
-        },
+        "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
         "label_names": splits.label_names,
         "trainable_params": trainable,
-        "timings": timings
-        | {"mean_step_s": float(np.mean([h["seconds"] for h in new_steps])) if new_steps else 0.0},
+        "timings": timings | {"mean_step_s": float(np.mean([h["seconds"] for h in new_steps])) if new_steps else 0.0},
         "bytes_per_step": {
             "to_model": float(np.mean([h["bytes_to_model"] for h in history])) if history else 0.0,
             "to_data": float(np.mean([h["bytes_to_data"] for h in history])) if history else 0.0,
