@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from splitfed.transport.grpc_server import TlsFiles
 
 app = typer.Typer(
     name="splitfed",
@@ -89,6 +92,147 @@ def demo(
     Prints validation accuracy before and after fine-tuning and where the results went.
     """
     _run(DEMO_CONFIG, set_ or [], resume=False, progress=progress)
+
+
+def _tls(cert: Path | None, key: Path | None, ca: Path | None) -> TlsFiles | None:
+    from splitfed.transport.grpc_server import TlsFiles
+
+    for label, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path is not None and not path.is_file():
+            _fail(f"{label} {path} does not exist")
+    if (cert is None) != (key is None):
+        _fail("--tls-cert and --tls-key go together")
+    if cert is None and ca is None:
+        return None
+    return TlsFiles(str(cert) if cert else None, str(key) if key else None, str(ca) if ca else None)
+
+
+def _tokens(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        _fail(f"--tokens {path}: {err}")
+    if (
+        not isinstance(data, dict)
+        or not data
+        or not all(isinstance(v, str) and len(v) >= 16 for v in data.values())
+    ):
+        _fail(f"--tokens {path} must map each data party's id to a token of at least 16 characters")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+TlsCert = Annotated[
+    Path | None, typer.Option("--tls-cert", help="PEM certificate (server: its own; client: for mutual TLS).")
+]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")]
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="The run config (the same file the data parties use).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 50051,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option("--tls-ca", help="CA of client certificates: requires mutual TLS.")
+    ] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(help="YAML/JSON file mapping data-party ids to their tokens; required when given."),
+    ] = None,
+) -> None:
+    """Run the model party as a gRPC server (one stream per data party)."""
+    from splitfed.config import ConfigError, load_config
+    from splitfed.models.loading import ModelLoadError
+    from splitfed.models.partition import SplitConfigError
+    from splitfed.runtime import start_server
+
+    _quiet_libraries()
+    tls = _tls(tls_cert, tls_key, tls_ca)
+    if tls_cert is None and host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            "[yellow]warning:[/] serving without TLS on a non-loopback address; pass --tls-cert/--tls-key"
+        )
+    try:
+        cfg = load_config(config, set_ or [])
+        server = start_server(cfg, host, port, tls, _tokens(tokens))  # type: ignore[arg-type]
+    except (ConfigError, SplitConfigError, ModelLoadError, OSError) as err:
+        _fail(str(err))
+        return
+    console.print(
+        f"model party serving {cfg.model.name} ({cfg.split.setting}, body from block {cfg.split.head_layers}) "
+        f"on {host}:{server.port} with {'TLS' if tls else 'no TLS'}; Ctrl-C to stop"
+    )
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@app.command()
+def join(
+    config: Annotated[Path, typer.Argument(help="The run config.")],
+    server: Annotated[str, typer.Option(help="HOST:PORT of `splitfed serve`.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
+    client_id: Annotated[
+        str, typer.Option(help="This data party's name (the server's token file may fix it).")
+    ] = "",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="SPLITFED_TOKEN", help="This data party's token (or env SPLITFED_TOKEN)."),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option("--tls-ca", help="CA that signed the server's certificate.")
+    ] = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    resume: Annotated[bool, typer.Option(help="Continue from this data party's last checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run a data party against a model party served by `splitfed serve`; same outputs as `train`."""
+    from splitfed.assets import AssetError
+    from splitfed.config import ConfigError, load_config
+    from splitfed.data import DataError
+    from splitfed.models.loading import ModelLoadError
+    from splitfed.models.partition import SplitConfigError
+    from splitfed.runtime import join as join_run
+    from splitfed.transport.grpc_channel import RemoteError, TransportError
+    from splitfed.transport.wire import WireCodecs
+
+    _quiet_libraries()
+    tls = _tls(tls_cert, tls_key, tls_ca)
+    try:
+        cfg = load_config(config, set_ or [])
+        codecs = WireCodecs(cfg.transport.activations, cfg.transport.gradients, cfg.transport.topk_ratio)
+        result = join_run(
+            cfg,
+            server,
+            client_id,
+            token,
+            tls,
+            codecs,
+            resume,
+            progress,
+            log=lambda s: console.print(s),  # type: ignore[arg-type]
+        )
+    except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, FileNotFoundError) as err:
+        _fail(str(err))
+        return
+    except (TransportError, RemoteError) as err:
+        _fail(f"{err}")
+        return
+    wire = result.summary["wire"]
+    console.print(
+        f"bytes on the wire: {wire['bytes_to_model'] / 1e6:.2f} MB to the model party, "
+        f"{wire['bytes_to_data'] / 1e6:.2f} MB back"
+    )
+    console.print(f"results: {result.output_dir / 'results.json'}")
 
 
 @assets_app.command("list")

@@ -102,6 +102,18 @@ class FinetuneConfig(_Strict):
     tail: SegmentFinetune | None = None
 
 
+class TransportConfig(_Strict):
+    """Compression on the wire (gRPC runtime), per direction.
+
+    ``activations`` applies to hidden states and logits, ``gradients`` to gradients; ``topk`` keeps
+    the largest ``topk_ratio`` share of each gradient with error feedback.
+    """
+
+    activations: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    gradients: Literal["fp32", "fp16", "bf16", "topk"] = "fp32"
+    topk_ratio: float = Field(default=0.1, gt=0, le=1)
+
+
 class TrainConfig(_Strict):
     """Optimisation and schedule. ``steps`` counts optimizer updates; ``epochs`` is used when steps is unset."""
 
@@ -139,6 +151,7 @@ class RunConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
     output_dir: str = "runs/run"
 
     @model_validator(mode="after")

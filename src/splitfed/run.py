@@ -148,7 +148,11 @@ def load_adapters(
 
 
 def save_checkpoint(
-    out: Path, segments: dict[str, Segment], parties: dict[str, Any], step: int, history: list[dict[str, float]]
+    out: Path,
+    segments: dict[str, Segment],
+    parties: dict[str, Any],
+    step: int,
+    history: list[dict[str, float]],
 ) -> None:
     """Write a checkpoint of ``parties`` (``{"data_party": ..., "model_party": ...}``) atomically.
 
@@ -172,13 +176,17 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, segments: dict[str, Segment], parties: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
+def load_checkpoint(
+    out: Path, segments: dict[str, Segment], parties: dict[str, Any]
+) -> tuple[int, list[dict[str, float]]]:
     """Restore what :func:`save_checkpoint` wrote; returns the step and the loss history."""
     ckpt = out / CHECKPOINT
     if not (ckpt / "progress.json").is_file() and (out / f".{CHECKPOINT}.old" / "progress.json").is_file():
         ckpt = out / f".{CHECKPOINT}.old"  # killed between the two renames
     if not (ckpt / "progress.json").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {ckpt}/progress.json); run without --resume")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {out} (expected {ckpt}/progress.json); run without --resume"
+        )
     load_adapters(segments, ckpt, tuple(parties))
     for name, party in parties.items():
         party.load_state_dict(torch.load(ckpt / name / "state.pt", weights_only=True))
@@ -227,11 +235,18 @@ def prepare(cfg: RunConfig) -> Workload:
         )
     task = get_task(cfg.task, tokenizer=tokenizer, max_length=cfg.data.max_length, num_labels=num_labels)
     model = load_model(
-        cfg.model.name, cfg.head, num_labels, tokenizer.pad_token_id, cfg.model.dtype, cfg.model.attn_implementation
+        cfg.model.name,
+        cfg.head,
+        num_labels,
+        tokenizer.pad_token_id,
+        cfg.model.dtype,
+        cfg.model.attn_implementation,
     )
     batch = cfg.train.batch_size
     if len(splits.train) < batch:
-        raise ValueError(f"the training split has {len(splits.train)} examples, fewer than train.batch_size={batch}")
+        raise ValueError(
+            f"the training split has {len(splits.train)} examples, fewer than train.batch_size={batch}"
+        )
     per_epoch = max(1, len(splits.train) // (batch * cfg.train.grad_accum))
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
     return Workload(cfg, splits, task, model, total, time.perf_counter() - t0)
@@ -254,7 +269,12 @@ def train(
     """Run ``cfg``: split fine-tuning in one process with an in-process channel."""
     work = prepare(cfg)
     system = build_split(
-        work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), work.task.loss, cfg.optim(work.total_steps),
+        work.model,
+        cfg.split.spec(),
+        cfg.head,
+        cfg.segment_finetune(),
+        work.task.loss,
+        cfg.optim(work.total_steps),
         labels_at=cfg.split.labels_at,
     )
     parties = {"data_party": system.data_party, "model_party": system.model_party}
@@ -346,10 +366,15 @@ def train_loop(
         "metrics_before": metrics_before,
         "metrics_after": metrics_after,
         "steps": total,
-        "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "examples": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+        },
         "label_names": splits.label_names,
         "trainable_params": trainable,
-        "timings": timings | {"mean_step_s": float(np.mean([h["seconds"] for h in new_steps])) if new_steps else 0.0},
+        "timings": timings
+        | {"mean_step_s": float(np.mean([h["seconds"] for h in new_steps])) if new_steps else 0.0},
         "bytes_per_step": {
             "to_model": float(np.mean([h["bytes_to_model"] for h in history])) if history else 0.0,
             "to_data": float(np.mean([h["bytes_to_data"] for h in history])) if history else 0.0,

@@ -91,6 +91,11 @@ class _Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def zero_grad(self) -> None:
+        """Forget accumulated gradients (a step that will not be applied)."""
+        for p in self.params:
+            p.grad = None
+
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {}
@@ -221,6 +226,13 @@ class ModelParty:
         return Message(
             "backward_result", {"grad": pending.inputs.grad}, {"batch_id": message.meta.get("batch_id")}
         )
+
+    def drop_pending(self, client: str) -> int:
+        """Forget the forward passes a data party left unfinished; returns how many."""
+        keys = [k for k in self._pending if k[0] == client]
+        for key in keys:
+            del self._pending[key]
+        return len(keys)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer/scheduler state and the update count (for checkpoints)."""

@@ -163,17 +163,28 @@ class Channel:
     ) -> None:
         self.transforms = list(transforms)
         self.recorder = recorder
+        #: Bytes that crossed: on a network, what the transport sent; in process, the raw payload.
         self.bytes_to_model = 0
         self.bytes_to_data = 0
+        #: Raw tensor bytes (before any compression) of what crossed.
+        self.payload_to_model = 0
+        self.payload_to_data = 0
         self.messages = 0
+
+    #: Whether :attr:`bytes_to_model` / :attr:`bytes_to_data` are the raw payload (no wire format).
+    counts_payload_as_wire = True
 
     def _cross(self, direction: Direction, message: Message) -> Message:
         for transform in self.transforms:
             message = transform(direction, message)
         if direction == "to_model":
-            self.bytes_to_model += message.nbytes
+            self.payload_to_model += message.nbytes
+            if self.counts_payload_as_wire:
+                self.bytes_to_model += message.nbytes
         else:
-            self.bytes_to_data += message.nbytes
+            self.payload_to_data += message.nbytes
+            if self.counts_payload_as_wire:
+                self.bytes_to_data += message.nbytes
         self.messages += 1
         if self.recorder is not None:
             self.recorder(direction, message)
@@ -181,22 +192,24 @@ class Channel:
 
     def request(self, message: Message) -> Message:
         """Send ``message`` to the model party and return its reply."""
-        reply = self._deliver(self._cross("to_model", message))
+        reply = self._deliver(self._cross("to_model", message), expect_reply=True)
         if reply is None:
             raise RuntimeError(f"model party sent no reply to a {message.kind!r} request")
         return self._cross("to_data", reply)
 
     def send(self, message: Message) -> None:
         """Send ``message`` to the model party without waiting for a reply."""
-        reply = self._deliver(self._cross("to_model", message))
+        reply = self._deliver(self._cross("to_model", message), expect_reply=False)
         if reply is not None:
             self._cross("to_data", reply)
 
     def reset_counters(self) -> None:
         """Zero the byte and message counters."""
         self.bytes_to_model = self.bytes_to_data = self.messages = 0
+        self.payload_to_model = self.payload_to_data = 0
 
-    def _deliver(self, message: Message) -> Message | None:
+    def _deliver(self, message: Message, expect_reply: bool) -> Message | None:
+        """Carry ``message`` to the model party; return its reply when ``expect_reply``."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -230,5 +243,5 @@ class InProcessChannel(Channel):
         detached = Message(message.kind, {k: v.detach() for k, v in message.tensors.items()}, message.meta)
         return super()._cross(direction, detached)
 
-    def _deliver(self, message: Message) -> Message | None:
+    def _deliver(self, message: Message, expect_reply: bool) -> Message | None:
         return self.handler(message)

@@ -1,0 +1,142 @@
+"""Split training across processes and machines: ``splitfed serve`` and ``splitfed join``.
+
+Both sides read the same run config. Each builds the model the same way from the same seed (so
+adapters start identical to an in-process run) and keeps only its own segments' work: the model
+party serves its body over gRPC, the data party trains through a
+:class:`~splitfed.transport.grpc_channel.GrpcChannel` with the same loop as ``splitfed train``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from splitfed.config import ConfigError, RunConfig
+from splitfed.models.loading import load_model, load_tokenizer
+from splitfed.models.partition import Segment
+from splitfed.run import RunResult, prepare, seed_everything, train_loop
+from splitfed.split.parties import DataParty, ModelParty
+from splitfed.split.system import build_model_party
+from splitfed.transport.grpc_channel import GrpcChannel
+from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
+from splitfed.transport.wire import WireCodecs
+
+
+@dataclass
+class ModelPartyServer:
+    """A running model-party server (stop it with :meth:`stop`)."""
+
+    server: grpc.Server
+    service: ModelPartyService
+    port: int
+    model_party: ModelParty
+    segments: dict[str, Segment]
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        """Stop serving."""
+        self.service.stop()
+        self.server.stop(grace)
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.server.wait_for_termination()
+
+
+def build_serving_party(cfg: RunConfig) -> tuple[ModelParty, dict[str, Segment], Any]:
+    """The model party of ``cfg``, built exactly as the in-process run builds it (same seed, same init)."""
+    from splitfed.data import get_task
+
+    if cfg.train.steps is None:
+        raise ConfigError(
+            "splitfed serve needs train.steps: the model party cannot count the data party's examples "
+            "to size its learning-rate schedule"
+        )
+    if cfg.head == "classification" and cfg.model.num_labels is None:
+        raise ConfigError("splitfed serve needs model.num_labels for a classification task (it sees no data)")
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name)
+    model = load_model(
+        cfg.model.name,
+        cfg.head,
+        cfg.model.num_labels,
+        tokenizer.pad_token_id,
+        cfg.model.dtype,
+        cfg.model.attn_implementation,
+    )
+    loss_fn = None
+    if cfg.split.labels_at == "model":
+        task = get_task(
+            cfg.task, tokenizer=tokenizer, max_length=cfg.data.max_length, num_labels=cfg.model.num_labels
+        )
+        loss_fn = task.loss
+    party, segments, _ = build_model_party(
+        model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), cfg.optim(cfg.train.steps), loss_fn
+    )
+    return party, segments, model
+
+
+def start_server(
+    cfg: RunConfig,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    tls: TlsFiles | None = None,
+    tokens: dict[str, str] | None = None,
+    limits: ServerLimits | None = None,
+) -> ModelPartyServer:
+    """Build the model party of ``cfg`` and serve it on ``host:port`` (``port=0`` picks a free one)."""
+    party, segments, model = build_serving_party(cfg)
+    hidden = int(model.config.hidden_size)
+    service = ModelPartyService(party, hidden, limits or ServerLimits(), tokens, cfg.split.labels_at)
+    server, bound = serve(service, host, port, tls)
+    return ModelPartyServer(server, service, bound, party, segments)
+
+
+def join(
+    cfg: RunConfig,
+    target: str,
+    client_id: str = "",
+    token: str | None = None,
+    tls: TlsFiles | None = None,
+    codecs: WireCodecs | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Train ``cfg``'s data party against the model party served at ``target``."""
+    work = prepare(cfg)
+    _, segments, _ = build_model_party(
+        work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), cfg.optim(work.total_steps)
+    )
+    if cfg.train.steps is None:
+        log(
+            f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
+        )
+    channel = GrpcChannel(target, client_id=client_id, token=token, tls=tls, codecs=codecs)
+    try:
+        party = DataParty(
+            segments["head"],
+            channel,
+            work.task.loss,
+            cfg.optim(work.total_steps),
+            tail=segments.get("tail"),
+            labels_at=cfg.split.labels_at,
+            client_id=channel.client_id,
+        )
+        log(f"joined the model party at {target} as {channel.client_id or '(anonymous)'}")
+        result = train_loop(work, party, segments, {"data_party": party}, resume, progress, log)
+        result.summary["wire"] = {
+            "bytes_to_model": channel.bytes_to_model,
+            "bytes_to_data": channel.bytes_to_data,
+            "payload_to_model": channel.payload_to_model,
+            "payload_to_data": channel.payload_to_data,
+        }
+        return result
+    finally:
+        channel.close()

@@ -1,0 +1,207 @@
+"""The gRPC runtime on loopback: same losses as in process, validation, auth, faults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from splitfed.config import parse_config
+from splitfed.run import train
+from splitfed.runtime import join, start_server
+from splitfed.transport.channel import Message
+from splitfed.transport.grpc_channel import GrpcChannel, RemoteError, TransportError
+from splitfed.transport.grpc_server import METHOD
+from splitfed.transport.proto import splitfed_pb2 as pb
+from splitfed.transport.wire import (
+    FRAME_BYTES,
+    Reassembler,
+    WireError,
+    WireLimits,
+    from_envelope,
+    to_envelope,
+    to_frames,
+)
+from tiny import run_config, save_tiny_pretrained, write_topic_csv
+
+HIDDEN = 32
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("grpc")
+    save_tiny_pretrained(root / "model")
+    write_topic_csv(root / "data.csv")
+    return root
+
+
+def _cfg(root: Path, out: str, **sections: object):
+    raw = run_config(root, out, **sections)
+    raw["model"]["num_labels"] = 3
+    raw["train"]["steps"] = 5
+    return parse_config(raw)
+
+
+CASES = {
+    "hbt-splitlora": {},
+    "ht-labels-at-data": {"split": {"setting": "ht", "head_layers": 2, "tail_layers": 0}},
+    "ht-splitfrozen-labels-at-model": {
+        "mode": "splitfrozen",
+        "split": {"setting": "ht", "head_layers": 1, "tail_layers": 0, "labels_at": "model"},
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loopback_reproduces_in_process_losses(workspace: Path, case: str) -> None:
+    local = train(_cfg(workspace, f"{case}-local", **CASES[case]), progress=False, log=lambda s: None)
+    cfg = _cfg(workspace, f"{case}-remote", **CASES[case])
+    server = start_server(cfg, port=0)
+    try:
+        remote = join(
+            cfg, f"127.0.0.1:{server.port}", client_id="hospital", progress=False, log=lambda s: None
+        )
+    finally:
+        server.stop()
+    local_losses = [h["loss"] for h in local.history]
+    remote_losses = [h["loss"] for h in remote.history]
+    assert remote_losses == pytest.approx(local_losses, abs=1e-5)
+    assert remote.metrics_after == pytest.approx(local.metrics_after, abs=1e-5)
+    wire = remote.summary["wire"]
+    assert wire["bytes_to_model"] >= wire["payload_to_model"] > 0
+
+
+@pytest.fixture
+def server(workspace: Path):
+    srv = start_server(_cfg(workspace, "served"), port=0, tokens=None)
+    yield srv
+    srv.stop()
+
+
+def _forward(batch: int = 2, seq: int = 5, hidden: int = HIDDEN, train_: bool = False) -> Message:
+    return Message(
+        "forward",
+        {
+            "hidden": torch.randn(batch, seq, hidden),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        },
+        {"train": train_, "batch_id": 1},
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "needle"),
+    [
+        (_forward(hidden=7), "hidden must be a floating [batch, seq, 32]"),
+        (Message("forward", {"hidden": torch.randn(2, 5, HIDDEN)}), "forward message carries"),
+        (
+            Message(
+                "forward", {"hidden": torch.randn(2, 5, HIDDEN), "attention_mask": torch.full((2, 5), 3)}
+            ),
+            "0/1",
+        ),
+        (Message("launch", {}), "unknown message kind"),
+        (Message("backward", {"grad": torch.randn(2, 5, HIDDEN)}, {"batch_id": 99}), "no forward pending"),
+        (
+            Message(
+                "forward",
+                {
+                    "hidden": torch.full((1, 2, HIDDEN), float("nan")),
+                    "attention_mask": torch.ones(1, 2, dtype=torch.long),
+                },
+            ),
+            "finite",
+        ),
+        (_forward(batch=1000), "outside the session's limits"),
+    ],
+)
+def test_bad_messages_get_an_error_and_the_server_keeps_serving(
+    server, message: Message, needle: str
+) -> None:
+    bad = GrpcChannel(f"127.0.0.1:{server.port}", client_id="mallory")
+    good = GrpcChannel(f"127.0.0.1:{server.port}", client_id="alice")
+    try:
+        with pytest.raises(RemoteError, match=needle.replace("[", r"\[")):
+            bad.request(message)
+        # The same session and another one still work.
+        assert bad.request(_forward()).tensors["hidden"].shape == (2, 5, HIDDEN)
+        assert good.request(_forward()).tensors["hidden"].shape == (2, 5, HIDDEN)
+    finally:
+        bad.close()
+        good.close()
+
+
+def test_garbage_frames_are_answered_with_an_error(server) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stream = channel.stream_stream(
+        METHOD, request_serializer=pb.Frame.SerializeToString, response_deserializer=pb.Frame.FromString
+    )
+    frames = [
+        pb.Frame(message_id=1, index=0, total=1, payload=b"\xff\x00 not a protobuf"),
+        pb.Frame(message_id=2, index=5, total=2, payload=b"x"),
+        pb.Frame(message_id=3, index=0, total=10**9, payload=b"x"),
+    ]
+    replies = list(stream(iter(frames)))
+    errors = []
+    reassembler = Reassembler(WireLimits())
+    for frame in replies:
+        envelope = reassembler.push(frame)
+        if envelope is not None:
+            errors.append(envelope.error)
+    assert len(errors) == 3 and all(errors)
+    assert "protobuf" in errors[0] or "hello" in errors[0]
+    channel.close()
+    ok = GrpcChannel(f"127.0.0.1:{server.port}")
+    assert ok.request(_forward()).kind == "forward_result"
+    ok.close()
+
+
+def test_tokens_are_required_when_configured(workspace: Path) -> None:
+    srv = start_server(_cfg(workspace, "auth"), port=0, tokens={"hospital-a": "s3cret-a"})
+    try:
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            GrpcChannel(f"127.0.0.1:{srv.port}", token="wrong", timeout_s=10)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            GrpcChannel(f"127.0.0.1:{srv.port}", timeout_s=10)
+        ok = GrpcChannel(f"127.0.0.1:{srv.port}", client_id="ignored", token="s3cret-a")
+        assert ok.client_id == "hospital-a"
+        ok.close()
+    finally:
+        srv.stop()
+
+
+def test_client_disconnecting_mid_step_leaves_adapters_untouched(server) -> None:
+    before = {
+        n: p.detach().clone()
+        for n, p in server.segments["body"].named_model_parameters(trainable_only=True).items()
+    }
+    dying = GrpcChannel(f"127.0.0.1:{server.port}", client_id="dying")
+    reply = dying.request(_forward(train_=True))  # takes the step lock, leaves a pending graph
+    assert reply.kind == "forward_result"
+    dying.close()  # gone before its backward
+    other = GrpcChannel(f"127.0.0.1:{server.port}", client_id="other", timeout_s=20)
+    try:
+        assert other.request(_forward()).kind == "forward_result"  # the lock was released
+    finally:
+        other.close()
+    after = server.segments["body"].named_model_parameters(trainable_only=True)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+        assert after[name].grad is None
+    assert server.model_party.updates == 0
+
+
+def test_messages_larger_than_grpc_default_limit_are_framed() -> None:
+    big = Message("forward", {"hidden": torch.randn(8, 512, 384)}, {"batch_id": 1})  # 6 MiB
+    frames = to_frames(to_envelope(big, 7, "to_model"), 7)
+    assert len(frames) > 1 and all(len(f.payload) <= FRAME_BYTES for f in frames)
+    reassembler = Reassembler(WireLimits())
+    out = [reassembler.push(f) for f in frames]
+    assert all(o is None for o in out[:-1]) and out[-1] is not None
+    torch.testing.assert_close(from_envelope(out[-1], WireLimits()).tensors["hidden"], big.tensors["hidden"])
+    small = Reassembler(WireLimits(max_message_bytes=2 * FRAME_BYTES))
+    with pytest.raises(WireError, match="frames"):
+        for f in frames:
+            small.push(f)
