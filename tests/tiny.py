@@ -24,7 +24,13 @@ PAD = 0
 
 def tiny_config(family: str, num_labels: int = 3) -> PretrainedConfig:
     """A 4-layer random config with dropout off (so split and unsplit runs are comparable)."""
-    common = {"vocab_size": VOCAB, "pad_token_id": PAD, "num_labels": num_labels}
+    common = {
+        "vocab_size": VOCAB,
+        "pad_token_id": PAD,
+        "num_labels": num_labels,
+        "eos_token_id": 1,
+        "bos_token_id": 1,
+    }
     decoder = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -204,6 +210,8 @@ def tiny_tokenizer():
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for word in WORDS:
         vocab.setdefault(word, len(vocab))
+    for i in range(VOCAB - len(vocab)):  # every id the tiny models can produce decodes to something
+        vocab[f"w{i}"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(

@@ -235,6 +235,95 @@ def join(
     console.print(f"results: {result.output_dir / 'results.json'}")
 
 
+@app.command()
+def generate(
+    config: Annotated[
+        Path, typer.Argument(help="Run config naming the model and the split (a causal-LM task).")
+    ],
+    prompt: Annotated[
+        str | None, typer.Option(help="One prompt; its completion streams token by token.")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="A text file with one prompt per line (a batch).")
+    ] = None,
+    server: Annotated[
+        str | None, typer.Option(help="HOST:PORT of `splitfed serve`; in process when omitted.")
+    ] = None,
+    adapters: Annotated[
+        Path | None, typer.Option(help="Output directory of `splitfed train` to load adapters from.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    sample: Annotated[
+        bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")
+    ] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1.0: off).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalty on repeated tokens (1.0: off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option(help="Use the tokenizer's chat template.")] = False,
+    return_logits: Annotated[bool, typer.Option(help="HT: get logits back and choose tokens here.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="SPLITFED_TOKEN", help="Data-party token for --server.")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option("--tls-ca", help="CA that signed the server's certificate.")
+    ] = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+) -> None:
+    """Generate across the split with a KV cache on each side (greedy or sampled), streaming the output."""
+    from splitfed.config import ConfigError, load_config
+    from splitfed.models.loading import ModelLoadError
+    from splitfed.models.partition import SplitConfigError
+    from splitfed.runtime import open_generator
+    from splitfed.split.decoding import DecodingConfig
+    from splitfed.transport.grpc_channel import RemoteError, TransportError
+
+    _quiet_libraries()
+    if (prompt is None) == (prompts is None):
+        _fail("give exactly one of --prompt TEXT or --prompts FILE")
+    if prompts is not None:
+        if not prompts.is_file():
+            _fail(f"--prompts {prompts} does not exist")
+        batch = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        if not batch:
+            _fail(f"--prompts {prompts} holds no prompt (one per line)")
+    else:
+        batch = [str(prompt)]
+    out = Console()
+    try:
+        decoding = DecodingConfig(
+            max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, tuple(stop or ())
+        )
+        cfg = load_config(config, set_ or [])
+        tls = _tls(tls_cert, tls_key, tls_ca)
+        with open_generator(
+            cfg,
+            server,
+            str(adapters) if adapters else None,
+            decoding,
+            token=token,
+            tls=tls,
+            return_logits=return_logits,
+            chat=chat,
+        ) as gen:
+            if len(batch) == 1:
+                out.print(batch[0], end="", style="dim", highlight=False)
+                for event in gen.stream(batch):
+                    out.print(event.text, end="", highlight=False)
+                out.print()
+            else:
+                for text_in, text_out in zip(batch, gen.generate(batch), strict=True):
+                    out.print(f"[dim]{text_in}[/]{text_out}", highlight=False)
+    except (ConfigError, SplitConfigError, ModelLoadError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    except (TransportError, RemoteError) as err:
+        _fail(str(err))
+
+
 @assets_app.command("list")
 def assets_list() -> None:
     """Show the offline assets, whether each is fetched, and where."""

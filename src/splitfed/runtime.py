@@ -18,8 +18,11 @@ from splitfed.config import ConfigError, RunConfig
 from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.models.partition import Segment
 from splitfed.run import RunResult, prepare, seed_everything, train_loop
+from splitfed.split.decoding import DecodingConfig
+from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import DataParty, ModelParty
 from splitfed.split.system import build_model_party
+from splitfed.transport.channel import Channel
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
 from splitfed.transport.wire import WireCodecs
@@ -89,9 +92,19 @@ def start_server(
     tls: TlsFiles | None = None,
     tokens: dict[str, str] | None = None,
     limits: ServerLimits | None = None,
+    adapters: str | None = None,
 ) -> ModelPartyServer:
-    """Build the model party of ``cfg`` and serve it on ``host:port`` (``port=0`` picks a free one)."""
+    """Build the model party of ``cfg`` and serve it on ``host:port`` (``port=0`` picks a free one).
+
+    ``adapters``: a ``splitfed train`` output directory whose model-party adapters to load.
+    """
     party, segments, model = build_serving_party(cfg)
+    if adapters:
+        from pathlib import Path
+
+        from splitfed.run import load_adapters
+
+        load_adapters(segments, Path(adapters), ("model_party",))
     hidden = int(model.config.hidden_size)
     service = ModelPartyService(party, hidden, limits or ServerLimits(), tokens, cfg.split.labels_at)
     server, bound = serve(service, host, port, tls)
@@ -140,3 +153,65 @@ def join(
         return result
     finally:
         channel.close()
+
+
+def open_generator(
+    cfg: RunConfig,
+    target: str | None = None,
+    adapters: str | None = None,
+    decoding: DecodingConfig | None = None,
+    client_id: str = "",
+    token: str | None = None,
+    tls: TlsFiles | None = None,
+    codecs: WireCodecs | None = None,
+    return_logits: bool = False,
+    chat: bool = False,
+) -> SplitGenerator:
+    """A :class:`SplitGenerator` for ``cfg``'s model: in process, or against ``splitfed serve`` at ``target``.
+
+    ``adapters`` is the output directory of a ``splitfed train`` run whose adapters to load (in
+    process both parties'; remote, the data party's, while the server loads its own).
+    """
+    from pathlib import Path
+
+    from splitfed.run import load_adapters
+    from splitfed.split.system import build_split
+
+    if cfg.head != "causal_lm":
+        raise ConfigError(
+            f"generation needs a causal-LM task (causal_lm, generative_qa, ...); task is {cfg.task!r}"
+        )
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name)
+    model = load_model(
+        cfg.model.name,
+        "causal_lm",
+        None,
+        tokenizer.pad_token_id,
+        cfg.model.dtype,
+        cfg.model.attn_implementation,
+    )
+    channel: Channel
+    if target is None:
+        system = build_split(
+            model, cfg.split.spec(), "causal_lm", cfg.segment_finetune(), lambda lg, b: lg.sum()
+        )
+        segments, channel = system.segments, system.channel
+        parties: tuple[str, ...] = ("data_party", "model_party")
+    else:
+        _, segments, _ = build_model_party(
+            model, cfg.split.spec(), "causal_lm", cfg.segment_finetune(), cfg.optim(1)
+        )
+        channel = GrpcChannel(target, client_id=client_id, token=token, tls=tls, codecs=codecs)
+        parties = ("data_party",)
+    if adapters:
+        load_adapters(segments, Path(adapters), parties)
+    return SplitGenerator(
+        segments["head"],
+        channel,
+        tokenizer,
+        tail=segments.get("tail"),
+        decoding=decoding,
+        return_logits=return_logits,
+        chat=chat,
+    )

@@ -151,3 +151,28 @@ def test_same_seed_same_result() -> None:
         )
     assert losses[0] == losses[1]
     assert losses[0][0] != losses[0][-1]
+
+
+def test_gradient_accumulation_equals_one_big_batch() -> None:
+    """Two half batches with loss_scale 1/2 and one update == one full batch (classification mean loss)."""
+    full = tiny_batch("classification", batch=4, seed=5)
+    for row in range(4):  # no padding, so the halves are independent of each other
+        full["attention_mask"][row] = 1
+    halves = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
+    results = []
+    for micro_batches in ([full], halves):
+        model = tiny_model("gpt2", "classification", seed=1)
+        system = build_split(
+            model,
+            SplitSpec("ht", 1),
+            "classification",
+            dict.fromkeys(["head", "body"], LORA),
+            simple_loss("classification"),
+            OptimSpec(optimizer="sgd", lr=0.1, max_grad_norm=None),
+        )
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            system.data_party.train_step(mb, update=i == n - 1, loss_scale=1.0 / n)
+        results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-6, rtol=0, msg=key)

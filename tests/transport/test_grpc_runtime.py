@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -205,3 +206,38 @@ def test_messages_larger_than_grpc_default_limit_are_framed() -> None:
     with pytest.raises(WireError, match="frames"):
         for f in frames:
             small.push(f)
+
+
+def test_generation_over_grpc_equals_in_process(workspace: Path) -> None:
+    from splitfed.runtime import open_generator
+    from splitfed.split.decoding import DecodingConfig
+
+    prompts = ["the cat sat on the mat", "a big red car"]
+    for setting in (
+        {"setting": "ht", "head_layers": 1, "tail_layers": 0},
+        {"setting": "hbt", "head_layers": 1, "tail_layers": 1},
+    ):
+        cfg = _cfg(workspace, "gen", task="causal_lm", data={"name": "shakespeare"}, split=setting)
+        decoding = DecodingConfig(max_new_tokens=10)
+        with open_generator(cfg, decoding=decoding) as local:
+            expected = local.generate_ids(prompts)
+        server = start_server(cfg, port=0)
+        try:
+            with open_generator(cfg, target=f"127.0.0.1:{server.port}", decoding=decoding) as remote:
+                got = remote.generate_ids(prompts)
+            deadline = time.monotonic() + 5  # gen_end is one-way: give the server a moment
+            while server.model_party.inference.sessions and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.model_party.inference.sessions == {}
+        finally:
+            server.stop()
+        assert got == expected
+
+
+def test_a_decoding_step_costs_one_hidden_vector_plus_a_small_envelope() -> None:
+    for hidden in (32, 576):
+        step = Message("gen_step", {"hidden": torch.randn(1, 1, hidden)}, {"session": "0123456789abcdef"})
+        size = sum(f.ByteSize() for f in to_frames(to_envelope(step, 2**40, "to_model"), 2**40))
+        assert size - hidden * 4 <= 96, size
+        reply = Message("gen_result", {"token": torch.tensor([5])})
+        assert sum(f.ByteSize() for f in to_frames(to_envelope(reply, 2**40, "to_data"), 2**40)) <= 64

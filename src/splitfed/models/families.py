@@ -109,8 +109,13 @@ class FamilyAdapter:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
+        layers: range | None = None,
     ) -> LayerContext:
-        """Masks and position encodings for running layers on ``hidden``."""
+        """Masks and position encodings for running blocks ``layers`` on ``hidden``.
+
+        With a KV cache, ``attention_mask`` covers the cached and the new positions, and the cache
+        is read at the first block of ``layers`` (a party's cache only fills its own blocks).
+        """
         raise NotImplementedError
 
     def run_layer(self, model: Any, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -124,8 +129,8 @@ class FamilyAdapter:
         raise NotImplementedError
 
 
-def _default_positions(hidden: torch.Tensor, past_key_values: Any) -> torch.Tensor:
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+def _default_positions(hidden: torch.Tensor, past_key_values: Any, layer: int = 0) -> torch.Tensor:
+    past = past_key_values.layers[layer].get_seq_length() if past_key_values is not None else 0
     return (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
 
 
@@ -162,11 +167,12 @@ class DecoderAdapter(FamilyAdapter):
             return str(layer_types[index])
         return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
 
-    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None):  # type: ignore[no-untyped-def]
+    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None, layers=None):  # type: ignore[no-untyped-def]
         backbone = self.backbone(model)
         config = backbone.config
+        layers = layers if layers is not None else range(config.num_hidden_layers)
         if position_ids is None:
-            position_ids = _default_positions(hidden, past_key_values)
+            position_ids = _default_positions(hidden, past_key_values, layers.start)
         kwargs = {
             "config": config,
             "inputs_embeds": hidden,
@@ -174,12 +180,16 @@ class DecoderAdapter(FamilyAdapter):
             "past_key_values": past_key_values,
             "position_ids": position_ids,
         }
-        types = {self._layer_type(config, i) for i in range(config.num_hidden_layers)}
-        masks: dict[str, Any] = {}
-        if "full_attention" in types:
-            masks["full_attention"] = create_causal_mask(**kwargs)
-        if "sliding_attention" in types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        first_of_type: dict[str, int] = {}
+        for i in layers:
+            first_of_type.setdefault(self._layer_type(config, i), i)
+        builders = {
+            "full_attention": create_causal_mask,
+            "sliding_attention": create_sliding_window_causal_mask,
+        }
+        masks: dict[str, Any] = {
+            kind: builders[kind](**kwargs, layer_idx=index) for kind, index in first_of_type.items()
+        }
         rope = backbone.rotary_emb(hidden, position_ids=position_ids)
         return LayerContext(attention_mask, position_ids, masks, rope, past_key_values)
 
@@ -238,16 +248,18 @@ class GPT2Adapter(FamilyAdapter):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         return b.drop(b.wte(input_ids) + b.wpe(position_ids))
 
-    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None):  # type: ignore[no-untyped-def]
+    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None, layers=None):  # type: ignore[no-untyped-def]
         b = self.backbone(model)
+        first = layers.start if layers is not None else 0
         if position_ids is None:
-            position_ids = _default_positions(hidden, past_key_values)
+            position_ids = _default_positions(hidden, past_key_values, first)
         mask = create_causal_mask(
             config=b.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             position_ids=position_ids,
+            layer_idx=first,
         )
         return LayerContext(attention_mask, position_ids, {"full_attention": mask}, None, past_key_values)
 
@@ -303,7 +315,7 @@ class BertAdapter(FamilyAdapter):
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids
         )
 
-    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None):  # type: ignore[no-untyped-def]
+    def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None, layers=None):  # type: ignore[no-untyped-def]
         mask = create_bidirectional_mask(
             config=self.backbone(model).config, inputs_embeds=hidden, attention_mask=attention_mask
         )

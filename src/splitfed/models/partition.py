@@ -177,7 +177,8 @@ class Segment(nn.Module):
         elif hidden is None:
             raise ValueError(f"segment {self.role!r} needs hidden states from the previous segment")
         if self.end > self.start:
-            ctx = self.adapter.context(model, hidden, attention_mask, position_ids, past_key_values)
+            blocks = range(self.start, self.end)
+            ctx = self.adapter.context(model, hidden, attention_mask, position_ids, past_key_values, blocks)
             for index in range(self.start, self.end):
                 hidden = self.adapter.run_layer(model, index, hidden, ctx)
         if self.has_finish:

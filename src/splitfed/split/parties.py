@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from splitfed.models.partition import Segment
+from splitfed.split.inference import GEN_KINDS, InferenceHost
 from splitfed.transport.channel import Channel, Message
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -157,14 +158,19 @@ class ModelParty:
         self.trainer = _Trainer(_params({"body": body}), optim)
         self._pending: dict[tuple[str, int], _Pending] = {}
         self.updates = 0
+        self.inference = InferenceHost(body)
 
     def handle(self, message: Message) -> Message | None:
         """Answer one message from a data party (the only entry point a transport calls)."""
+        if message.kind in GEN_KINDS:
+            return self.inference.handle(message)
         if message.kind == "forward":
             return self._forward(message)
         if message.kind == "backward":
             return self._backward(message)
-        raise ProtocolError(f"unknown message kind {message.kind!r}; expected 'forward' or 'backward'")
+        raise ProtocolError(
+            f"unknown message kind {message.kind!r}; expected 'forward', 'backward' or one of {GEN_KINDS}"
+        )
 
     def _key(self, message: Message) -> tuple[str, int]:
         return (str(message.meta.get("client", "")), int(message.meta.get("batch_id", 0) or 0))

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import torch
 
+from splitfed.split.inference import GEN_KINDS
 from splitfed.split.parties import ModelParty
 from splitfed.transport.channel import Message
 from splitfed.transport.codec import Limits
@@ -197,10 +199,44 @@ class ModelPartyService:
         self._end_step(session)
 
     # ------------------------------------------------------------------ validation
+    def _check_hidden(self, hidden: torch.Tensor) -> tuple[int, int]:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point():
+            raise SessionError(
+                f"hidden must be a floating [batch, seq, {self.hidden_size}] tensor; got {hidden.dtype} "
+                f"{tuple(hidden.shape)}"
+            )
+        batch, seq = int(hidden.shape[0]), int(hidden.shape[1])
+        if batch > self.limits.max_batch or seq > self.limits.max_seq or batch < 1 or seq < 1:
+            raise SessionError(
+                f"batch {batch} x seq {seq} is outside the session's limits (batch 1..{self.limits.max_batch}, "
+                f"seq 1..{self.limits.max_seq})"
+            )
+        return batch, seq
+
     def _check(self, session: _Session, message: Message) -> None:
-        if message.kind not in ("forward", "backward"):
-            raise SessionError(f"unknown message kind {message.kind!r}; expected forward or backward")
+        if message.kind not in ("forward", "backward", *GEN_KINDS):
+            raise SessionError(
+                f"unknown message kind {message.kind!r}; expected forward, backward or {GEN_KINDS}"
+            )
         t = message.tensors
+        if message.kind in GEN_KINDS:
+            expected = {"gen_start": {"hidden", "attention_mask"}, "gen_step": {"hidden"}, "gen_end": set()}[
+                message.kind
+            ]
+            if set(t) != expected:
+                raise SessionError(f"a {message.kind} message carries {sorted(expected)}; got {sorted(t)}")
+            if "hidden" in t:
+                batch, seq = self._check_hidden(t["hidden"])
+                if message.kind == "gen_step" and seq != 1:
+                    raise SessionError(f"a gen_step carries one position per sequence; got {seq}")
+                if "attention_mask" in t:
+                    self._check_mask(t["attention_mask"], batch, seq)
+                max_length = int(message.meta.get("max_length", 0) or 0)
+                if message.kind == "gen_start" and max_length > self.limits.max_seq:
+                    raise SessionError(
+                        f"max_length {max_length} exceeds the session's limit of {self.limits.max_seq}"
+                    )
+            return
         if message.kind == "backward":
             if set(t) != {"grad"} or not t["grad"].is_floating_point():
                 raise SessionError(f"a backward message carries one floating tensor 'grad'; got {sorted(t)}")
@@ -208,18 +244,17 @@ class ModelPartyService:
         allowed = {"hidden", "attention_mask"} | ({"labels"} if self.labels_at == "model" else set())
         if "hidden" not in t or "attention_mask" not in t or set(t) - allowed:
             raise SessionError(f"a forward message carries {sorted(allowed)}; got {sorted(t)}")
-        hidden, mask = t["hidden"], t["attention_mask"]
-        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point():
-            raise SessionError(
-                f"hidden must be a floating [batch, seq, {self.hidden_size}] tensor; got {hidden.dtype} "
-                f"{tuple(hidden.shape)}"
-            )
-        batch, seq = hidden.shape[:2]
-        if batch > self.limits.max_batch or seq > self.limits.max_seq or batch < 1 or seq < 1:
-            raise SessionError(
-                f"batch {batch} x seq {seq} is outside the session's limits (batch 1..{self.limits.max_batch}, "
-                f"seq 1..{self.limits.max_seq})"
-            )
+        batch, seq = self._check_hidden(t["hidden"])
+        self._check_mask(t["attention_mask"], batch, seq)
+        if "labels" in t:
+            labels = t["labels"]
+            if labels.is_floating_point() or labels.shape[0] != batch or labels.dim() > 2:
+                raise SessionError(
+                    f"labels must be an integer tensor with batch {batch}; got {tuple(labels.shape)}"
+                )
+
+    @staticmethod
+    def _check_mask(mask: torch.Tensor, batch: int, seq: int) -> None:
         if (
             tuple(mask.shape) != (batch, seq)
             or mask.is_floating_point()
@@ -228,17 +263,13 @@ class ModelPartyService:
             raise SessionError(
                 f"attention_mask must be a 0/1 integer [{batch}, {seq}] tensor; got {tuple(mask.shape)}"
             )
-        if "labels" in t:
-            labels = t["labels"]
-            if labels.is_floating_point() or labels.shape[0] != batch or labels.dim() > 2:
-                raise SessionError(
-                    f"labels must be an integer tensor with batch {batch}; got {tuple(labels.shape)}"
-                )
 
     def _handle(self, session: _Session, message: Message) -> Message | None:
         self._check(session, message)
         message.meta["client"] = session.client
-        train = message.kind == "backward" or bool(message.meta.get("train", False))
+        train = message.kind == "backward" or (
+            message.kind == "forward" and bool(message.meta.get("train", False))
+        )
         if not train:
             with self._step_lock if not session.in_step else _NoLock():
                 return self.model_party.handle(message)

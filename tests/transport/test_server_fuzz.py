@@ -1,0 +1,165 @@
+"""Fuzz the model party's server handler: generated frames never crash it or hang it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from splitfed.models.partition import FinetuneSpec, SplitSpec
+from splitfed.split.parties import OptimSpec
+from splitfed.split.system import build_model_party
+from splitfed.transport.channel import Message
+from splitfed.transport.grpc_server import ModelPartyService, ServerLimits
+from splitfed.transport.proto import splitfed_pb2 as pb
+from splitfed.transport.wire import PROTOCOL_VERSION, Reassembler, WireLimits, frames_of
+from tiny import tiny_model
+
+HIDDEN = 32
+
+
+class FakeContext:
+    """The two calls the service makes on a gRPC context."""
+
+    def invocation_metadata(self):
+        return (("splitfed-client", "fuzzer"),)
+
+    def cancel(self) -> None:
+        pass
+
+    def abort(self, code, details):  # pragma: no cover - no tokens configured here
+        raise RuntimeError(details)
+
+
+@pytest.fixture(scope="module")
+def service() -> ModelPartyService:
+    model = tiny_model("llama", "classification")
+    party, _, _ = build_model_party(
+        model, SplitSpec("ht", 1), "classification", {"body": FinetuneSpec("lora", r=2)}, OptimSpec()
+    )
+    svc = ModelPartyService(party, HIDDEN, ServerLimits(max_batch=4, max_seq=16, step_lock_timeout_s=1.0))
+    yield svc
+    svc.stop()
+
+
+dtypes = st.sampled_from(
+    ["float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool", "complex64", ""]
+)
+codecs = st.sampled_from(["raw", "fp16", "bf16", "int8", "topk", "zip"])
+shapes = st.lists(st.integers(min_value=-2, max_value=40), max_size=5)
+tensors = st.builds(
+    pb.TensorProto,
+    name=st.sampled_from(["hidden", "attention_mask", "labels", "grad", "logits", "x"]),
+    dtype=dtypes,
+    shape=shapes,
+    codec=codecs,
+    data=st.binary(max_size=4096),
+    scale=st.binary(max_size=64),
+    indices=st.binary(max_size=64),
+)
+meta_values = st.one_of(
+    st.builds(pb.MetaValue, i=st.integers(min_value=-(2**63), max_value=2**63 - 1)),
+    st.builds(pb.MetaValue, f=st.floats(allow_nan=True)),
+    st.builds(pb.MetaValue, s=st.text(max_size=20)),
+    st.builds(pb.MetaValue, b=st.booleans()),
+)
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> pb.Envelope:
+    env = pb.Envelope(
+        kind=draw(st.sampled_from(["forward", "backward", "hello", "bogus", ""])),
+        seq=draw(st.integers(min_value=0, max_value=2**64 - 1)),
+    )
+    env.tensors.extend(draw(st.lists(tensors, max_size=4)))
+    for key, value in draw(
+        st.dictionaries(
+            st.sampled_from(["train", "batch_id", "update", "client", "loss_scale"]), meta_values, max_size=4
+        )
+    ).items():
+        env.meta[key].CopyFrom(value)
+    return env
+
+
+@st.composite
+def valid_ish(draw: st.DrawFn) -> pb.Envelope:
+    """Well-formed tensors with plausible and implausible shapes, so checks past the codec run too."""
+    batch = draw(st.integers(1, 5))
+    seq = draw(st.integers(1, 17))
+    width = draw(st.sampled_from([HIDDEN, HIDDEN - 1]))
+    hidden = torch.randn(batch, seq, width) * draw(st.sampled_from([1.0, 1e3]))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    kind = draw(st.sampled_from(["forward", "backward"]))
+    tensors = {"hidden": hidden, "attention_mask": mask} if kind == "forward" else {"grad": hidden}
+    meta = {"train": draw(st.booleans()), "batch_id": draw(st.integers(0, 3)), "update": draw(st.booleans())}
+    frames = list(frames_of(Message(kind, tensors, meta), draw(st.integers(1, 100)), "to_model", None))
+    env = pb.Envelope()
+    env.ParseFromString(b"".join(f.payload for f in frames))
+    return env
+
+
+def _frames_for(env: pb.Envelope, mode: int, seq: int) -> list[pb.Frame]:
+    payload = env.SerializeToString()
+    if mode == 0:
+        return [pb.Frame(message_id=seq, index=0, total=1, payload=payload)]
+    if mode == 1:  # truncated
+        return [pb.Frame(message_id=seq, index=0, total=1, payload=payload[: len(payload) // 2])]
+    half = max(1, len(payload) // 2)  # split in two, maybe out of order
+    first = pb.Frame(message_id=seq, index=0, total=2, payload=payload[:half])
+    second = pb.Frame(message_id=seq, index=1, total=2, payload=payload[half:])
+    return [second, first] if mode == 3 else [first, second]
+
+
+def _run_session(service: ModelPartyService, frames: list[pb.Frame]) -> list[pb.Envelope]:
+    hello = list(frames_of(Message("hello", {}, {"protocol": PROTOCOL_VERSION}), 0, "to_model", None))
+    out: list[pb.Envelope] = []
+    reassembler = Reassembler(WireLimits())
+    done = threading.Event()
+
+    def consume() -> None:
+        for frame in service.Session(iter(hello + frames), FakeContext()):
+            env = reassembler.push(frame)
+            if env is not None:
+                out.append(env)
+        done.set()
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    assert done.wait(10), "the server hung on a generated message"
+    return out
+
+
+@settings(
+    max_examples=1200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(env=envelopes(), mode=st.integers(0, 3))
+def test_random_envelopes_never_crash_the_server(
+    service: ModelPartyService, env: pb.Envelope, mode: int
+) -> None:
+    replies = _run_session(service, _frames_for(env, mode, 1))
+    assert replies and replies[0].kind == "welcome"
+    for reply in replies[1:]:
+        assert reply.error or reply.kind in ("forward_result", "backward_result")
+
+
+@settings(
+    max_examples=800,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(envs=st.lists(valid_ish(), min_size=1, max_size=3))
+def test_plausible_message_sequences_never_crash_the_server(
+    service: ModelPartyService, envs: list[pb.Envelope]
+) -> None:
+    frames = [f for i, env in enumerate(envs) for f in _frames_for(env, 0, i + 1)]
+    replies = _run_session(service, frames)
+    assert replies[0].kind == "welcome"
+    for reply in replies[1:]:
+        assert reply.error or reply.kind in ("forward_result", "backward_result")
+    # After any session ends, no step is left holding the lock.
+    assert not service._step_lock.locked()
