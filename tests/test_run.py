@@ -96,3 +96,23 @@ def test_cli_train_and_errors(workspace: Path, tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "train.learning_rate" in unknown.output
     missing = runner.invoke(app, ["train", str(path), "--set", "model.name=smollm2-135m-nope"])
     assert missing.exit_code == 2 and "could not load" in missing.output
+
+
+def test_generative_qa_is_scored_by_generating_across_the_split(workspace: Path) -> None:
+    raw = run_config(
+        workspace,
+        "gsm",
+        task="generative_qa",
+        data={
+            "name": "arithmetic",
+            "path": None,
+            "columns": {},
+            "max_train": 16,
+            "max_eval": 4,
+            "max_length": 32,
+        },
+        train={"steps": 2, "eval_max_new_tokens": 6},
+    )
+    result = train(parse_config(raw), progress=False, log=lambda s: None)
+    assert {"exact_match", "answered", "loss", "perplexity"} <= set(result.metrics_after)
+    assert 0.0 <= result.metrics_after["exact_match"] <= 1.0

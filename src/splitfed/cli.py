@@ -324,6 +324,31 @@ def generate(
         _fail(str(err))
 
 
+@app.command()
+def certs(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write ca.pem, server.pem/.key and client certificates.")
+    ],
+    host: Annotated[
+        list[str] | None, typer.Option(help="Name or IP the server is reached by (repeatable).")
+    ] = None,
+    client: Annotated[
+        list[str] | None, typer.Option(help="Data-party name for a client certificate (repeatable).")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 30,
+) -> None:
+    """Make a test certificate authority, a server certificate and client certificates (mutual TLS)."""
+    from splitfed.transport.certs import make_test_ca
+
+    paths = make_test_ca(directory, host or ["localhost", "127.0.0.1"], client or ["data-party"], days)
+    for role, path in paths.items():
+        console.print(f"{role:18s} {path}")
+    console.print(
+        "serve with: --tls-cert server.pem --tls-key server.key [--tls-ca ca.pem for mutual TLS]; "
+        "join with: --tls-ca ca.pem [--tls-cert NAME.pem --tls-key NAME.key]"
+    )
+
+
 @assets_app.command("list")
 def assets_list() -> None:
     """Show the offline assets, whether each is fetched, and where."""

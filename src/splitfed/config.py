@@ -115,7 +115,11 @@ class TransportConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Optimisation and schedule. ``steps`` counts optimizer updates; ``epochs`` is used when steps is unset."""
+    """Optimisation, schedule and evaluation.
+
+    ``steps`` counts optimizer updates; ``epochs`` is used when steps is unset.
+    ``eval_max_new_tokens`` bounds the answers generated to score generative QA (0: skip).
+    """
 
     steps: int | None = Field(default=None, ge=1)
     epochs: float = Field(default=1.0, gt=0)
@@ -131,6 +135,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     eval_before: bool = True
     eval_every: int = Field(default=0, ge=0)
+    eval_max_new_tokens: int = Field(default=48, ge=0)
     checkpoint_every: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)
 

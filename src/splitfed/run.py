@@ -72,8 +72,13 @@ def evaluate(
     batch_size: int,
     progress: Any = None,
     desc: str = "eval",
+    max_new_tokens: int = 0,
 ) -> dict[str, float]:
-    """Metrics of ``task`` on ``examples``, predicting across the split (no labels cross)."""
+    """Metrics of ``task`` on ``examples``, predicting across the split (no labels cross).
+
+    Tasks judged on generated text (generative QA) also generate across the split, with a KV
+    cache on each side, when ``max_new_tokens`` > 0.
+    """
     metric = task.new_metric()
     bar = progress.add_task(desc, total=math.ceil(len(examples) / batch_size), info="") if progress else None
     for chunk in _chunks(examples, batch_size):
@@ -84,7 +89,35 @@ def evaluate(
             progress.advance(bar)
     if progress is not None:
         progress.remove_task(bar)
-    return {k: float(v) for k, v in metric.compute().items()}
+    metrics = {k: float(v) for k, v in metric.compute().items()}
+    if max_new_tokens > 0 and hasattr(task, "evaluate_generations"):
+        metrics |= _evaluate_generations(party, task, examples, batch_size, progress, desc, max_new_tokens)
+    return metrics
+
+
+def _evaluate_generations(
+    party: DataParty,
+    task: Any,
+    examples: Sequence[dict[str, Any]],
+    batch_size: int,
+    progress: Any,
+    desc: str,
+    max_new_tokens: int,
+) -> dict[str, float]:
+    from splitfed.split.decoding import DecodingConfig
+    from splitfed.split.inference import SplitGenerator
+
+    decoding = DecodingConfig(max_new_tokens=max_new_tokens, stop=("\n\n", "Question:"))
+    generator = SplitGenerator(party.head, party.channel, task.tokenizer, tail=party.tail, decoding=decoding)
+    bar = progress.add_task(f"{desc}: generate", total=len(examples), info="") if progress else None
+    generations: list[str] = []
+    for chunk in _chunks(examples, batch_size):
+        generations += generator.generate([task.prompt(ex) for ex in chunk])
+        if progress is not None:
+            progress.advance(bar, len(chunk))
+    if progress is not None:
+        progress.remove_task(bar)
+    return {k: float(v) for k, v in task.evaluate_generations(list(examples), generations).items()}
 
 
 @dataclass
@@ -307,6 +340,7 @@ def train_loop(
     )
     eval_examples = splits.validation
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    gen_tokens = cfg.train.eval_max_new_tokens
     history: list[dict[str, float]] = []
     start_step = 0
     if resume:
@@ -317,7 +351,9 @@ def train_loop(
     with _progress(progress) as bar:
         if cfg.train.eval_before and start_step == 0:
             t = time.perf_counter()
-            metrics_before = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (before)")
+            metrics_before = evaluate(
+                data_party, task, eval_examples, eval_bs, bar, "eval (before)", gen_tokens
+            )
             timings["eval_before_s"] = time.perf_counter() - t
             log(f"validation before fine-tuning: {_fmt(metrics_before)}")
         batches = _micro_batches(len(splits.train), cfg.train.batch_size, cfg.train.seed)
@@ -355,7 +391,7 @@ def train_loop(
                 save_checkpoint(out, segments, parties, step + 1, history)
         timings["train_s"] = time.perf_counter() - t_train
         t = time.perf_counter()
-        metrics_after = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (after)")
+        metrics_after = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (after)", gen_tokens)
         timings["eval_after_s"] = time.perf_counter() - t
     log(f"validation after fine-tuning:  {_fmt(metrics_after)}")
 

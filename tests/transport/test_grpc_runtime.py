@@ -241,3 +241,31 @@ def test_a_decoding_step_costs_one_hidden_vector_plus_a_small_envelope() -> None
         assert size - hidden * 4 <= 96, size
         reply = Message("gen_result", {"token": torch.tensor([5])})
         assert sum(f.ByteSize() for f in to_frames(to_envelope(reply, 2**40, "to_data"), 2**40)) <= 64
+
+
+def test_tls_and_mutual_tls(workspace: Path, tmp_path: Path) -> None:
+    from splitfed.transport.certs import make_test_ca
+    from splitfed.transport.grpc_server import TlsFiles
+
+    p = make_test_ca(tmp_path, clients=["hospital"])
+    cfg = _cfg(workspace, "tls")
+    srv = start_server(cfg, port=0, tls=TlsFiles(str(p["server_cert"]), str(p["server_key"])))
+    try:
+        ok = GrpcChannel(f"localhost:{srv.port}", tls=TlsFiles(ca=str(p["ca"])))
+        assert ok.request(_forward()).kind == "forward_result"
+        ok.close()
+        with pytest.raises(TransportError):
+            GrpcChannel(f"localhost:{srv.port}", timeout_s=5)  # plaintext to a TLS server
+    finally:
+        srv.stop()
+    mtls = TlsFiles(str(p["server_cert"]), str(p["server_key"]), ca=str(p["ca"]))
+    srv = start_server(cfg, port=0, tls=mtls)
+    try:
+        with pytest.raises(TransportError):
+            GrpcChannel(f"localhost:{srv.port}", tls=TlsFiles(ca=str(p["ca"])), timeout_s=5)  # no client cert
+        client = TlsFiles(str(p["hospital_cert"]), str(p["hospital_key"]), str(p["ca"]))
+        ok = GrpcChannel(f"localhost:{srv.port}", tls=client)
+        assert ok.request(_forward()).kind == "forward_result"
+        ok.close()
+    finally:
+        srv.stop()

@@ -31,6 +31,8 @@ class DecodingConfig:
         Seeds the sampling generator, so sampled outputs are reproducible.
     stop : tuple[str, ...], default ()
         Stop strings (checked by the data party on the decoded text).
+    ignore_eos : bool, default False
+        Keep going after EOS until ``max_new_tokens`` (benchmarks use it for equal lengths).
     """
 
     max_new_tokens: int = 64
@@ -41,6 +43,7 @@ class DecodingConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -363,7 +363,7 @@ class SplitGenerator:
         reply = self._request("gen_start", hidden, self._start_meta())
         self._open = True
         token = self._choose_here(reply, positions)
-        stop_ids = self._stop_ids()
+        stop_ids = set() if self.decoding.ignore_eos else self._stop_ids()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         finished = torch.zeros(batch, dtype=torch.bool)
         generated: list[list[int]] = [[] for _ in range(batch)]

@@ -49,6 +49,8 @@ class GrpcChannel(Channel):
         Compression per direction, announced to the server in the ``hello``.
     timeout_s : float, default 600
         How long to wait for a reply.
+    keepalive_ms : int, default 30000
+        Interval of keepalive pings on an idle connection.
     transforms, recorder
         See :class:`Channel`.
     """
@@ -66,19 +68,21 @@ class GrpcChannel(Channel):
         transforms: Sequence[ChannelTransform] = (),
         recorder: CrossingRecorder | None = None,
         limits: WireLimits | None = None,
+        keepalive_ms: int = 30_000,
     ) -> None:
         super().__init__(transforms, recorder)
         self.target = target
         self.codecs = codecs or WireCodecs()
         self.timeout_s = timeout_s
         self.limits = limits or WireLimits()
+        options = [(k, keepalive_ms if k == "grpc.keepalive_time_ms" else v) for k, v in GRPC_OPTIONS]
         if tls is not None and tls.ca:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)
             )
-            self._grpc = grpc.secure_channel(target, credentials, options=GRPC_OPTIONS)
+            self._grpc = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._grpc = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+            self._grpc = grpc.insecure_channel(target, options=options)
         metadata = [("splitfed-client", client_id)]
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
@@ -141,7 +145,10 @@ class GrpcChannel(Channel):
             name = code.name if code is not None else "UNKNOWN"
             hint = ""
             if code == grpc.StatusCode.UNAVAILABLE:
-                hint = " (is `splitfed serve` running there, and do both sides agree on TLS?)"
+                hint = (
+                    " (is `splitfed serve` running there, and do both sides agree on TLS: --tls-ca, and a client "
+                    "certificate when the server requires mutual TLS?)"
+                )
             raise TransportError(f"model party at {self.target}: {name}: {details}{hint}")
         return item  # type: ignore[no-any-return]
 

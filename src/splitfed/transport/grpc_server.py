@@ -382,12 +382,24 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-GRPC_OPTIONS = [
+_MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", 8 * 2**20),
     ("grpc.max_receive_message_length", 8 * 2**20),
+]
+#: Client: ping every 30 s so that idle links through NATs and proxies stay open.
+GRPC_OPTIONS = [
+    *_MESSAGE_OPTIONS,
     ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+]
+#: Server: accept those pings (gRPC's default allows one per 5 minutes and hangs up on more).
+SERVER_OPTIONS = [
+    *_MESSAGE_OPTIONS,
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
@@ -399,7 +411,7 @@ def serve(
     workers: int = 32,
 ) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``service``; returns it and the bound port (``port=0`` picks one)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     handler = grpc.method_handlers_generic_handler(
         "splitfed.v1.SplitService",
         {
