@@ -74,6 +74,19 @@ def _prompts(tokenizer, batch: int, length: int) -> list[str]:
     return [tokenizer.decode(tokenizer(t)["input_ids"][:length]) for t in texts]
 
 
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:  # type: ignore[type-arg]
+    """Median time of each function, taking turns so that drift hits all alike (after a warm-up)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -90,6 +103,7 @@ def main() -> None:
         "--quick", action="store_true", help="batch 1, 32-token prompt, 16 new tokens, 1 repeat"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -99,7 +113,7 @@ def main() -> None:
     from splitfed.split.decoding import DecodingConfig
 
     batches, prompt_len, new_tokens, repeats = (
-        ([1], 32, 16, 1) if args.quick else ([1, 8], 64, 64, args.repeats)
+        ([1], 32, 16, 1) if args.quick else (args.batches, 64, 64, args.repeats)
     )
     tmp = Path(tempfile.mkdtemp(prefix="splitfed-bench-"))
     config_path = _config(tmp / "gen.yaml")
@@ -172,9 +186,10 @@ def _measure(batch, tokenizer, model, local, remote, prompt_len, new_tokens, rep
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
 
-    t_unsplit = _time(unsplit, repeats)
-    t_local = _time(lambda: run(local), repeats)
-    t_remote = _time(lambda: run(remote), repeats)
+    timed = _interleaved(
+        {"unsplit": unsplit, "local": lambda: run(local), "remote": lambda: run(remote)}, repeats
+    )
+    t_unsplit, t_local, t_remote = timed["unsplit"], timed["local"], timed["remote"]
     local.channel.reset_counters()
     run(local)
     local_bytes = local.channel.bytes_to_model + local.channel.bytes_to_data

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -116,3 +117,31 @@ def test_generative_qa_is_scored_by_generating_across_the_split(workspace: Path)
     result = train(parse_config(raw), progress=False, log=lambda s: None)
     assert {"exact_match", "answered", "loss", "perplexity"} <= set(result.metrics_after)
     assert 0.0 <= result.metrics_after["exact_match"] <= 1.0
+
+
+def test_trained_adapters_load_for_generation(workspace: Path) -> None:
+    from splitfed.runtime import open_generator
+    from splitfed.split.decoding import DecodingConfig
+
+    raw = run_config(
+        workspace,
+        "lm",
+        task="causal_lm",
+        data={"name": "local", "task": "causal_lm", "columns": {"text": "sentence"}},
+        train={"steps": 3, "lr": 0.05},
+    )
+    cfg = parse_config(raw)
+    result = train(cfg, progress=False, log=lambda s: None)
+    decoding = DecodingConfig(max_new_tokens=8)
+    with (
+        open_generator(cfg, decoding=decoding) as base,
+        open_generator(cfg, adapters=str(result.output_dir), decoding=decoding) as tuned,
+    ):
+        prompts = ["the cat", "a big red"]
+        assert base.generate_ids(prompts) != tuned.generate_ids(prompts)
+        # the adapters are the trained ones: the loaded data party's LoRA equals what was saved
+        saved = load_file(str(result.output_dir / "data_party" / "adapter.safetensors"))
+        loaded = tuned.head.named_model_parameters(trainable_only=True) | tuned.tail.named_model_parameters(
+            trainable_only=True
+        )
+        assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())

@@ -37,3 +37,33 @@ def test_smollm2_split_generation_equals_generate(spec: SplitSpec) -> None:
         decoding=DecodingConfig(max_new_tokens=16),
     ) as gen:
         assert gen.generate_ids(PROMPTS) == expected
+
+
+@pytest.mark.parametrize(
+    "setting", [{"setting": "ht", "head_layers": 2}, {"setting": "hbt", "head_layers": 2, "tail_layers": 2}]
+)
+def test_smollm2_split_generation_over_grpc(setting: dict, tmp_path) -> None:
+    if not is_fetched("smollm2-135m"):
+        pytest.skip("asset smollm2-135m not fetched (run: splitfed assets fetch smollm2-135m)")
+    from splitfed.config import parse_config
+    from splitfed.runtime import open_generator, start_server
+
+    cfg = parse_config(
+        {
+            "task": "causal_lm",
+            "model": {"name": "smollm2-135m"},
+            "data": {"name": "shakespeare"},
+            "split": setting,
+            "train": {"steps": 1},
+            "output_dir": str(tmp_path),
+        }
+    )
+    decoding = DecodingConfig(max_new_tokens=12)
+    with open_generator(cfg, decoding=decoding) as local:
+        expected = local.generate_ids(PROMPTS)
+    server = start_server(cfg, port=0)
+    try:
+        with open_generator(cfg, target=f"127.0.0.1:{server.port}", decoding=decoding) as remote:
+            assert remote.generate_ids(PROMPTS) == expected
+    finally:
+        server.stop()

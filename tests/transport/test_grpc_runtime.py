@@ -208,30 +208,40 @@ def test_messages_larger_than_grpc_default_limit_are_framed() -> None:
             small.push(f)
 
 
-def test_generation_over_grpc_equals_in_process(workspace: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
+def test_generation_over_grpc_equals_generate(tmp_path: Path, family: str) -> None:
     from splitfed.runtime import open_generator
     from splitfed.split.decoding import DecodingConfig
 
+    save_tiny_pretrained(tmp_path / "model", family)
+    write_topic_csv(tmp_path / "data.csv")
     prompts = ["the cat sat on the mat", "a big red car"]
+    decoding = DecodingConfig(max_new_tokens=10)
     for setting in (
         {"setting": "ht", "head_layers": 1, "tail_layers": 0},
         {"setting": "hbt", "head_layers": 1, "tail_layers": 1},
     ):
-        cfg = _cfg(workspace, "gen", task="causal_lm", data={"name": "shakespeare"}, split=setting)
-        decoding = DecodingConfig(max_new_tokens=10)
+        cfg = _cfg(tmp_path, "gen", task="causal_lm", data={"name": "shakespeare"}, split=setting)
         with open_generator(cfg, decoding=decoding) as local:
             expected = local.generate_ids(prompts)
+            model = local.head.model
+        tok = local.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+        ref = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0)[
+            :, enc["input_ids"].shape[1] :
+        ]
+        eos = model.generation_config.eos_token_id
+        assert expected == [r[: r.index(eos) + 1] if eos in r else r for r in ref.tolist()]
         server = start_server(cfg, port=0)
         try:
             with open_generator(cfg, target=f"127.0.0.1:{server.port}", decoding=decoding) as remote:
-                got = remote.generate_ids(prompts)
+                assert remote.generate_ids(prompts) == expected
             deadline = time.monotonic() + 5  # gen_end is one-way: give the server a moment
             while server.model_party.inference.sessions and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert server.model_party.inference.sessions == {}
         finally:
             server.stop()
-        assert got == expected
 
 
 def test_a_decoding_step_costs_one_hidden_vector_plus_a_small_envelope() -> None:
