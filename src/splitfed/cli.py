@@ -146,8 +146,15 @@ def serve(
         Path | None,
         typer.Option(help="YAML/JSON file mapping data-party ids to their tokens; required when given."),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Start from the model party's last checkpoint (output_dir/model_party_server)."),
+    ] = False,
 ) -> None:
-    """Run the model party as a gRPC server (one stream per data party)."""
+    """Run the model party as a gRPC server (one stream per data party).
+
+    With train.checkpoint_every: N it checkpoints every N applied steps; --resume continues from there.
+    """
     from splitfed.config import ConfigError, load_config
     from splitfed.models.loading import ModelLoadError
     from splitfed.models.partition import SplitConfigError
@@ -161,7 +168,9 @@ def serve(
         )
     try:
         cfg = load_config(config, set_ or [])
-        server = start_server(cfg, host, port, tls, _tokens(tokens))  # type: ignore[arg-type]
+        server = start_server(
+            cfg, host, port, tls, _tokens(tokens), resume=resume, log=lambda s: console.print(s)
+        )
     except (ConfigError, SplitConfigError, ModelLoadError, OSError) as err:
         _fail(str(err))
         return
@@ -192,10 +201,22 @@ def join(
     ] = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    partition: Annotated[
+        str | None,
+        typer.Option(help="Split the training data across parties: iid, dirichlet:ALPHA, quantity:ALPHA."),
+    ] = None,
+    parties: Annotated[int | None, typer.Option(help="Number of data parties sharing the dataset.")] = None,
+    party: Annotated[
+        int | None, typer.Option(help="This data party's index (0-based) among --parties.")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from this data party's last checkpoint.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Run a data party against a model party served by `splitfed serve`; same outputs as `train`."""
+    """Run a data party against a model party served by `splitfed serve`; same outputs as `train`.
+
+    With --partition/--parties/--party, this party trains on its share of the dataset (a printed
+    table shows every party's label counts).
+    """
     from splitfed.assets import AssetError
     from splitfed.config import ConfigError, load_config
     from splitfed.data import DataError
@@ -208,7 +229,11 @@ def join(
     _quiet_libraries()
     tls = _tls(tls_cert, tls_key, tls_ca)
     try:
-        cfg = load_config(config, set_ or [])
+        overrides = list(set_ or [])
+        for key, value in (("partition", partition), ("num_parties", parties), ("party_index", party)):
+            if value is not None:
+                overrides.append(f"data.{key}={value}")
+        cfg = load_config(config, overrides)
         codecs = WireCodecs(cfg.transport.activations, cfg.transport.gradients, cfg.transport.topk_ratio)
         result = join_run(
             cfg,

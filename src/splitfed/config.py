@@ -54,6 +54,10 @@ class DataConfig(_Strict):
     ``name`` is a registered dataset (``fortunes-topic``, ``shakespeare``, ``glue/sst2``, ...) or
     ``local`` with ``path`` to a CSV/JSON/JSONL/Parquet file and ``columns`` mapping the task's
     fields to the file's columns.
+
+    With ``num_parties`` > 1 the training split is partitioned across data parties
+    (``partition``: ``iid``, ``dirichlet:ALPHA`` label skew, ``quantity:ALPHA`` size skew) and this
+    party trains on share ``party_index``; validation and test stay whole.
     """
 
     name: str = "fortunes-topic"
@@ -64,6 +68,23 @@ class DataConfig(_Strict):
     max_eval: int | None = Field(default=200, ge=1)
     max_length: int = Field(default=64, ge=4, le=8192)
     seed: int = 0
+    partition: str = "iid"
+    num_parties: int = Field(default=1, ge=1)
+    party_index: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _party_in_range(self) -> DataConfig:
+        if self.party_index >= self.num_parties:
+            raise ValueError(
+                f"data.party_index={self.party_index} must be below data.num_parties={self.num_parties}"
+            )
+        from splitfed.data.partition import PartitionError, parse_partition
+
+        try:
+            parse_partition(self.partition)
+        except PartitionError as err:
+            raise ValueError(str(err)) from None
+        return self
 
 
 class SplitConfig(_Strict):

@@ -250,7 +250,32 @@ class Workload:
     load_s: float
 
 
-def prepare(cfg: RunConfig) -> Workload:
+def party_share(cfg: RunConfig, splits: Any, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """This data party's share of the training split (``data.partition`` over ``data.num_parties``).
+
+    Every party computes the same deterministic partition (same data, same seed) and prints the
+    summary of all shares, so the operator sees the label skew each party trains on.
+    """
+    from splitfed.data.partition import format_summary, parse_partition, partition_examples
+
+    scheme, alpha = parse_partition(cfg.data.partition)
+    parts = partition_examples(
+        splits.train,
+        cfg.data.num_parties,
+        scheme=scheme,
+        alpha=alpha,
+        seed=cfg.data.seed,
+        label_key="label",
+        min_per_party=cfg.train.batch_size,
+    )
+    log(
+        f"partition {cfg.data.partition} of {len(splits.train)} training examples over {cfg.data.num_parties} parties "
+        f"(this is party {cfg.data.party_index}):\n{format_summary(parts, splits.label_names)}"
+    )
+    return list(parts[cfg.data.party_index])
+
+
+def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Workload:
     """Seed, load the data, the task, the tokenizer and the model; count the optimizer steps."""
     from splitfed.data import get_task, load_splits
 
@@ -259,6 +284,8 @@ def prepare(cfg: RunConfig) -> Workload:
     seed_everything(cfg.train.seed)
     t0 = time.perf_counter()
     splits = load_splits(cfg.data.model_copy(update={"task": cfg.task}))
+    if cfg.data.num_parties > 1:
+        splits.train = party_share(cfg, splits, log)
     tokenizer = load_tokenizer(cfg.model.name)
     num_labels = len(splits.label_names) if splits.label_names else None
     if cfg.model.num_labels is not None and num_labels is not None and cfg.model.num_labels != num_labels:
@@ -300,7 +327,7 @@ def train(
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Run ``cfg``: split fine-tuning in one process with an in-process channel."""
-    work = prepare(cfg)
+    work = prepare(cfg, log)
     system = build_split(
         work.model,
         cfg.split.spec(),
@@ -322,6 +349,7 @@ def train_loop(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    check_resume: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive ``data_party`` through the run: evaluate, train with checkpoints, evaluate, save.
 
@@ -345,6 +373,8 @@ def train_loop(
     start_step = 0
     if resume:
         start_step, history = load_checkpoint(out, segments, parties)
+        if check_resume is not None:
+            check_resume(start_step)
         log(f"resumed from {out / CHECKPOINT} at step {start_step}/{total}")
 
     metrics_before = None

@@ -93,12 +93,24 @@ def start_server(
     tokens: dict[str, str] | None = None,
     limits: ServerLimits | None = None,
     adapters: str | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
 ) -> ModelPartyServer:
     """Build the model party of ``cfg`` and serve it on ``host:port`` (``port=0`` picks a free one).
 
     ``adapters``: a ``splitfed train`` output directory whose model-party adapters to load.
+    With ``train.checkpoint_every: N`` the model party checkpoints itself into
+    ``<output_dir>/model_party_server`` every N applied steps; ``resume`` starts from there.
     """
+    from pathlib import Path
+
+    from splitfed.run import load_checkpoint, save_checkpoint
+
     party, segments, model = build_serving_party(cfg)
+    ckpt_dir = Path(cfg.output_dir) / "model_party_server"
+    if resume:
+        step, _ = load_checkpoint(ckpt_dir, segments, {"model_party": party})
+        log(f"model party resumed from {ckpt_dir} at update {step}")
     if adapters:
         from pathlib import Path
 
@@ -106,7 +118,16 @@ def start_server(
 
         load_adapters(segments, Path(adapters), ("model_party",))
     hidden = int(model.config.hidden_size)
-    service = ModelPartyService(party, hidden, limits or ServerLimits(), tokens, cfg.split.labels_at)
+    every = cfg.train.checkpoint_every
+
+    def checkpoint(updates: int) -> None:
+        if every and updates % every == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt_dir, segments, {"model_party": party}, updates, [])
+
+    service = ModelPartyService(
+        party, hidden, limits or ServerLimits(), tokens, cfg.split.labels_at, checkpoint
+    )
     server, bound = serve(service, host, port, tls)
     return ModelPartyServer(server, service, bound, party, segments)
 
@@ -123,7 +144,7 @@ def join(
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Train ``cfg``'s data party against the model party served at ``target``."""
-    work = prepare(cfg)
+    work = prepare(cfg, log)
     _, segments, _ = build_model_party(
         work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), cfg.optim(work.total_steps)
     )
@@ -143,7 +164,16 @@ def join(
             client_id=channel.client_id,
         )
         log(f"joined the model party at {target} as {channel.client_id or '(anonymous)'}")
-        result = train_loop(work, party, segments, {"data_party": party}, resume, progress, log)
+        result = train_loop(
+            work,
+            party,
+            segments,
+            {"data_party": party},
+            resume,
+            progress,
+            log,
+            check_resume=lambda step: _check_in_step(step, channel, cfg),
+        )
         result.summary["wire"] = {
             "bytes_to_model": channel.bytes_to_model,
             "bytes_to_data": channel.bytes_to_data,
@@ -153,6 +183,17 @@ def join(
         return result
     finally:
         channel.close()
+
+
+def _check_in_step(step: int, channel: GrpcChannel, cfg: RunConfig) -> None:
+    """A resumed data party and the model party must stand at the same step (single-party runs)."""
+    server_updates = int(channel.session.get("updates", 0) or 0)
+    if cfg.data.num_parties == 1 and server_updates != step:
+        raise ConfigError(
+            f"the data party resumes at step {step} but the model party has applied {server_updates} steps; "
+            f"restart the model party with --resume from its checkpoint at step {step} (both sides checkpoint "
+            f"every train.checkpoint_every={cfg.train.checkpoint_every} steps), or start both afresh"
+        )
 
 
 def open_generator(

@@ -279,3 +279,87 @@ def test_tls_and_mutual_tls(workspace: Path, tmp_path: Path) -> None:
         ok.close()
     finally:
         srv.stop()
+
+
+def test_three_data_parties_train_concurrently_and_survive_a_dying_one(workspace: Path) -> None:
+    import threading
+
+    cfg = _cfg(workspace, "multi", data={"partition": "dirichlet:1.0", "num_parties": 3})
+    server = start_server(cfg, port=0)
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+    logs: list[str] = []
+
+    def party(index: int) -> None:
+        try:
+            mine = cfg.model_copy(deep=True)
+            mine.data.party_index = index
+            mine.output_dir = str(workspace / f"multi-{index}")
+            results[index] = join(
+                mine, f"127.0.0.1:{server.port}", client_id=f"p{index}", progress=False, log=logs.append
+            )
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    def dying() -> None:
+        channel = GrpcChannel(f"127.0.0.1:{server.port}", client_id="dying")
+        channel.request(_forward(train_=True))  # holds the step lock with a pending graph...
+        channel.close()  # ...and dies before its backward
+
+    threads = [threading.Thread(target=party, args=(i,)) for i in range(2)] + [threading.Thread(target=dying)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        server.stop()
+    assert not errors, errors
+    assert set(results) == {0, 1}
+    for index in (0, 1):
+        assert len(results[index].history) == 5  # type: ignore[attr-defined]
+    assert server.model_party.updates == 10  # every completed step applied, the dying one's not
+    assert any("partition dirichlet:1.0" in line and "party 0" in line for line in logs)
+
+
+def test_both_sides_killed_and_resumed_lose_no_checkpointed_step(workspace: Path) -> None:
+    import splitfed.run as run_module
+    from splitfed.config import ConfigError
+
+    straight = train(_cfg(workspace, "straight-6"), progress=False, log=lambda s: None)
+    cfg = _cfg(workspace, "crash", train={"checkpoint_every": 3})
+    server = start_server(cfg, port=0)
+
+    class Crash(Exception):
+        pass
+
+    original = run_module.save_checkpoint
+
+    def save_then_crash(out, segments, parties, step, history):  # type: ignore[no-untyped-def]
+        original(out, segments, parties, step, history)
+        raise Crash  # the data party dies right after its step-3 checkpoint
+
+    run_module.save_checkpoint = save_then_crash
+    try:
+        with pytest.raises(Crash):
+            join(cfg, f"127.0.0.1:{server.port}", progress=False, log=lambda s: None)
+    finally:
+        run_module.save_checkpoint = original
+        server.stop()  # the model party dies too
+    fresh = start_server(cfg, port=0)  # not resumed: the data party's resume is refused clearly
+    try:
+        with pytest.raises(ConfigError, match="model party has applied 0 steps"):
+            join(cfg, f"127.0.0.1:{fresh.port}", resume=True, progress=False, log=lambda s: None)
+    finally:
+        fresh.stop()
+    resumed_server = start_server(cfg, port=0, resume=True, log=lambda s: None)
+    try:
+        resumed = join(
+            cfg, f"127.0.0.1:{resumed_server.port}", resume=True, progress=False, log=lambda s: None
+        )
+    finally:
+        resumed_server.stop()
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in straight.history], abs=1e-5
+    )
+    assert resumed.metrics_after == pytest.approx(straight.metrics_after, abs=1e-5)

@@ -17,7 +17,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +104,9 @@ class ModelPartyService:
         (``authorization: Bearer <token>`` metadata) and is known by that client id.
     labels_at : {"data", "model"}
         Whether data parties may send labels.
+    on_update : Callable[[int], None] | None
+        Called with the update count after each applied step, still under the step lock (the
+        server's checkpoints hook in here, so a checkpoint never sees half a step).
     """
 
     def __init__(
@@ -113,8 +116,10 @@ class ModelPartyService:
         limits: ServerLimits | None = None,
         tokens: dict[str, str] | None = None,
         labels_at: str = "data",
+        on_update: Callable[[int], None] | None = None,
     ) -> None:
         self.model_party = model_party
+        self.on_update = on_update
         self.hidden_size = hidden_size
         self.limits = limits or ServerLimits()
         self.wire_limits = self.limits.wire(hidden_size)
@@ -283,7 +288,11 @@ class ModelPartyService:
             message.kind == "backward" or "labels" in message.tensors
         )
         if finishes:
-            self._end_step(session)
+            try:
+                if self.on_update is not None:
+                    self.on_update(self.model_party.updates)
+            finally:
+                self._end_step(session)
         return reply
 
     def _hello(self, session: _Session, message: Message) -> Message:
@@ -313,6 +322,7 @@ class ModelPartyService:
                 "max_seq": self.limits.max_seq,
                 "max_message_bytes": self.limits.max_message_bytes,
                 "labels_at": self.labels_at,
+                "updates": self.model_party.updates,
             },
         )
 
