@@ -129,6 +129,10 @@ TlsCert = Annotated[
     Path | None, typer.Option("--tls-cert", help="PEM certificate (server: its own; client: for mutual TLS).")
 ]
 TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")]
+ServerCa = Annotated[Path | None, typer.Option("--tls-ca", help="CA that signed the server's certificate.")]
+ClientToken = Annotated[
+    str | None, typer.Option(envvar="SPLITFED_TOKEN", help="This data party's token (or env SPLITFED_TOKEN).")
+]
 
 
 @app.command()
@@ -192,13 +196,8 @@ def join(
     client_id: Annotated[
         str, typer.Option(help="This data party's name (the server's token file may fix it).")
     ] = "",
-    token: Annotated[
-        str | None,
-        typer.Option(envvar="SPLITFED_TOKEN", help="This data party's token (or env SPLITFED_TOKEN)."),
-    ] = None,
-    tls_ca: Annotated[
-        Path | None, typer.Option("--tls-ca", help="CA that signed the server's certificate.")
-    ] = None,
+    token: ClientToken = None,
+    tls_ca: ServerCa = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
     partition: Annotated[
@@ -290,12 +289,8 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Use the tokenizer's chat template.")] = False,
     return_logits: Annotated[bool, typer.Option(help="HT: get logits back and choose tokens here.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
-    token: Annotated[
-        str | None, typer.Option(envvar="SPLITFED_TOKEN", help="Data-party token for --server.")
-    ] = None,
-    tls_ca: Annotated[
-        Path | None, typer.Option("--tls-ca", help="CA that signed the server's certificate.")
-    ] = None,
+    token: ClientToken = None,
+    tls_ca: ServerCa = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
 ) -> None:
