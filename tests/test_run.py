@@ -145,3 +145,11 @@ def test_trained_adapters_load_for_generation(workspace: Path) -> None:
             trainable_only=True
         )
         assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+
+def test_evaluation_on_the_test_split(workspace: Path) -> None:
+    raw = run_config(workspace, "on-test", train={"steps": 1})
+    raw["data"]["eval_split"] = "test"
+    result = train(parse_config(raw), progress=False, log=lambda s: None)
+    assert result.summary["eval_split"] == "test"
+    assert set(result.metrics_after) >= {"accuracy", "macro_f1"}

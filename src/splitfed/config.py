@@ -57,7 +57,8 @@ class DataConfig(_Strict):
 
     With ``num_parties`` > 1 the training split is partitioned across data parties
     (``partition``: ``iid``, ``dirichlet:ALPHA`` label skew, ``quantity:ALPHA`` size skew) and this
-    party trains on share ``party_index``; validation and test stay whole.
+    party trains on share ``party_index``; validation and test stay whole. ``eval_split`` is the
+    split evaluated before and after fine-tuning.
     """
 
     name: str = "fortunes-topic"
@@ -68,6 +69,7 @@ class DataConfig(_Strict):
     max_eval: int | None = Field(default=200, ge=1)
     max_length: int = Field(default=64, ge=4, le=8192)
     seed: int = 0
+    eval_split: Literal["validation", "test"] = "validation"
     partition: str = "iid"
     num_parties: int = Field(default=1, ge=1)
     party_index: int = Field(default=0, ge=0)

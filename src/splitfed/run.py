@@ -366,7 +366,7 @@ def train_loop(
         f"head={cfg.split.head_layers} tail={cfg.split.tail_layers}, mode {cfg.mode}; trainable params "
         f"data party {trainable['data_party']:,}, model party {trainable['model_party']:,}"
     )
-    eval_examples = splits.validation
+    eval_examples = getattr(splits, cfg.data.eval_split)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     gen_tokens = cfg.train.eval_max_new_tokens
     history: list[dict[str, float]] = []
@@ -385,7 +385,7 @@ def train_loop(
                 data_party, task, eval_examples, eval_bs, bar, "eval (before)", gen_tokens
             )
             timings["eval_before_s"] = time.perf_counter() - t
-            log(f"validation before fine-tuning: {_fmt(metrics_before)}")
+            log(f"{cfg.data.eval_split} before fine-tuning: {_fmt(metrics_before)}")
         batches = _micro_batches(len(splits.train), cfg.train.batch_size, cfg.train.seed)
         for _ in range(start_step * cfg.train.grad_accum):
             next(batches)
@@ -423,7 +423,7 @@ def train_loop(
         t = time.perf_counter()
         metrics_after = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (after)", gen_tokens)
         timings["eval_after_s"] = time.perf_counter() - t
-    log(f"validation after fine-tuning:  {_fmt(metrics_after)}")
+    log(f"{cfg.data.eval_split} after fine-tuning:  {_fmt(metrics_after)}")
 
     adapters = save_adapters(segments, out, tuple(parties))
     new_steps = [h for h in history if h["step"] > start_step]
@@ -437,6 +437,7 @@ def train_loop(
             "validation": len(splits.validation),
             "test": len(splits.test),
         },
+        "eval_split": cfg.data.eval_split,
         "label_names": splits.label_names,
         "trainable_params": trainable,
         "timings": timings
