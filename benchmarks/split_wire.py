@@ -22,7 +22,7 @@
    run is the uncompressed baseline; the drop is fp32 accuracy minus compressed accuracy.
 
     python benchmarks/split_wire.py            # full (a few minutes)
-    python benchmarks/split_wire.py --quick    # batch 2 x 64, 8 training steps, 32 eval (< 1 minute)
+    python benchmarks/split_wire.py --quick    # batch 2 x 64, 6 training steps, 24 eval (< 1 minute)
 
 Ends with one line per target: ``BENCH <name> <measured> <op> <target>``.
 """
@@ -102,7 +102,8 @@ def record_step(labels_at: str, batch: int, seq: int) -> list[Crossing]:
     from splitfed.transport.channel import CrossingRecorder
 
     torch.manual_seed(0)
-    task = get_task("causal_lm", tokenizer=load_tokenizer(MODEL), max_length=seq)
+    tokenizer = load_tokenizer(MODEL)
+    task = get_task("causal_lm", tokenizer=tokenizer, max_length=seq)
     model = load_model(MODEL, "causal_lm")
     lora = FinetuneSpec("lora", r=8, alpha=16, target_modules=("q_proj", "v_proj"))
     recorder = CrossingRecorder()
@@ -117,7 +118,7 @@ def record_step(labels_at: str, batch: int, seq: int) -> list[Crossing]:
         recorder=recorder,
     )
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    ids = torch.randint(0, tokenizer.vocab_size, (batch, seq), generator=g)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     system.data_party.train_step(data)  # warm-up: the adapters move off their zero init
     recorder.clear()
@@ -127,13 +128,15 @@ def record_step(labels_at: str, batch: int, seq: int) -> list[Crossing]:
 
 def measure_bytes(crossings: Sequence[Crossing]) -> dict[str, Any]:
     """Raw payload and frame bytes of each crossing with each codec."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, c in enumerate(crossings, 1):
         message = Message(c.kind, c.tensors, c.meta)
-        row = {
+        row: dict[str, Any] = {
             "kind": c.kind,
             "direction": c.direction,
-            "tensors": {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in c.tensors.items()},
+            "tensors": {
+                k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in c.tensors.items()
+            },
             "payload": message.nbytes,
             "activation": any(k in ACTIVATIONS for k in c.tensors),
         }
@@ -184,7 +187,9 @@ def finetune(codec: str, steps: int, max_eval: int, out_dir: str) -> dict[str, A
             "model": {"name": MODEL},
             "data": {"name": "fortunes-topic", "max_length": 48, "max_eval": max_eval},
             "split": {"setting": "ht", "head_layers": 2, "labels_at": "data"},
-            "finetune": {"body": {"mode": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
+            "finetune": {
+                "body": {"mode": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+            },
             "train": {
                 "steps": steps,
                 "batch_size": 8,
@@ -231,13 +236,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps of each accuracy run")
     parser.add_argument("--max-eval", type=int, default=85, help="validation examples of each accuracy run")
     parser.add_argument(
-        "--quick", action="store_true", help="batch 2 x 64, 8 steps, 32 eval examples, no logits step"
+        "--quick", action="store_true", help="batch 2 x 64, 6 steps, 24 eval examples, no logits step"
     )
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if args.quick:
-        args.batch, args.seq, args.steps, args.max_eval = 2, 64, 8, 32
+        args.batch, args.seq, args.steps, args.max_eval = 2, 64, 6, 24
     t0 = time.perf_counter()
 
     print(f"{MODEL}: HT head=2, SplitLoRA r=8 q/v, causal LM, batch {args.batch} x {args.seq} tokens")
