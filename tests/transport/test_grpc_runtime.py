@@ -195,7 +195,7 @@ def test_client_disconnecting_mid_step_leaves_adapters_untouched(server) -> None
 
 
 def test_messages_larger_than_grpc_default_limit_are_framed() -> None:
-    big = Message("forward", {"hidden": torch.randn(8, 512, 384)}, {"batch_id": 1})  # 6 MiB
+    big = Message("forward", {"hidden": torch.randn(8, 1024, 384)}, {"batch_id": 1})  # 12 MiB
     frames = to_frames(to_envelope(big, 7, "to_model"), 7)
     assert len(frames) > 1 and all(len(f.payload) <= FRAME_BYTES for f in frames)
     reassembler = Reassembler(WireLimits())

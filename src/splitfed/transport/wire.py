@@ -20,7 +20,7 @@ from splitfed.transport.channel import Direction, Message, MetaValue
 from splitfed.transport.codec import CodecError, EncodedTensor, Limits, TopKCompressor, decode, encode
 from splitfed.transport.proto import splitfed_pb2 as pb
 
-FRAME_BYTES = 1 << 20  # 1 MiB per frame: far below gRPC's 4 MiB default message limit
+FRAME_BYTES = 4 << 20  # 4 MiB per frame (the channels allow 8 MiB messages)
 PROTOCOL_VERSION = 1
 
 ActivationCodec = Literal["fp32", "fp16", "bf16", "int8"]
