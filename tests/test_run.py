@@ -153,3 +153,22 @@ def test_evaluation_on_the_test_split(workspace: Path) -> None:
     result = train(parse_config(raw), progress=False, log=lambda s: None)
     assert result.summary["eval_split"] == "test"
     assert set(result.metrics_after) >= {"accuracy", "macro_f1"}
+
+
+def test_results_report_compute_share_and_waiting(workspace: Path) -> None:
+    frozen = train(
+        parse_config(run_config(workspace, "share-frozen", mode="splitfrozen", train={"steps": 1})),
+        progress=False,
+        log=lambda s: None,
+    )
+    lora = train(
+        parse_config(run_config(workspace, "share-lora", train={"steps": 1})),
+        progress=False,
+        log=lambda s: None,
+    )
+    for result in (frozen, lora):
+        share = result.summary["compute_share"]
+        assert 0 < share["data_share"] < 1
+        t = result.summary["timings"]
+        assert 0 < t["data_party_wait_s"] <= t["train_s"]
+    assert frozen.summary["compute_share"]["data_share"] < lora.summary["compute_share"]["data_share"]

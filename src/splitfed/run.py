@@ -420,10 +420,16 @@ def train_loop(
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
                 save_checkpoint(out, segments, parties, step + 1, history)
         timings["train_s"] = time.perf_counter() - t_train
+        timings["data_party_wait_s"] = data_party.wait_s
+        timings["data_party_compute_s"] = max(0.0, timings["train_s"] - data_party.wait_s)
         t = time.perf_counter()
         metrics_after = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (after)", gen_tokens)
         timings["eval_after_s"] = time.perf_counter() - t
     log(f"{cfg.data.eval_split} after fine-tuning:  {_fmt(metrics_after)}")
+    log(
+        f"training: {timings['train_s']:.1f} s, of which the data party computed {timings['data_party_compute_s']:.1f} s "
+        f"and waited {timings['data_party_wait_s']:.1f} s on the model party"
+    )
 
     adapters = save_adapters(segments, out, tuple(parties))
     new_steps = [h for h in history if h["step"] > start_step]
@@ -446,6 +452,7 @@ def train_loop(
             "to_model": float(np.mean([h["bytes_to_model"] for h in history])) if history else 0.0,
             "to_data": float(np.mean([h["bytes_to_data"] for h in history])) if history else 0.0,
         },
+        "compute_share": _compute_share(work, segments),
         "adapters": adapters,
         "history": history,
     }
@@ -453,6 +460,36 @@ def train_loop(
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "results.json")
     return RunResult(out, metrics_before, metrics_after, history, summary)
+
+
+def _compute_share(work: Workload, segments: dict[str, Segment]) -> dict[str, Any] | None:
+    """Analytical FLOPs per training step on each party (models/flops.py), at batch x max_length."""
+    from splitfed.models.flops import split_training_flops
+    from splitfed.models.partition import DEFAULT_LORA_TARGETS, SplitConfigError
+
+    cfg = work.cfg
+    ft = cfg.segment_finetune()
+    targets = ft["body"].target_modules or DEFAULT_LORA_TARGETS[segments["head"].adapter.name]
+    try:
+        flops = split_training_flops(
+            work.model.config,
+            cfg.split.spec(),
+            cfg.train.batch_size,
+            cfg.data.max_length,
+            cfg.head,
+            ft["head"].mode,
+            ft["body"].mode,
+            ft["tail"].mode,
+            lora_r=ft["body"].r,
+            lora_targets=targets,
+        )
+    except (SplitConfigError, ValueError):
+        return None
+    return {
+        "data_party_flops": flops.data_party,
+        "model_party_flops": flops.model_party,
+        "data_share": flops.data_share,
+    }
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -13,6 +13,7 @@ Message kinds (data party → model party, and the reply):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -307,6 +308,8 @@ class DataParty:
         self.head_trainable = head.is_trainable
         self._batch_id = 0
         self.updates = 0
+        #: Seconds spent waiting on the model party (its compute plus transfer) during training.
+        self.wait_s = 0.0
 
     def _meta(self, **extra: Any) -> dict[str, Any]:
         return {"client": self.client_id, "batch_id": self._batch_id, **extra}
@@ -335,14 +338,14 @@ class DataParty:
         tensors = {"hidden": hidden, "attention_mask": mask}
         if self.labels_at == "model":
             tensors |= {k: batch[k] for k in LABEL_KEYS if k in batch}
-            reply = self.channel.request(
+            reply = self._timed_request(
                 Message("forward", tensors, self._meta(train=True, update=update, loss_scale=loss_scale))
             )
             _require(reply, "loss")
             loss_value = float(reply.tensors["loss"].item())
             self._head_backward(hidden, reply.tensors.get("grad"))
         else:
-            reply = self.channel.request(Message("forward", tensors, self._meta(train=True)))
+            reply = self._timed_request(Message("forward", tensors, self._meta(train=True)))
             received = reply.tensors["hidden" if self.tail is not None else "logits"].requires_grad_(True)
             if self.tail is not None:
                 self.tail.train()
@@ -355,7 +358,7 @@ class DataParty:
             assert received.grad is not None
             message = Message("backward", {"grad": received.grad}, self._meta(update=update))
             if self.head_trainable:
-                back = self.channel.request(message)
+                back = self._timed_request(message)
                 _require(back, "grad")
                 self._head_backward(hidden, back.tensors["grad"])
             else:
@@ -369,6 +372,13 @@ class DataParty:
             bytes_to_model=self.channel.bytes_to_model - before[0],
             bytes_to_data=self.channel.bytes_to_data - before[1],
         )
+
+    def _timed_request(self, message: Message) -> Message:
+        start = time.perf_counter()
+        try:
+            return self.channel.request(message)
+        finally:
+            self.wait_s += time.perf_counter() - start
 
     def _head_backward(self, hidden: torch.Tensor, grad: torch.Tensor | None) -> None:
         if not self.head_trainable:
