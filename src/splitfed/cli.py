@@ -24,7 +24,7 @@ assets_app = typer.Typer(
     help="Offline models and data: list and fetch them into the cache.", no_args_is_help=True
 )
 app.add_typer(assets_app, name="assets")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
 

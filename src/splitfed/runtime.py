@@ -8,8 +8,11 @@ party serves its body over gRPC, the data party trains through a
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -100,33 +103,52 @@ def start_server(
 
     ``adapters``: a ``splitfed train`` output directory whose model-party adapters to load.
     With ``train.checkpoint_every: N`` the model party checkpoints itself into
-    ``<output_dir>/model_party_server`` every N applied steps; ``resume`` starts from there.
+    ``<output_dir>/model_party_server/step-K`` every N applied steps (keeping the last two). With
+    ``resume`` it waits for the first data party's ``hello`` and loads the checkpoint of the step
+    that data party resumes from (single-data-party runs).
     """
     from pathlib import Path
 
-    from splitfed.run import load_checkpoint, save_checkpoint
+    from splitfed.run import load_adapters, load_checkpoint, save_checkpoint
 
     party, segments, model = build_serving_party(cfg)
-    ckpt_dir = Path(cfg.output_dir) / "model_party_server"
-    if resume:
-        step, _ = load_checkpoint(ckpt_dir, segments, {"model_party": party})
-        log(f"model party resumed from {ckpt_dir} at update {step}")
     if adapters:
-        from pathlib import Path
-
-        from splitfed.run import load_adapters
-
         load_adapters(segments, Path(adapters), ("model_party",))
-    hidden = int(model.config.hidden_size)
+    root = Path(cfg.output_dir) / "model_party_server"
     every = cfg.train.checkpoint_every
 
     def checkpoint(updates: int) -> None:
+        # Keep the last two: a data party killed between the model party's checkpoint and its own
+        # resumes one checkpoint back, and the model party must be able to follow it there.
         if every and updates % every == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(ckpt_dir, segments, {"model_party": party}, updates, [])
+            save_checkpoint(root / f"step-{updates:09d}", segments, {"model_party": party}, updates, [])
+            for old in sorted(root.glob("step-*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
 
+    def resume_at(step: int) -> int:
+        """Load the checkpoint of ``step`` (the resuming data party's); returns the update count."""
+        if step == 0:
+            return 0
+        where = root / f"step-{step:09d}"
+        if not where.is_dir():
+            have = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
+            raise ConfigError(
+                f"the data party resumes at step {step} but the model party has no checkpoint of that step "
+                f"in {root} (it has {have or 'none'}); restart both without --resume"
+            )
+        loaded, _ = load_checkpoint(where, segments, {"model_party": party})
+        log(f"model party resumed from {where} at update {loaded}")
+        return loaded
+
+    hidden = int(model.config.hidden_size)
     service = ModelPartyService(
-        party, hidden, limits or ServerLimits(), tokens, cfg.split.labels_at, checkpoint
+        party,
+        hidden,
+        limits or ServerLimits(),
+        tokens,
+        cfg.split.labels_at,
+        checkpoint,
+        on_resume=resume_at if resume else None,
     )
     server, bound = serve(service, host, port, tls)
     return ModelPartyServer(server, service, bound, party, segments)
@@ -152,7 +174,14 @@ def join(
         log(
             f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
         )
-    channel = GrpcChannel(target, client_id=client_id, token=token, tls=tls, codecs=codecs)
+    resume_step = 0
+    if resume:
+        progress_file = Path(cfg.output_dir) / "checkpoint" / "progress.json"
+        if progress_file.is_file():
+            resume_step = int(json.loads(progress_file.read_text())["step"])
+    channel = GrpcChannel(
+        target, client_id=client_id, token=token, tls=tls, codecs=codecs, hello={"resume_step": resume_step}
+    )
     try:
         party = DataParty(
             segments["head"],

@@ -51,6 +51,8 @@ class GrpcChannel(Channel):
         How long to wait for a reply.
     keepalive_ms : int, default 30000
         Interval of keepalive pings on an idle connection.
+    hello : dict | None
+        Extra metadata for the session's ``hello`` (e.g. ``resume_step``).
     transforms, recorder
         See :class:`Channel`.
     """
@@ -69,6 +71,7 @@ class GrpcChannel(Channel):
         recorder: CrossingRecorder | None = None,
         limits: WireLimits | None = None,
         keepalive_ms: int = 30_000,
+        hello: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(transforms, recorder)
         self.target = target
@@ -107,6 +110,7 @@ class GrpcChannel(Channel):
                     "activations": self.codecs.activations,
                     "gradients": self.codecs.gradients,
                     "topk_ratio": self.codecs.topk_ratio,
+                    **(hello or {}),
                 },
             ),
             expect_reply=True,

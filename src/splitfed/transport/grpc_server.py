@@ -107,6 +107,9 @@ class ModelPartyService:
     on_update : Callable[[int], None] | None
         Called with the update count after each applied step, still under the step lock (the
         server's checkpoints hook in here, so a checkpoint never sees half a step).
+    on_resume : Callable[[int], int] | None
+        A restarted model party: called once, at the first ``hello``, with the step that data
+        party resumes from; loads the matching checkpoint.
     """
 
     def __init__(
@@ -117,9 +120,11 @@ class ModelPartyService:
         tokens: dict[str, str] | None = None,
         labels_at: str = "data",
         on_update: Callable[[int], None] | None = None,
+        on_resume: Callable[[int], int] | None = None,
     ) -> None:
         self.model_party = model_party
         self.on_update = on_update
+        self.on_resume = on_resume
         self.hidden_size = hidden_size
         self.limits = limits or ServerLimits()
         self.wire_limits = self.limits.wire(hidden_size)
@@ -308,6 +313,11 @@ class ModelPartyService:
                 f"codecs activations={activations!r} gradients={gradients!r} not supported; "
                 f"activations: {_ACTIVATION_CODECS}, gradients: {_GRADIENT_CODECS}"
             )
+        if self.on_resume is not None:
+            with self._step_lock:
+                if self.on_resume is not None:
+                    self.on_resume(int(meta.get("resume_step", 0) or 0))
+                    self.on_resume = None  # only once it worked: a failed resume can be retried
         ratio = float(meta.get("topk_ratio", 0.1) or 0.1)
         session.codecs = WireCodecs(activations, gradients, ratio)  # type: ignore[arg-type]
         if self.tokens is None and meta.get("client"):
