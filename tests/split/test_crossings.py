@@ -8,7 +8,7 @@ import torch
 from splitfed.models.partition import FinetuneSpec, SplitSpec
 from splitfed.split.parties import OptimSpec
 from splitfed.split.system import build_split
-from splitfed.transport.channel import CrossingRecorder, TransformRule
+from splitfed.transport.channel import CrossingRecorder, Message, TransformRule
 from tiny import simple_loss, tiny_batch, tiny_model
 
 LORA = FinetuneSpec("lora", r=4)
@@ -176,3 +176,39 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
         results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_one_model_party_serves_heads_of_different_depths() -> None:
+    """SplitFrozen heterogeneity: each data party picks its head_layers; the model party enters its body there."""
+    from splitfed.models.partition import partition
+    from splitfed.split.parties import DataParty
+    from splitfed.split.system import build_model_party
+    from splitfed.transport.channel import InProcessChannel
+
+    loss = simple_loss("classification")
+    model = tiny_model("llama", "classification", seed=0)
+    party, segments, _ = build_model_party(
+        model, SplitSpec("ht", 1), "classification", {"body": LORA}, OptimSpec()
+    )
+    deeper_model = tiny_model("llama", "classification", seed=0)  # a device that runs 3 blocks itself
+    deeper = partition(deeper_model, SplitSpec("ht", 3), "classification")["head"]
+    shallow_dp = DataParty(segments["head"], InProcessChannel(party.handle), loss, OptimSpec(), client_id="a")
+    deep_dp = DataParty(deeper, InProcessChannel(party.handle), loss, OptimSpec(), client_id="b")
+    batch = tiny_batch("classification")
+    # LoRA starts as a no-op (B = 0), so both equal the unsplit model before any update.
+    with torch.no_grad():
+        reference = deeper_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(deep_dp.predict(batch), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shallow_dp.predict(batch), reference, atol=1e-5, rtol=0)
+    for _ in range(2):
+        shallow_dp.train_step(batch)
+        deep_dp.train_step(batch)
+    assert party.updates == 4 and set(party._views) == {3}
+    with pytest.raises(ValueError, match="head_layers must be between 1 and 3"):
+        party.handle(
+            Message(
+                "forward",
+                {"hidden": torch.zeros(1, 2, 32), "attention_mask": torch.ones(1, 2, dtype=torch.long)},
+                {"head_layers": 4},
+            )
+        )

@@ -363,3 +363,24 @@ def test_both_sides_killed_and_resumed_lose_no_checkpointed_step(workspace: Path
         [h["loss"] for h in straight.history], abs=1e-5
     )
     assert resumed.metrics_after == pytest.approx(straight.metrics_after, abs=1e-5)
+
+
+def test_a_data_party_with_a_deeper_head_is_served_from_its_block(workspace: Path) -> None:
+    served = _cfg(
+        workspace,
+        "hetero-server",
+        mode="splitfrozen",
+        split={"setting": "ht", "head_layers": 1, "tail_layers": 0},
+    )
+    cfg = _cfg(
+        workspace, "hetero-2", mode="splitfrozen", split={"setting": "ht", "head_layers": 2, "tail_layers": 0}
+    )
+    local = train(cfg, progress=False, log=lambda s: None)
+    server = start_server(served, port=0)
+    try:
+        remote = join(cfg, f"127.0.0.1:{server.port}", client_id="deep", progress=False, log=lambda s: None)
+    finally:
+        server.stop()
+    # before any update LoRA is a no-op (B = 0): the first loss is the same model either way
+    assert remote.history[0]["loss"] == pytest.approx(local.history[0]["loss"], abs=1e-5)
+    assert server.model_party.updates == 5 and set(server.model_party._views) == {2}

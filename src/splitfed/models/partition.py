@@ -185,6 +185,22 @@ class Segment(nn.Module):
             return self.adapter.finish(model, hidden, attention_mask, self.head)
         return hidden
 
+    def starting_at(self, start: int) -> Segment:
+        """This segment entered at block ``start`` instead (for a data party with a deeper head).
+
+        SplitFrozen lets each device choose how many blocks it runs; the model party serves each
+        from its own block, sharing modules and adapters with this segment.
+        """
+        if start == self.start:
+            return self
+        if self.has_embed or not self.start < start < self.end:
+            raise SplitConfigError(
+                f"a data party with head_layers={start} cannot be served: this model party holds blocks "
+                f"[{self.start}, {self.end}), so head_layers must be between {self.start} and {self.end - 1}"
+            )
+        model: nn.Module = self.model  # type: ignore[assignment]
+        return Segment(self.role, model, self.adapter, start, self.end, False, self.has_finish, self.head)
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that receive gradients."""
         return (p for p in self.parameters() if p.requires_grad)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ def new_cache(segment: Segment) -> Any:
 
 @dataclass
 class _HostSession:
+    segment: Segment
     cache: Any
     mask: torch.Tensor
     last_position: torch.Tensor
@@ -77,6 +78,9 @@ class InferenceHost:
         are evicted to make room (their clients restart them by replaying their prefix).
     idle_timeout_s : float, default 600
         Sessions unused this long are evicted.
+    select : Callable[[Message], Segment] | None
+        Picks the segment serving a session (the model party enters ``body`` at the data party's
+        ``head_layers``); ``body`` itself by default.
     """
 
     def __init__(
@@ -85,8 +89,10 @@ class InferenceHost:
         max_sessions: int = 64,
         max_cached_tokens: int = 2**20,
         idle_timeout_s: float = 600.0,
+        select: Callable[[Message], Segment] | None = None,
     ) -> None:
         self.body = body
+        self.select = select or (lambda message: body)
         self.max_sessions = max_sessions
         self.max_cached_tokens = max_cached_tokens
         self.idle_timeout_s = idle_timeout_s
@@ -151,12 +157,13 @@ class InferenceHost:
         self._make_room(key, int(hidden.shape[0]) * max_length)
         chooser = None
         return_logits = bool(message.meta.get("return_logits", False))
-        if self.body.has_finish and not return_logits:
+        segment = self.select(message)
+        if segment.has_finish and not return_logits:
             chooser = TokenChooser(DecodingConfig.from_meta(message.meta))
         mask = mask.long()
         positions = positions_from_mask(mask)
         session = _HostSession(
-            new_cache(self.body), mask, positions[:, -1], max_length, chooser, return_logits
+            segment, new_cache(segment), mask, positions[:, -1], max_length, chooser, return_logits
         )
         self.sessions[key] = session
         return self._run(session, hidden, positions)
@@ -185,13 +192,13 @@ class InferenceHost:
 
     @torch.no_grad()
     def _run(self, session: _HostSession, hidden: torch.Tensor, positions: torch.Tensor) -> Message:
-        self.body.eval()
-        out = self.body(
+        session.segment.eval()
+        out = session.segment(
             hidden=hidden, attention_mask=session.mask, position_ids=positions, past_key_values=session.cache
         )
         session.last_position = positions[:, -1]
         session.last_used = time.monotonic()
-        if not self.body.has_finish:
+        if not session.segment.has_finish:
             return Message("gen_result", {"hidden": out})
         last = out[:, -1].float()
         if session.chooser is None:
@@ -317,7 +324,11 @@ class SplitGenerator:
         return self.channel.request(Message(kind, tensors, meta))
 
     def _start_meta(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"max_length": self._max_length, "return_logits": self.return_logits}
+        meta: dict[str, Any] = {
+            "max_length": self._max_length,
+            "return_logits": self.return_logits,
+            "head_layers": self.head.end,
+        }
         if self.tail is None and not self.return_logits:
             meta |= self.decoding.to_meta()
         return meta

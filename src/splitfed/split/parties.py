@@ -142,8 +142,9 @@ class ModelParty:
     loss_fn : LossFn | None, default None
         Needed only when the data party sends labels (``labels_at: model``).
     head_trainable : bool, default True
-        Whether the data party's head trains. When it does not (SplitFrozen), the model party
-        computes no gradient for its input and sends none back.
+        Default for data parties that do not say (``need_input_grad`` in a message's metadata)
+        whether their head trains. When it does not (SplitFrozen), the model party computes no
+        gradient for its input and sends none back.
     """
 
     def __init__(
@@ -159,7 +160,18 @@ class ModelParty:
         self.trainer = _Trainer(_params({"body": body}), optim)
         self._pending: dict[tuple[str, int], _Pending] = {}
         self.updates = 0
-        self.inference = InferenceHost(body)
+        self._views: dict[int, Segment] = {}
+        self.inference = InferenceHost(body, select=self.body_for)
+
+    def body_for(self, message: Message) -> Segment:
+        """The segment serving a message: entered at the sender's ``head_layers`` (heterogeneous heads)."""
+        start = message.meta.get("head_layers")
+        if start is None or int(start) == self.body.start:
+            return self.body
+        start = int(start)
+        if start not in self._views:
+            self._views[start] = self.body.starting_at(start)
+        return self._views[start]
 
     def handle(self, message: Message) -> Message | None:
         """Answer one message from a data party (the only entry point a transport calls)."""
@@ -173,6 +185,10 @@ class ModelParty:
             f"unknown message kind {message.kind!r}; expected 'forward', 'backward' or one of {GEN_KINDS}"
         )
 
+    def _wants_grad(self, message: Message) -> bool:
+        """Whether the sender trains its head (SplitLoRA) or runs it forward-only (SplitFrozen)."""
+        return bool(message.meta.get("need_input_grad", self.head_trainable))
+
     def _key(self, message: Message) -> tuple[str, int]:
         return (str(message.meta.get("client", "")), int(message.meta.get("batch_id", 0) or 0))
 
@@ -181,18 +197,19 @@ class ModelParty:
         train = bool(message.meta.get("train", False))
         hidden = message.tensors["hidden"]
         mask = message.tensors["attention_mask"]
+        body = self.body_for(message)
         if not train:
-            self.body.eval()
+            body.eval()
             with torch.no_grad():
-                out = self.body(hidden=hidden, attention_mask=mask)
-            return Message("forward_result", {"logits" if self.body.has_finish else "hidden": out}, {})
-        self.body.train()
-        inputs = hidden.requires_grad_(self.head_trainable)
-        out = self.body(hidden=inputs, attention_mask=mask)
+                out = body(hidden=hidden, attention_mask=mask)
+            return Message("forward_result", {"logits" if body.has_finish else "hidden": out}, {})
+        body.train()
+        inputs = hidden.requires_grad_(self._wants_grad(message))
+        out = body(hidden=inputs, attention_mask=mask)
         if "labels" in message.tensors:
             return self._loss_and_backward(message, inputs, out)
         self._pending[self._key(message)] = _Pending(inputs, out)
-        kind = "logits" if self.body.has_finish else "hidden"
+        kind = "logits" if body.has_finish else "hidden"
         return Message("forward_result", {kind: out.detach()}, {"batch_id": message.meta.get("batch_id")})
 
     def _loss_and_backward(self, message: Message, inputs: torch.Tensor, logits: torch.Tensor) -> Message:
@@ -206,7 +223,7 @@ class ModelParty:
             self.trainer.update()
             self.updates += 1
         tensors = {"loss": loss.detach().reshape(1)}
-        if self.head_trainable and inputs.grad is not None:
+        if self._wants_grad(message) and inputs.grad is not None:
             tensors["grad"] = inputs.grad
         return Message("forward_result", tensors, {"batch_id": message.meta.get("batch_id")})
 
@@ -227,7 +244,7 @@ class ModelParty:
         if message.meta.get("update", True):
             self.trainer.update()
             self.updates += 1
-        if not self.head_trainable:
+        if not pending.inputs.requires_grad:
             return None
         assert pending.inputs.grad is not None
         return Message(
@@ -312,7 +329,14 @@ class DataParty:
         self.wait_s = 0.0
 
     def _meta(self, **extra: Any) -> dict[str, Any]:
-        return {"client": self.client_id, "batch_id": self._batch_id, **extra}
+        # head_layers lets one model party serve data parties with heads of different depths.
+        return {
+            "client": self.client_id,
+            "batch_id": self._batch_id,
+            "head_layers": self.head.end,
+            "need_input_grad": self.head_trainable,
+            **extra,
+        }
 
     def _run_head(self, batch: Mapping[str, torch.Tensor], train: bool) -> torch.Tensor:
         self.head.train(train)
