@@ -142,6 +142,8 @@ class TrainConfig(_Strict):
 
     ``steps`` counts optimizer updates; ``epochs`` is used when steps is unset.
     ``eval_max_new_tokens`` bounds the answers generated to score generative QA (0: skip).
+    ``fedavg_every: K`` federated-averages the data parties' adapters every K steps through the
+    model party, weighted by their training samples (SplitLoRA; 0: never).
     """
 
     steps: int | None = Field(default=None, ge=1)
@@ -159,6 +161,7 @@ class TrainConfig(_Strict):
     eval_before: bool = True
     eval_every: int = Field(default=0, ge=0)
     eval_max_new_tokens: int = Field(default=48, ge=0)
+    fedavg_every: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)
 

@@ -417,6 +417,10 @@ def train_loop(
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
                 mid = evaluate(data_party, task, eval_examples, eval_bs, bar, f"eval @{step + 1}")
                 record.update({f"eval_{k}": v for k, v in mid.items()})
+            if cfg.train.fedavg_every and (step + 1) % cfg.train.fedavg_every == 0:
+                data_party.average_adapters(
+                    (step + 1) // cfg.train.fedavg_every, cfg.data.num_parties, len(splits.train)
+                )
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
                 save_checkpoint(out, segments, parties, step + 1, history)
         timings["train_s"] = time.perf_counter() - t_train

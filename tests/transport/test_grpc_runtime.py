@@ -384,3 +384,57 @@ def test_a_data_party_with_a_deeper_head_is_served_from_its_block(workspace: Pat
     # before any update LoRA is a no-op (B = 0): the first loss is the same model either way
     assert remote.history[0]["loss"] == pytest.approx(local.history[0]["loss"], abs=1e-5)
     assert server.model_party.updates == 5 and set(server.model_party._views) == {2}
+
+
+def test_three_data_parties_federate_their_adapters(workspace: Path) -> None:
+    import threading
+
+    from safetensors.torch import load_file
+
+    cfg = _cfg(
+        workspace, "fed", data={"partition": "dirichlet:0.5", "num_parties": 3}, train={"fedavg_every": 2}
+    )
+    cfg.train.steps = 4  # the last step averages
+    server = start_server(cfg, port=0)
+    errors: list[BaseException] = []
+
+    def party(index: int) -> None:
+        try:
+            mine = cfg.model_copy(deep=True)
+            mine.data.party_index = index
+            mine.output_dir = str(workspace / f"fed-{index}")
+            join(mine, f"127.0.0.1:{server.port}", client_id=f"f{index}", progress=False, log=lambda s: None)
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=party, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        server.stop()
+    assert not errors, errors
+    assert server.model_party.aggregator.completed == 2
+    adapters = [
+        load_file(str(workspace / f"fed-{i}" / "data_party" / "adapter.safetensors")) for i in range(3)
+    ]
+    assert adapters[0] and all(set(a) == set(adapters[0]) for a in adapters)
+    for name in adapters[0]:  # the last step averaged: every party ends with the same adapters
+        assert torch.equal(adapters[0][name], adapters[1][name]) and torch.equal(
+            adapters[0][name], adapters[2][name]
+        )
+
+
+def test_weighted_average() -> None:
+    from splitfed.federated.fedavg import AggregationError, RoundAggregator, weighted_average
+
+    avg = weighted_average(
+        [({"a": torch.tensor([1.0]), "b": torch.tensor([4.0])}, 1.0), ({"a": torch.tensor([4.0])}, 2.0)]
+    )
+    assert avg["a"].item() == pytest.approx(3.0) and avg["b"].item() == pytest.approx(4.0)
+    with pytest.raises(AggregationError, match="shape"):
+        weighted_average([({"a": torch.zeros(2)}, 1.0), ({"a": torch.zeros(3)}, 1.0)])
+    with pytest.raises(AggregationError, match="1 of 2 parties"):
+        RoundAggregator(timeout_s=0.1).contribute(1, "x", {"a": torch.zeros(1)}, 1.0, expected=2)

@@ -21,9 +21,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from splitfed.federated.fedavg import RoundAggregator
 from splitfed.models.partition import Segment
 from splitfed.split.inference import GEN_KINDS, InferenceHost
-from splitfed.transport.channel import Channel, Message
+from splitfed.transport.channel import Channel, Message, MetaValue
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 LabelsAt = Literal["data", "model"]
@@ -162,6 +163,7 @@ class ModelParty:
         self.updates = 0
         self._views: dict[int, Segment] = {}
         self.inference = InferenceHost(body, select=self.body_for)
+        self.aggregator = RoundAggregator()
 
     def body_for(self, message: Message) -> Segment:
         """The segment serving a message: entered at the sender's ``head_layers`` (heterogeneous heads)."""
@@ -181,9 +183,28 @@ class ModelParty:
             return self._forward(message)
         if message.kind == "backward":
             return self._backward(message)
+        if message.kind == "fedavg":
+            return self._fedavg(message)
         raise ProtocolError(
             f"unknown message kind {message.kind!r}; expected 'forward', 'backward' or one of {GEN_KINDS}"
         )
+
+    def _fedavg(self, message: Message) -> Message:
+        """Aggregate data-party adapters (SplitLoRA); blocks until the round's parties all sent theirs."""
+        meta = message.meta
+        try:
+            round_id, parties, samples = (
+                int(meta["round"] or 0),
+                int(meta["parties"] or 0),
+                float(meta["samples"] or 0),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("a fedavg message carries meta round, parties and samples") from None
+        if parties < 1 or samples <= 0:
+            raise ProtocolError(f"fedavg needs parties >= 1 and samples > 0; got {parties}, {samples}")
+        client = str(meta.get("client", ""))
+        average = self.aggregator.contribute(round_id, client, message.tensors, samples, parties)
+        return Message("fedavg_result", average, {"round": round_id})
 
     def _wants_grad(self, message: Message) -> bool:
         """Whether the sender trains its head (SplitLoRA) or runs it forward-only (SplitFrozen)."""
@@ -396,6 +417,34 @@ class DataParty:
             bytes_to_model=self.channel.bytes_to_model - before[0],
             bytes_to_data=self.channel.bytes_to_data - before[1],
         )
+
+    def average_adapters(self, round_id: int, parties: int, samples: int) -> int:
+        """Federated-average this party's trainable head/tail parameters with the other data parties'.
+
+        Sends them with the party's sample count, waits for the average of the round and loads it.
+        Returns how many tensors were averaged.
+        """
+        params = self.head.named_model_parameters(trainable_only=True)
+        if self.tail is not None:
+            params |= self.tail.named_model_parameters(trainable_only=True)
+        if not params:
+            return 0
+        meta: dict[str, MetaValue] = {
+            "client": self.client_id,
+            "round": round_id,
+            "parties": parties,
+            "samples": samples,
+        }
+        reply = self._timed_request(Message("fedavg", {n: p.detach() for n, p in params.items()}, meta))
+        unknown = set(reply.tensors) - set(params)
+        if unknown:
+            raise ProtocolError(
+                f"the averaged adapters hold parameters this party does not have: {sorted(unknown)[:3]}"
+            )
+        with torch.no_grad():
+            for name, tensor in reply.tensors.items():
+                params[name].copy_(tensor)
+        return len(reply.tensors)
 
     def _timed_request(self, message: Message) -> Message:
         start = time.perf_counter()

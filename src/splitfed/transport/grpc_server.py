@@ -77,7 +77,9 @@ class ServerLimits:
     def wire(self, hidden_size: int) -> WireLimits:
         """Wire limits implied by these limits for a model of ``hidden_size``."""
         max_elements = max(self.max_batch * self.max_seq * hidden_size, self.max_batch * self.max_seq * 4)
-        return WireLimits(self.max_message_bytes, Limits(max_elements=max_elements, max_dims=3))
+        return WireLimits(
+            self.max_message_bytes, Limits(max_elements=max_elements, max_dims=3), max_tensors=1024
+        )
 
 
 @dataclass
@@ -224,11 +226,15 @@ class ModelPartyService:
         return batch, seq
 
     def _check(self, session: _Session, message: Message) -> None:
-        if message.kind not in ("forward", "backward", *GEN_KINDS):
+        if message.kind not in ("forward", "backward", "fedavg", *GEN_KINDS):
             raise SessionError(
-                f"unknown message kind {message.kind!r}; expected forward, backward or {GEN_KINDS}"
+                f"unknown message kind {message.kind!r}; expected forward, backward, fedavg or {GEN_KINDS}"
             )
         t = message.tensors
+        if message.kind == "fedavg":
+            if not t or not all(v.is_floating_point() for v in t.values()):
+                raise SessionError("a fedavg message carries the sender's floating-point adapter tensors")
+            return
         if message.kind in GEN_KINDS:
             expected = {"gen_start": {"hidden", "attention_mask"}, "gen_step": {"hidden"}, "gen_end": set()}[
                 message.kind
@@ -277,6 +283,10 @@ class ModelPartyService:
     def _handle(self, session: _Session, message: Message) -> Message | None:
         self._check(session, message)
         message.meta["client"] = session.client
+        if message.kind == "fedavg":
+            if session.in_step:
+                raise SessionError("fedavg between steps only: finish the step (its update) first")
+            return self.model_party.handle(message)  # waits for the other parties: holds no lock
         train = message.kind == "backward" or (
             message.kind == "forward" and bool(message.meta.get("train", False))
         )

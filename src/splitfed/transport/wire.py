@@ -47,13 +47,14 @@ class WireLimits:
         Largest number of frames of one message (derived from ``max_message_bytes``).
     tensor : Limits
         Per-tensor limits (elements, dims, dtypes, finiteness) applied by the codec.
-    max_tensors : int, default 16
+    max_tensors : int, default 1024
+        (adapter averaging sends one tensor per LoRA matrix)
     max_meta : int, default 32
     """
 
     max_message_bytes: int = 512 * 2**20
     tensor: Limits = field(default_factory=Limits)
-    max_tensors: int = 16
+    max_tensors: int = 1024
     max_meta: int = 32
 
     @property
