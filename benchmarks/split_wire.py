@@ -176,8 +176,7 @@ def print_bytes(title: str, m: dict[str, Any]) -> None:
 def finetune(codec: str, steps: int, max_eval: int, out_dir: str) -> dict[str, Any]:
     """The short SplitFrozen fortunes-topic run with every message making the wire round trip."""
     from splitfed.config import parse_config
-    from splitfed.run import prepare, train_loop
-    from splitfed.split.system import build_split
+    from splitfed.run import train
 
     cfg = parse_config(
         {
@@ -203,21 +202,9 @@ def finetune(codec: str, steps: int, max_eval: int, out_dir: str) -> dict[str, A
             "output_dir": f"{out_dir}/{codec}",
         }
     )
-    work = prepare(cfg)
     wire = WireRoundTrip(codecs_for(codec))
-    system = build_split(
-        work.model,
-        cfg.split.spec(),
-        cfg.head,
-        cfg.segment_finetune(),
-        work.task.loss,
-        cfg.optim(work.total_steps),
-        labels_at=cfg.split.labels_at,
-        transforms=[wire],
-    )
-    parties = {"data_party": system.data_party, "model_party": system.model_party}
     t = time.perf_counter()
-    result = train_loop(work, system.data_party, system.segments, parties, progress=False, log=lambda _: None)
+    result = train(cfg, progress=False, log=lambda _: None, transforms=[wire])
     seconds = time.perf_counter() - t
     return {
         "accuracy": result.metrics_after["accuracy"],
@@ -225,7 +212,7 @@ def finetune(codec: str, steps: int, max_eval: int, out_dir: str) -> dict[str, A
         "final_loss": result.history[-1]["loss"],
         "wire_per_message": wire.wire / max(wire.seq, 1),
         "seconds": seconds,
-        "n_eval": len(work.splits.validation),
+        "n_eval": result.summary["examples"]["validation"],
     }
 
 

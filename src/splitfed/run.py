@@ -35,6 +35,7 @@ from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.models.partition import Segment
 from splitfed.split.parties import DataParty
 from splitfed.split.system import build_split
+from splitfed.transport.channel import ChannelTransform
 
 CHECKPOINT = "checkpoint"
 
@@ -325,8 +326,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    transforms: Sequence[ChannelTransform] = (),
 ) -> RunResult:
-    """Run ``cfg``: split fine-tuning in one process with an in-process channel."""
+    """Run ``cfg``: split fine-tuning in one process with an in-process channel.
+
+    ``transforms`` wrap every crossing (defenses, or a codec round trip that simulates the wire).
+    """
     work = prepare(cfg, log)
     system = build_split(
         work.model,
@@ -336,6 +341,7 @@ def train(
         work.task.loss,
         cfg.optim(work.total_steps),
         labels_at=cfg.split.labels_at,
+        transforms=transforms,
     )
     parties = {"data_party": system.data_party, "model_party": system.model_party}
     return train_loop(work, system.data_party, system.segments, parties, resume, progress, log)
