@@ -25,7 +25,7 @@ from splitfed.split.decoding import DecodingConfig
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import DataParty, ModelParty
 from splitfed.split.system import build_model_party
-from splitfed.transport.channel import Channel
+from splitfed.transport.channel import Channel, Message
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
 from splitfed.transport.wire import WireCodecs
@@ -203,15 +203,29 @@ def join(
             log,
             check_resume=lambda step: _check_in_step(step, channel, cfg),
         )
+        stats = channel.request(Message("stats")).meta
+        result.summary["timings"] |= {
+            "model_party_busy_s": float(stats.get("busy_s") or 0.0),
+            "model_party_wait_s": float(stats.get("waiting_s") or 0.0),
+        }
         result.summary["wire"] = {
             "bytes_to_model": channel.bytes_to_model,
             "bytes_to_data": channel.bytes_to_data,
             "payload_to_model": channel.payload_to_model,
             "payload_to_data": channel.payload_to_data,
         }
+        _rewrite_results(result)
         return result
     finally:
         channel.close()
+
+
+def _rewrite_results(result: RunResult) -> None:
+    """Add what only the remote run knows (wire bytes, the model party's time) to results.json."""
+    path = result.output_dir / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result.summary, indent=2))
+    tmp.replace(path)
 
 
 def _check_in_step(step: int, channel: GrpcChannel, cfg: RunConfig) -> None:

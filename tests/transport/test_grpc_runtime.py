@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def test_loopback_reproduces_in_process_losses(workspace: Path, case: str) -> No
     assert remote.metrics_after == pytest.approx(local.metrics_after, abs=1e-5)
     wire = remote.summary["wire"]
     assert wire["bytes_to_model"] >= wire["payload_to_model"] > 0
+    timings = json.loads((remote.output_dir / "results.json").read_text())["timings"]
+    assert timings["model_party_busy_s"] > 0 and timings["model_party_wait_s"] > 0
+    assert 0 < timings["data_party_wait_s"] <= timings["train_s"]
 
 
 @pytest.fixture

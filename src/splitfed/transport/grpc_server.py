@@ -90,6 +90,8 @@ class _Session:
     last_seen: float = field(default_factory=time.monotonic)
     in_step: bool = False
     closed_reason: str = ""
+    opened: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0
 
 
 class ModelPartyService:
@@ -346,6 +348,20 @@ class ModelPartyService:
             },
         )
 
+    def _stats(self, session: _Session) -> Message:
+        """How this session used the model party: time computing for it vs waiting for it."""
+        total = time.monotonic() - session.opened
+        return Message(
+            "stats",
+            {},
+            {
+                "busy_s": session.busy_s,
+                "session_s": total,
+                "waiting_s": max(0.0, total - session.busy_s),
+                "updates": self.model_party.updates,
+            },
+        )
+
     # ------------------------------------------------------------------ the RPC
     def Session(self, request_iterator: Iterator[pb.Frame], context: Any) -> Iterator[pb.Frame]:
         """The bidirectional stream of one data party."""
@@ -367,8 +383,14 @@ class ModelPartyService:
                         greeted = True
                     elif not greeted:
                         raise SessionError("the first message of a session must be 'hello'")
+                    elif message.kind == "stats":
+                        reply = self._stats(session)
                     else:
-                        reply = self._handle(session, message)
+                        started = time.monotonic()
+                        try:
+                            reply = self._handle(session, message)
+                        finally:
+                            session.busy_s += time.monotonic() - started
                 except Exception as err:  # a client's message never crashes the server
                     self.errors += 1
                     text = str(err) or type(err).__name__
