@@ -23,22 +23,20 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import multiprocessing as mp
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import yaml
+from _bench import interleaved_times, model_party_process
 from transformers.utils import logging as hf_logging
 
 MODEL = "smollm2-135m"
 HEAD_LAYERS = 2
 
 
-def _config(path: Path) -> Path:
-    raw = {
+def _raw_config(out: Path) -> dict:  # type: ignore[type-arg]
+    return {
         "task": "causal_lm",
         "model": {"name": MODEL},
         "data": {"name": "shakespeare"},
@@ -46,22 +44,8 @@ def _config(path: Path) -> Path:
         "mode": "splitfrozen",
         "finetune": {"body": {"mode": "frozen"}},
         "train": {"steps": 1},
-        "output_dir": str(path.parent / "out"),
+        "output_dir": str(out),
     }
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _serve(config: str, port_queue: mp.Queue, stop: mp.Event) -> None:  # type: ignore[type-arg]
-    from splitfed.config import load_config
-    from splitfed.runtime import start_server
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    server = start_server(load_config(config), port=0)
-    port_queue.put(server.port)
-    stop.wait()
-    server.stop()
 
 
 def _prompts(tokenizer, batch: int, length: int) -> list[str]:
@@ -74,29 +58,6 @@ def _prompts(tokenizer, batch: int, length: int) -> list[str]:
     return [tokenizer.decode(tokenizer(t)["input_ids"][:length]) for t in texts]
 
 
-def _interleaved(fns: dict, repeats: int) -> dict[str, float]:  # type: ignore[type-arg]
-    """Median time of each function, taking turns so that drift hits all alike (after a warm-up)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -107,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from splitfed.config import load_config
+    from splitfed.config import parse_config
     from splitfed.models.loading import load_model, load_tokenizer
     from splitfed.runtime import open_generator
     from splitfed.split.decoding import DecodingConfig
@@ -115,34 +76,25 @@ def main() -> None:
     batches, prompt_len, new_tokens, repeats = (
         ([1], 32, 16, 1) if args.quick else (args.batches, 64, 64, args.repeats)
     )
-    tmp = Path(tempfile.mkdtemp(prefix="splitfed-bench-"))
-    config_path = _config(tmp / "gen.yaml")
-    cfg = load_config(config_path)
+    raw = _raw_config(Path(tempfile.mkdtemp(prefix="splitfed-bench-")))
+    cfg = parse_config(raw)
     tokenizer = load_tokenizer(MODEL)
     model = load_model(MODEL, "causal_lm").eval()
     hidden = model.config.hidden_size
     decoding = DecodingConfig(max_new_tokens=new_tokens, ignore_eos=True)
-
-    ctx = mp.get_context("spawn")
-    port_queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    stop = ctx.Event()
-    server = ctx.Process(target=_serve, args=(str(config_path), port_queue, stop), daemon=True)
-    server.start()
-    port = port_queue.get(timeout=120)
-
-    local = open_generator(cfg, decoding=decoding)
-    remote = open_generator(cfg, target=f"127.0.0.1:{port}", decoding=decoding)
-    results: dict[str, float] = {}
     print(
-        f"{MODEL}: HT head={HEAD_LAYERS}, prompt {prompt_len} tokens, {new_tokens} new tokens, {torch.get_num_threads()} threads"
+        f"{MODEL}: HT head={HEAD_LAYERS}, prompt {prompt_len} tokens, {new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads"
     )
-    for batch in batches:
-        results |= _measure(batch, tokenizer, model, local, remote, prompt_len, new_tokens, repeats)
-    local.close()
-    remote.close()
-    remote.channel.close()
-    stop.set()
-    server.join(timeout=10)
+    results: dict[str, float] = {}
+    with model_party_process(raw) as port:
+        local = open_generator(cfg, decoding=decoding)
+        remote = open_generator(cfg, target=f"127.0.0.1:{port}", decoding=decoding)
+        for batch in batches:
+            results |= _measure(batch, tokenizer, model, local, remote, prompt_len, new_tokens, repeats)
+        local.close()
+        remote.close()
+        remote.channel.close()
     bound = hidden * 4 * 1.05 + 64
     for name, value in results.items():
         if name.startswith("split_generate_inprocess"):
@@ -186,19 +138,19 @@ def _measure(batch, tokenizer, model, local, remote, prompt_len, new_tokens, rep
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
 
-    timed = _interleaved(
+    times = interleaved_times(
         {"unsplit": unsplit, "local": lambda: run(local), "remote": lambda: run(remote)}, repeats
     )
-    t_unsplit, t_local, t_remote = timed["unsplit"], timed["local"], timed["remote"]
+    t_unsplit, t_local, t_remote = (statistics.median(times[k]) for k in ("unsplit", "local", "remote"))
     local.channel.reset_counters()
     run(local)
     local_bytes = local.channel.bytes_to_model + local.channel.bytes_to_data
     remote.channel.reset_counters()
     run(remote)
     remote_bytes = remote.channel.bytes_to_model + remote.channel.bytes_to_data
-    t_nocache = _time(lambda: no_cache(local), 1)
+    # The no-cache baseline is slow: one run, timed and counted at once (everything is warm by now).
     local.channel.reset_counters()
-    no_cache(local)
+    t_nocache = interleaved_times({"nocache": lambda: no_cache(local)}, 1, warmup=False)["nocache"][0]
     nocache_bytes = local.channel.bytes_to_model + local.channel.bytes_to_data
     per_token_wire = _per_step_bytes(remote, prompts) / batch
     tps = {

@@ -32,12 +32,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import multiprocessing as mp
 import statistics
+import tempfile
 import time
 from typing import Any
 
 import torch
+from _bench import interleaved_times, model_party_process
 from transformers.utils import logging as hf_logging
 
 MODEL = "smollm2-135m"
@@ -57,20 +58,8 @@ def _raw_config(labels_at: str) -> dict[str, Any]:
         "finetune": {"head": lora, "body": lora},
         # constant schedule: every measured step does the same work
         "train": {"steps": 1000, "lr": 1e-4, "scheduler": "constant", "seed": 0},
-        "output_dir": "/tmp/splitfed-bench-loopback",
+        "output_dir": tempfile.mkdtemp(prefix="splitfed-bench-loopback-"),
     }
-
-
-def _serve(raw: dict[str, Any], port_queue: Any, stop: Any) -> None:
-    from splitfed.config import parse_config
-    from splitfed.runtime import start_server
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    server = start_server(parse_config(raw), port=0)
-    port_queue.put(server.port)
-    stop.wait()
-    server.stop()
 
 
 def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
@@ -80,18 +69,13 @@ def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, flo
     from splitfed.models.loading import load_model, load_tokenizer
     from splitfed.run import seed_everything
     from splitfed.split.parties import DataParty
-    from splitfed.split.system import build_model_party, build_split
+    from splitfed.split.system import build_split, prepare_segments
     from splitfed.transport.grpc_channel import GrpcChannel
 
     raw = _raw_config(labels_at)
     cfg = parse_config(raw)
     steps = cfg.train.steps or 1
-    ctx = mp.get_context("spawn")
-    port_queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    stop = ctx.Event()
-    server = ctx.Process(target=_serve, args=(raw, port_queue, stop), daemon=True)
-    server.start()
-    try:
+    with model_party_process(raw) as port:
         tokenizer = load_tokenizer(MODEL)
         task = get_task("causal_lm", tokenizer=tokenizer, max_length=seq)
 
@@ -111,10 +95,7 @@ def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, flo
         # Over gRPC: only the data party here, as `splitfed join` builds it.
         seed_everything(cfg.train.seed)
         remote_model = load_model(MODEL, "causal_lm", None, tokenizer.pad_token_id)
-        _, segments, _ = build_model_party(
-            remote_model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), cfg.optim(steps)
-        )
-        port = port_queue.get(timeout=300)
+        segments, _ = prepare_segments(remote_model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
         channel = GrpcChannel(f"127.0.0.1:{port}")
         remote = DataParty(
             segments["head"],
@@ -129,16 +110,11 @@ def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, flo
         ids = torch.randint(0, tokenizer.vocab_size, (batch, seq), generator=g)
         data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         fns = {"local": lambda: local.train_step(data), "remote": lambda: remote.train_step(data)}
-        for fn in fns.values():  # warm-up
+        for fn in fns.values():  # warm-up, kept out of the byte counts
             fn()
-        times: dict[str, list[float]] = {name: [] for name in fns}
         local.channel.reset_counters()
         channel.reset_counters()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+        times = interleaved_times(fns, repeats, warmup=False)
         ratios = [r / s for r, s in zip(times["remote"], times["local"], strict=True)]
         result = {
             "ratio": statistics.median(ratios),
@@ -153,12 +129,6 @@ def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, flo
         }
         channel.close()
         return result
-    finally:
-        stop.set()
-        server.join(timeout=30)
-        if server.is_alive():
-            server.terminate()
-            server.join(timeout=10)
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from _bench import interleaved_times
 from transformers.utils import logging as hf_logging
 
 from splitfed.models.loading import load_model
@@ -70,20 +70,12 @@ def measure(
     def split_step() -> None:
         system.data_party.train_step(data)
 
-    for fn in (unsplit_step, split_step):  # warm-up
+    for fn in (unsplit_step, split_step):  # warm-up, kept out of the byte counts
         fn()
-    ratios, t_split, t_unsplit = [], [], []
     system.channel.reset_counters()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        unsplit_step()
-        u = time.perf_counter() - t
-        t = time.perf_counter()
-        split_step()
-        s = time.perf_counter() - t
-        t_unsplit.append(u)
-        t_split.append(s)
-        ratios.append(s / u)
+    times = interleaved_times({"unsplit": unsplit_step, "split": split_step}, repeats, warmup=False)
+    t_unsplit, t_split = times["unsplit"], times["split"]
+    ratios = [s / u for s, u in zip(t_split, t_unsplit, strict=True)]
     return {
         "ratio": statistics.median(ratios),
         "split_s": statistics.median(t_split),

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _bench import interleaved_times
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
@@ -128,15 +129,7 @@ def timed(config: GPT2Config, batch: int, seq: int, repeats: int) -> dict[str, f
         "splitlora": splitlora,
         "fedlora": fedlora,
     }
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats).items()}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from splitfed.run import RunResult, prepare, seed_everything, train_loop
 from splitfed.split.decoding import DecodingConfig
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import DataParty, ModelParty
-from splitfed.split.system import build_model_party
+from splitfed.split.system import build_model_party, prepare_segments
 from splitfed.transport.channel import Channel, Message
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
@@ -167,9 +167,7 @@ def join(
 ) -> RunResult:
     """Train ``cfg``'s data party against the model party served at ``target``."""
     work = prepare(cfg, log)
-    _, segments, _ = build_model_party(
-        work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), cfg.optim(work.total_steps)
-    )
+    segments, _ = prepare_segments(work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
     if cfg.train.steps is None:
         log(
             f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
@@ -283,9 +281,7 @@ def open_generator(
         segments, channel = system.segments, system.channel
         parties: tuple[str, ...] = ("data_party", "model_party")
     else:
-        _, segments, _ = build_model_party(
-            model, cfg.split.spec(), "causal_lm", cfg.segment_finetune(), cfg.optim(1)
-        )
+        segments, _ = prepare_segments(model, cfg.split.spec(), "causal_lm", cfg.segment_finetune())
         channel = GrpcChannel(target, client_id=client_id, token=token, tls=tls, codecs=codecs)
         parties = ("data_party",)
     if adapters:

@@ -285,32 +285,28 @@ def test_tls_and_mutual_tls(workspace: Path, tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_three_data_parties_train_concurrently_and_survive_a_dying_one(workspace: Path) -> None:
+def _join_concurrently(
+    cfg, server, workspace: Path, name: str, parties: int, log=lambda s: None, also=()
+) -> dict[int, object]:
+    """Run data parties 0..parties-1 of ``cfg`` (and the callables in ``also``) in threads; stop the server."""
     import threading
 
-    cfg = _cfg(workspace, "multi", data={"partition": "dirichlet:1.0", "num_parties": 3})
-    server = start_server(cfg, port=0)
     results: dict[int, object] = {}
     errors: list[BaseException] = []
-    logs: list[str] = []
 
     def party(index: int) -> None:
         try:
             mine = cfg.model_copy(deep=True)
             mine.data.party_index = index
-            mine.output_dir = str(workspace / f"multi-{index}")
+            mine.output_dir = str(workspace / f"{name}-{index}")
             results[index] = join(
-                mine, f"127.0.0.1:{server.port}", client_id=f"p{index}", progress=False, log=logs.append
+                mine, f"127.0.0.1:{server.port}", client_id=f"{name}{index}", progress=False, log=log
             )
         except BaseException as err:  # pragma: no cover - reported below
             errors.append(err)
 
-    def dying() -> None:
-        channel = GrpcChannel(f"127.0.0.1:{server.port}", client_id="dying")
-        channel.request(_forward(train_=True))  # holds the step lock with a pending graph...
-        channel.close()  # ...and dies before its backward
-
-    threads = [threading.Thread(target=party, args=(i,)) for i in range(2)] + [threading.Thread(target=dying)]
+    threads = [threading.Thread(target=party, args=(i,)) for i in range(parties)]
+    threads += [threading.Thread(target=fn) for fn in also]
     try:
         for t in threads:
             t.start()
@@ -319,6 +315,20 @@ def test_three_data_parties_train_concurrently_and_survive_a_dying_one(workspace
     finally:
         server.stop()
     assert not errors, errors
+    return results
+
+
+def test_three_data_parties_train_concurrently_and_survive_a_dying_one(workspace: Path) -> None:
+    cfg = _cfg(workspace, "multi", data={"partition": "dirichlet:1.0", "num_parties": 3})
+    server = start_server(cfg, port=0)
+    logs: list[str] = []
+
+    def dying() -> None:
+        channel = GrpcChannel(f"127.0.0.1:{server.port}", client_id="dying")
+        channel.request(_forward(train_=True))  # holds the step lock with a pending graph...
+        channel.close()  # ...and dies before its backward
+
+    results = _join_concurrently(cfg, server, workspace, "multi", 2, logs.append, also=[dying])
     assert set(results) == {0, 1}
     for index in (0, 1):
         assert len(results[index].history) == 5  # type: ignore[attr-defined]
@@ -391,8 +401,6 @@ def test_a_data_party_with_a_deeper_head_is_served_from_its_block(workspace: Pat
 
 
 def test_three_data_parties_federate_their_adapters(workspace: Path) -> None:
-    import threading
-
     from safetensors.torch import load_file
 
     cfg = _cfg(
@@ -400,26 +408,7 @@ def test_three_data_parties_federate_their_adapters(workspace: Path) -> None:
     )
     cfg.train.steps = 4  # the last step averages
     server = start_server(cfg, port=0)
-    errors: list[BaseException] = []
-
-    def party(index: int) -> None:
-        try:
-            mine = cfg.model_copy(deep=True)
-            mine.data.party_index = index
-            mine.output_dir = str(workspace / f"fed-{index}")
-            join(mine, f"127.0.0.1:{server.port}", client_id=f"f{index}", progress=False, log=lambda s: None)
-        except BaseException as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=party, args=(i,)) for i in range(3)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    finally:
-        server.stop()
-    assert not errors, errors
+    _join_concurrently(cfg, server, workspace, "fed", 3)
     assert server.model_party.aggregator.completed == 2
     adapters = [
         load_file(str(workspace / f"fed-{i}" / "data_party" / "adapter.safetensors")) for i in range(3)

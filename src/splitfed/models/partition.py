@@ -274,11 +274,6 @@ def partition(model: nn.Module, spec: SplitSpec, head: str) -> dict[str, Segment
     return segments
 
 
-def owner_of(role: str) -> str:
-    """Which party holds a segment role: ``"data"`` for head and tail, ``"model"`` for body."""
-    return "model" if role == "body" else "data"
-
-
 @dataclass
 class FinetuneReport:
     """What :func:`apply_finetune` made trainable."""

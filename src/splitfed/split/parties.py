@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -297,7 +297,6 @@ class StepResult:
     batch_size: int
     bytes_to_model: int = 0
     bytes_to_data: int = 0
-    extras: dict[str, float] = field(default_factory=dict)
 
 
 class DataParty:

@@ -30,6 +30,23 @@ class SplitSystem:
     finetune: dict[str, FinetuneReport]
 
 
+def prepare_segments(
+    model: nn.Module, split: SplitSpec, head: str, finetune: Mapping[str, FinetuneSpec]
+) -> tuple[dict[str, Segment], dict[str, FinetuneReport]]:
+    """Cut ``model`` and set up fine-tuning of every segment, in a fixed order.
+
+    Every process of a run calls this the same way from the same seed, so adapters start identical
+    on all parties. ``finetune`` maps a segment role (``head``, ``body``, ``tail``) to its spec; a
+    missing role is frozen.
+    """
+    segments = partition(model, split, head)
+    reports = {
+        role: apply_finetune(seg, finetune.get(role, FinetuneSpec("frozen")))
+        for role, seg in segments.items()
+    }
+    return segments, reports
+
+
 def build_model_party(
     model: nn.Module,
     split: SplitSpec,
@@ -40,14 +57,9 @@ def build_model_party(
 ) -> tuple[ModelParty, dict[str, Segment], dict[str, FinetuneReport]]:
     """Cut ``model``, set up fine-tuning of every segment and build the model party.
 
-    ``finetune`` maps a segment role (``head``, ``body``, ``tail``) to its spec; a missing role is
-    frozen. Returns the model party, all segments and what each segment trains.
+    Returns the model party, all segments and what each segment trains (see :func:`prepare_segments`).
     """
-    segments = partition(model, split, head)
-    reports = {
-        role: apply_finetune(seg, finetune.get(role, FinetuneSpec("frozen")))
-        for role, seg in segments.items()
-    }
+    segments, reports = prepare_segments(model, split, head, finetune)
     model_party = ModelParty(
         segments["body"], optim, loss_fn=loss_fn, head_trainable=segments["head"].is_trainable
     )

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from splitfed.transport.channel import Channel, ChannelTransform, CrossingRecorder, Message
-from splitfed.transport.grpc_server import GRPC_OPTIONS, METHOD, TlsFiles, _read
+from splitfed.transport.grpc_server import GRPC_OPTIONS, METHOD, TlsFiles, read_pem
 from splitfed.transport.proto import splitfed_pb2 as pb
 from splitfed.transport.wire import (
     PROTOCOL_VERSION,
@@ -81,7 +81,9 @@ class GrpcChannel(Channel):
         options = [(k, keepalive_ms if k == "grpc.keepalive_time_ms" else v) for k, v in GRPC_OPTIONS]
         if tls is not None and tls.ca:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)
+                root_certificates=read_pem(tls.ca),
+                private_key=read_pem(tls.key),
+                certificate_chain=read_pem(tls.cert),
             )
             self._grpc = grpc.secure_channel(target, credentials, options=options)
         else:

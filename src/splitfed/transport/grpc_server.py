@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +172,8 @@ class ModelPartyService:
         return session
 
     def _close(self, session: _Session) -> None:
+        if session.closed_reason:
+            log.warning("closed the session of data party %r: %s", session.client, session.closed_reason)
         self._abandon_step(session)
         with self._sessions_lock:
             self._sessions.pop(id(session), None)
@@ -293,7 +296,7 @@ class ModelPartyService:
             message.kind == "forward" and bool(message.meta.get("train", False))
         )
         if not train:
-            with self._step_lock if not session.in_step else _NoLock():
+            with self._step_lock if not session.in_step else nullcontext():
                 return self.model_party.handle(message)
         self._begin_step(session)
         try:
@@ -406,14 +409,6 @@ class ModelPartyService:
             self._close(session)
 
 
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files for TLS.
@@ -427,7 +422,8 @@ class TlsFiles:
     ca: str | None = None
 
 
-def _read(path: str | None) -> bytes | None:
+def read_pem(path: str | None) -> bytes | None:
+    """The bytes of a PEM file, or ``None`` for no file."""
     if path is None:
         return None
     with open(path, "rb") as f:
@@ -478,8 +474,8 @@ def serve(
     address = f"{host}:{port}"
     if tls is not None and tls.cert and tls.key:
         credentials = grpc.ssl_server_credentials(
-            [(_read(tls.key), _read(tls.cert))],
-            root_certificates=_read(tls.ca),
+            [(read_pem(tls.key), read_pem(tls.cert))],
+            root_certificates=read_pem(tls.ca),
             require_client_auth=tls.ca is not None,
         )
         bound = server.add_secure_port(address, credentials)
