@@ -83,3 +83,19 @@ def test_demo_config_validates() -> None:
 
     cfg = load_config(DEMO_CONFIG)
     assert cfg.mode == "splitfrozen" and cfg.model.name == "smollm2-135m"
+
+
+def test_forward_only_schedule_needs_a_frozen_head_and_labels_at_the_model_party() -> None:
+    with pytest.raises(ConfigError, match="forward-only needs a frozen data-party head"):
+        parse_config({"train": {"schedule": "forward-only"}})
+    with pytest.raises(ConfigError, match="labels_at data"):
+        parse_config({"mode": "splitfrozen", "train": {"schedule": "forward-only"}})
+    cfg = parse_config(
+        {
+            "mode": "splitfrozen",
+            "split": {"labels_at": "model"},
+            "train": {"schedule": "forward-only", "pipeline_depth": 6},
+        }
+    )
+    assert cfg.train.window == 6
+    assert parse_config({"train": {"pipeline_depth": 6}}).train.window == 1

@@ -172,3 +172,21 @@ def test_results_report_compute_share_and_waiting(workspace: Path) -> None:
         t = result.summary["timings"]
         assert 0 < t["data_party_wait_s"] <= t["train_s"]
     assert frozen.summary["compute_share"]["data_share"] < lora.summary["compute_share"]["data_share"]
+
+
+@pytest.mark.parametrize("schedule", ["pipelined", "forward-only"])
+def test_schedules_in_process_equal_sequential(workspace: Path, schedule: str) -> None:
+    sections = {
+        "mode": "splitfrozen",
+        "split": {"setting": "ht", "head_layers": 1, "tail_layers": 0, "labels_at": "model"},
+    }
+    runs = {}
+    for name in ("sequential", schedule):
+        raw = _config(workspace, f"sched-{schedule}-{name}", steps=4, grad_accum=2, eval_before=False)
+        raw.update(sections)
+        raw["train"] |= {"schedule": name, "pipeline_depth": 3, "checkpoint_every": 3}
+        runs[name] = train(parse_config(raw), progress=False, log=lambda s: None)
+    assert [h["loss"] for h in runs[schedule].history] == pytest.approx(
+        [h["loss"] for h in runs["sequential"].history], abs=1e-6
+    )
+    assert runs[schedule].metrics_after == pytest.approx(runs["sequential"].metrics_after, abs=1e-6)

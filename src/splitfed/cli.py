@@ -210,6 +210,10 @@ def join(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from this data party's last checkpoint.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    inject_latency_ms: Annotated[
+        float,
+        typer.Option(min=0, help="Add this much round-trip latency to the link (to study a distant server)."),
+    ] = 0.0,
 ) -> None:
     """Run a data party against a model party served by `splitfed serve`; same outputs as `train`.
 
@@ -244,6 +248,7 @@ def join(
             resume,
             progress,
             log=lambda s: console.print(s),  # type: ignore[arg-type]
+            latency_ms=inject_latency_ms,
         )
     except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, FileNotFoundError) as err:
         _fail(str(err))

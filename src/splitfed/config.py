@@ -144,6 +144,12 @@ class TrainConfig(_Strict):
     ``eval_max_new_tokens`` bounds the answers generated to score generative QA (0: skip).
     ``fedavg_every: K`` federated-averages the data parties' adapters every K steps through the
     model party, weighted by their training samples (SplitLoRA; 0: never).
+
+    ``schedule``: ``sequential`` sends one micro-batch and waits for its replies; ``pipelined``
+    keeps up to ``pipeline_depth`` micro-batches of one optimizer step (``grad_accum``) in flight,
+    hiding network latency behind the model party's work with results equal to sequential;
+    ``forward-only`` (SplitFrozen, HT, labels at the model party) streams activations ahead across
+    optimizer steps, since the frozen head needs nothing back.
     """
 
     steps: int | None = Field(default=None, ge=1)
@@ -164,6 +170,13 @@ class TrainConfig(_Strict):
     fedavg_every: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)
+    schedule: Literal["sequential", "pipelined", "forward-only"] = "sequential"
+    pipeline_depth: int = Field(default=4, ge=1)
+
+    @property
+    def window(self) -> int:
+        """Micro-batches in flight per data party under this schedule."""
+        return 1 if self.schedule == "sequential" else self.pipeline_depth
 
 
 class RunConfig(_Strict):
@@ -195,6 +208,15 @@ class RunConfig(_Strict):
             raise ValueError("split.tail_layers is only for split.setting: hbt")
         if self.split.setting == "hbt" and self.split.tail_layers < 1:
             raise ValueError("split.setting: hbt needs split.tail_layers >= 1")
+        if self.train.schedule == "forward-only":
+            head = self.segment_finetune()["head"].mode
+            if head != "frozen" or self.split.setting != "ht" or self.split.labels_at != "model":
+                raise ValueError(
+                    "train.schedule: forward-only needs a frozen data-party head (mode: splitfrozen), "
+                    "split.setting: ht and split.labels_at: model (got head "
+                    f"{head}, setting {self.split.setting}, labels_at {self.split.labels_at}); "
+                    "use train.schedule: pipelined otherwise"
+                )
         return self
 
     @property

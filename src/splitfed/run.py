@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from splitfed.config import RunConfig
 from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.models.partition import Segment
-from splitfed.split.parties import DataParty
+from splitfed.split.parties import DataParty, MicroBatch
 from splitfed.split.system import build_split
 from splitfed.transport.channel import ChannelTransform
 
@@ -229,6 +229,15 @@ def load_checkpoint(
     return int(progress["step"]), list(progress["history"])
 
 
+def _next_sync(step: int, total: int, train: Any) -> int:
+    """The first step after ``step`` at which evaluation, averaging or a checkpoint is due (or ``total``)."""
+    end = total
+    for every in (train.eval_every, train.fedavg_every, train.checkpoint_every):
+        if every:
+            end = min(end, (step // every + 1) * every)
+    return end
+
+
 def _micro_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     """Endless deterministic micro-batches of example indices, reshuffled each epoch."""
     epoch = 0
@@ -397,38 +406,44 @@ def train_loop(
             next(batches)
         step_bar = bar.add_task("train", total=total, completed=start_step, info="") if bar else None
         t_train = time.perf_counter()
-        for step in range(start_step, total):
-            t_step = time.perf_counter()
-            losses, sent, received = [], 0, 0
-            for micro in range(cfg.train.grad_accum):
-                examples = [splits.train[i] for i in next(batches)]
-                result = data_party.train_step(
-                    task.collate(examples),
-                    update=micro == cfg.train.grad_accum - 1,
-                    loss_scale=1.0 / cfg.train.grad_accum,
-                )
-                losses.append(result.loss)
-                sent += result.bytes_to_model
-                received += result.bytes_to_data
-            record = {
-                "step": step + 1,
-                "loss": float(np.mean(losses)),
-                "seconds": time.perf_counter() - t_step,
-                "bytes_to_model": sent,
-                "bytes_to_data": received,
-            }
-            history.append(record)
-            if bar is not None:
-                bar.update(step_bar, advance=1, info=f"loss {record['loss']:.4f}")
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
-                mid = evaluate(data_party, task, eval_examples, eval_bs, bar, f"eval @{step + 1}")
-                record.update({f"eval_{k}": v for k, v in mid.items()})
-            if cfg.train.fedavg_every and (step + 1) % cfg.train.fedavg_every == 0:
+        accum, window = cfg.train.grad_accum, cfg.train.window
+        streaming = cfg.train.schedule == "forward-only"
+
+        def micro_batches(first: int, last: int) -> Iterator[MicroBatch]:
+            for _ in range(first, last):
+                for micro in range(accum):
+                    examples = [splits.train[i] for i in next(batches)]
+                    yield MicroBatch(task.collate(examples), micro == accum - 1, 1.0 / accum)
+
+        step = start_step
+        while step < total:
+            # Run to the next step that needs the pipeline drained (eval, fedavg, checkpoint).
+            end = _next_sync(step, total, cfg.train)
+            results = data_party.train_stream(micro_batches(step, end), window, across_updates=streaming)
+            for index in range(step, end):
+                t_step = time.perf_counter()
+                done = [next(results) for _ in range(accum)]
+                record = {
+                    "step": index + 1,
+                    "loss": float(np.mean([r.loss for r in done])),
+                    "seconds": time.perf_counter() - t_step,
+                    "bytes_to_model": sum(r.bytes_to_model for r in done),
+                    "bytes_to_data": sum(r.bytes_to_data for r in done),
+                }
+                history.append(record)
+                if bar is not None:
+                    bar.update(step_bar, advance=1, info=f"loss {record['loss']:.4f}")
+            results.close()
+            step = end
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                mid = evaluate(data_party, task, eval_examples, eval_bs, bar, f"eval @{step}")
+                history[-1].update({f"eval_{k}": v for k, v in mid.items()})
+            if cfg.train.fedavg_every and step % cfg.train.fedavg_every == 0:
                 data_party.average_adapters(
-                    (step + 1) // cfg.train.fedavg_every, cfg.data.num_parties, len(splits.train)
+                    step // cfg.train.fedavg_every, cfg.data.num_parties, len(splits.train)
                 )
-            if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-                save_checkpoint(out, segments, parties, step + 1, history)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                save_checkpoint(out, segments, parties, step, history)
         timings["train_s"] = time.perf_counter() - t_train
         timings["data_party_wait_s"] = data_party.wait_s
         timings["data_party_compute_s"] = max(0.0, timings["train_s"] - data_party.wait_s)

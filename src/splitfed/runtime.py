@@ -164,8 +164,12 @@ def join(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    latency_ms: float = 0.0,
 ) -> RunResult:
-    """Train ``cfg``'s data party against the model party served at ``target``."""
+    """Train ``cfg``'s data party against the model party served at ``target``.
+
+    ``latency_ms`` injects that much round-trip latency into the link (emulating a distant server).
+    """
     work = prepare(cfg, log)
     segments, _ = prepare_segments(work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
     if cfg.train.steps is None:
@@ -178,7 +182,13 @@ def join(
         if progress_file.is_file():
             resume_step = int(json.loads(progress_file.read_text())["step"])
     channel = GrpcChannel(
-        target, client_id=client_id, token=token, tls=tls, codecs=codecs, hello={"resume_step": resume_step}
+        target,
+        client_id=client_id,
+        token=token,
+        tls=tls,
+        codecs=codecs,
+        hello={"resume_step": resume_step},
+        latency_ms=latency_ms,
     )
     try:
         party = DataParty(

@@ -14,7 +14,8 @@ Message kinds (data party → model party, and the reply):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -299,6 +300,30 @@ class StepResult:
     bytes_to_data: int = 0
 
 
+@dataclass
+class MicroBatch:
+    """One micro-batch of a training stream: the batch, whether it ends an optimizer step, its loss scale."""
+
+    batch: Mapping[str, torch.Tensor]
+    update: bool = True
+    loss_scale: float = 1.0
+
+
+@dataclass
+class _InFlight:
+    """A micro-batch between its forward message and its last reply."""
+
+    micro: MicroBatch
+    batch_id: int
+    stage: Literal["forward", "backward"] = "forward"
+    hidden: torch.Tensor | None = None
+    ticket: int = 0
+    loss: float = 0.0
+    bytes_to_model: int = 0
+    bytes_to_data: int = 0
+    result: StepResult | None = None
+
+
 class DataParty:
     """The party that owns the raw data, the labels and the first (and, in HBT, last) layers.
 
@@ -348,11 +373,11 @@ class DataParty:
         #: Seconds spent waiting on the model party (its compute plus transfer) during training.
         self.wait_s = 0.0
 
-    def _meta(self, **extra: Any) -> dict[str, Any]:
+    def _meta(self, batch_id: int | None = None, **extra: Any) -> dict[str, Any]:
         # head_layers lets one model party serve data parties with heads of different depths.
         return {
             "client": self.client_id,
-            "batch_id": self._batch_id,
+            "batch_id": self._batch_id if batch_id is None else batch_id,
             "head_layers": self.head.end,
             "need_input_grad": self.head_trainable,
             **extra,
@@ -367,6 +392,16 @@ class DataParty:
         with torch.no_grad():
             return self.head(**kwargs)  # type: ignore[no-any-return]
 
+    @property
+    def can_stream(self) -> bool:
+        """Whether micro-batches may run ahead across optimizer updates (the forward-only schedule).
+
+        True for SplitFrozen with labels at the model party: the head is frozen and nothing
+        trains here, so the activations of later steps do not depend on earlier replies, and the
+        model party applies the micro-batches in the order they were sent.
+        """
+        return not self.head_trainable and self.tail is None and self.labels_at == "model"
+
     def train_step(
         self, batch: Mapping[str, torch.Tensor], update: bool = True, loss_scale: float = 1.0
     ) -> StepResult:
@@ -375,46 +410,124 @@ class DataParty:
         ``update=False`` accumulates gradients (both parties step on the next ``update=True``);
         ``loss_scale`` scales the gradients (``1/accumulation_steps``).
         """
+        return next(iter(self.train_stream([MicroBatch(batch, update, loss_scale)])))
+
+    def train_stream(
+        self, micro_batches: Iterable[MicroBatch], window: int = 1, across_updates: bool = False
+    ) -> Generator[StepResult, None, None]:
+        """Train on ``micro_batches`` with up to ``window`` of them in flight; yields results in order.
+
+        ``window=1`` is the sequential schedule. With a larger window the data party sends the
+        next micro-batches' activations while the model party works on earlier ones (pipelined
+        schedule); all micro-batches of one optimizer step use the same weights, so the result
+        equals the sequential schedule (up to the order dropout masks are drawn in). A micro-batch
+        with ``update=True`` is a barrier: nothing after it starts before its update is applied,
+        unless ``across_updates`` is set, which only a party that :attr:`can_stream` accepts
+        (SplitFrozen's forward-only schedule).
+        """
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if across_updates and not self.can_stream:
+            raise ValueError(
+                "the forward-only schedule needs a frozen data-party head, no tail and labels at the model "
+                "party (SplitFrozen, HT, split.labels_at: model); use the pipelined schedule"
+            )
+        source = iter(micro_batches)
+        flight: deque[_InFlight] = deque()
+        barrier = exhausted = False
+        while True:
+            while not exhausted and not barrier and len(flight) < window:
+                micro = next(source, None)
+                if micro is None:
+                    exhausted = True
+                    break
+                flight.append(self._start(micro))
+                barrier = micro.update and not across_updates
+            if not flight:
+                return
+            item = flight[0]
+            self._advance(item)
+            if item.result is None:
+                continue
+            flight.popleft()
+            if item.micro.update:
+                self.trainer.update()
+                self.updates += 1
+                barrier = False
+            yield item.result
+
+    def _start(self, micro: MicroBatch) -> _InFlight:
         self._batch_id += 1
-        before = (self.channel.bytes_to_model, self.channel.bytes_to_data)
-        mask = batch["attention_mask"]
-        hidden = self._run_head(batch, train=True)
-        tensors = {"hidden": hidden, "attention_mask": mask}
+        item = _InFlight(micro, self._batch_id)
+        batch = micro.batch
+        item.hidden = self._run_head(batch, train=True)
+        tensors = {"hidden": item.hidden, "attention_mask": batch["attention_mask"]}
         if self.labels_at == "model":
             tensors |= {k: batch[k] for k in LABEL_KEYS if k in batch}
-            reply = self._timed_request(
-                Message("forward", tensors, self._meta(train=True, update=update, loss_scale=loss_scale))
-            )
-            _require(reply, "loss")
-            loss_value = float(reply.tensors["loss"].item())
-            self._head_backward(hidden, reply.tensors.get("grad"))
+            meta = self._meta(item.batch_id, train=True, update=micro.update, loss_scale=micro.loss_scale)
         else:
-            reply = self._timed_request(Message("forward", tensors, self._meta(train=True)))
-            received = reply.tensors["hidden" if self.tail is not None else "logits"].requires_grad_(True)
-            if self.tail is not None:
-                self.tail.train()
-                logits = self.tail(hidden=received, attention_mask=mask)
-            else:
-                logits = received
-            loss = self.loss_fn(logits, batch)
-            (loss * loss_scale).backward()
-            loss_value = float(loss.detach().item())
-            assert received.grad is not None
-            message = Message("backward", {"grad": received.grad}, self._meta(update=update))
-            if self.head_trainable:
-                back = self._timed_request(message)
-                _require(back, "grad")
-                self._head_backward(hidden, back.tensors["grad"])
-            else:
-                self.channel.send(message)
-        if update:
-            self.trainer.update()
-            self.updates += 1
-        return StepResult(
-            loss=loss_value,
-            batch_size=int(mask.shape[0]),
-            bytes_to_model=self.channel.bytes_to_model - before[0],
-            bytes_to_data=self.channel.bytes_to_data - before[1],
+            meta = self._meta(item.batch_id, train=True)
+        item.ticket = self._submit(item, Message("forward", tensors, meta))
+        return item
+
+    def _advance(self, item: _InFlight) -> None:
+        """Take ``item`` one stage further: wait for its next reply and act on it."""
+        reply = self._collect(item)
+        if item.stage == "backward":
+            _require(reply, "grad")
+            self._head_backward(item.hidden, reply.tensors["grad"])
+            self._finish(item, item.loss)
+            return
+        micro, batch = item.micro, item.micro.batch
+        if self.labels_at == "model":
+            _require(reply, "loss")
+            self._head_backward(item.hidden, reply.tensors.get("grad"))
+            self._finish(item, float(reply.tensors["loss"].item()))
+            return
+        mask = batch["attention_mask"]
+        _require(reply, "hidden" if self.tail is not None else "logits")
+        received = reply.tensors["hidden" if self.tail is not None else "logits"].requires_grad_(True)
+        if self.tail is not None:
+            self.tail.train()
+            logits = self.tail(hidden=received, attention_mask=mask)
+        else:
+            logits = received
+        loss = self.loss_fn(logits, batch)
+        (loss * micro.loss_scale).backward()
+        item.loss = float(loss.detach().item())
+        assert received.grad is not None
+        message = Message("backward", {"grad": received.grad}, self._meta(item.batch_id, update=micro.update))
+        if self.head_trainable:
+            item.stage = "backward"
+            item.ticket = self._submit(item, message)
+        else:
+            before = self.channel.bytes_to_model
+            self.channel.send(message)
+            item.bytes_to_model += self.channel.bytes_to_model - before
+            self._finish(item, item.loss)
+
+    def _submit(self, item: _InFlight, message: Message) -> int:
+        before = self.channel.bytes_to_model
+        ticket = self.channel.submit(message)
+        item.bytes_to_model += self.channel.bytes_to_model - before
+        return ticket
+
+    def _collect(self, item: _InFlight) -> Message:
+        before = self.channel.bytes_to_data
+        start = time.perf_counter()
+        try:
+            return self.channel.result(item.ticket)
+        finally:
+            self.wait_s += time.perf_counter() - start
+            item.bytes_to_data += self.channel.bytes_to_data - before
+
+    @staticmethod
+    def _finish(item: _InFlight, loss: float) -> None:
+        item.result = StepResult(
+            loss=loss,
+            batch_size=int(item.micro.batch["attention_mask"].shape[0]),
+            bytes_to_model=item.bytes_to_model,
+            bytes_to_data=item.bytes_to_data,
         )
 
     def average_adapters(self, round_id: int, parties: int, samples: int) -> int:
@@ -452,9 +565,10 @@ class DataParty:
         finally:
             self.wait_s += time.perf_counter() - start
 
-    def _head_backward(self, hidden: torch.Tensor, grad: torch.Tensor | None) -> None:
+    def _head_backward(self, hidden: torch.Tensor | None, grad: torch.Tensor | None) -> None:
         if not self.head_trainable:
             return
+        assert hidden is not None
         if grad is None:
             raise ProtocolError("the model party sent no gradient for the trainable head")
         if grad.shape != hidden.shape:

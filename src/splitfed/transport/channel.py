@@ -147,8 +147,8 @@ Handler = Callable[[Message], Message | None]
 class Channel:
     """Base class of every transport: transforms, recording and byte accounting live here once.
 
-    Subclasses implement :meth:`_deliver`, which carries a message to the model party and returns
-    its reply (or ``None`` for one-way messages).
+    Subclasses implement :meth:`_post`, which carries a message to the model party and returns a
+    ticket for its reply, and :meth:`_collect`, which waits for the reply of a ticket.
 
     Parameters
     ----------
@@ -192,24 +192,40 @@ class Channel:
 
     def request(self, message: Message) -> Message:
         """Send ``message`` to the model party and return its reply."""
-        reply = self._deliver(self._cross("to_model", message), expect_reply=True)
+        return self.result(self.submit(message))
+
+    def submit(self, message: Message) -> int:
+        """Send ``message`` and return a ticket for its reply, without waiting (pipelined schedules).
+
+        The model party answers a data party's messages in the order they were sent; collect each
+        reply with :meth:`result`. Several messages may be in flight at once.
+        """
+        ticket = self._post(self._cross("to_model", message), expect_reply=True)
+        assert ticket is not None
+        return ticket
+
+    def result(self, ticket: int) -> Message:
+        """The reply to the message :meth:`submit` returned ``ticket`` for (waits for it)."""
+        reply = self._collect(ticket)
         if reply is None:
-            raise RuntimeError(f"model party sent no reply to a {message.kind!r} request")
+            raise RuntimeError(f"model party sent no reply to message {ticket}")
         return self._cross("to_data", reply)
 
     def send(self, message: Message) -> None:
         """Send ``message`` to the model party without waiting for a reply."""
-        reply = self._deliver(self._cross("to_model", message), expect_reply=False)
-        if reply is not None:
-            self._cross("to_data", reply)
+        self._post(self._cross("to_model", message), expect_reply=False)
 
     def reset_counters(self) -> None:
         """Zero the byte and message counters."""
         self.bytes_to_model = self.bytes_to_data = self.messages = 0
         self.payload_to_model = self.payload_to_data = 0
 
-    def _deliver(self, message: Message, expect_reply: bool) -> Message | None:
-        """Carry ``message`` to the model party; return its reply when ``expect_reply``."""
+    def _post(self, message: Message, expect_reply: bool) -> int | None:
+        """Carry ``message`` to the model party; a ticket for its reply when ``expect_reply``."""
+        raise NotImplementedError
+
+    def _collect(self, ticket: int) -> Message | None:
+        """The reply for ``ticket`` (blocks until it arrives)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -238,10 +254,27 @@ class InProcessChannel(Channel):
     ) -> None:
         super().__init__(transforms, recorder)
         self.handler = handler
+        self._replies: dict[int, Message | None] = {}
+        self._next_ticket = 0
 
     def _cross(self, direction: Direction, message: Message) -> Message:
         detached = Message(message.kind, {k: v.detach() for k, v in message.tensors.items()}, message.meta)
         return super()._cross(direction, detached)
 
-    def _deliver(self, message: Message, expect_reply: bool) -> Message | None:
-        return self.handler(message)
+    def _post(self, message: Message, expect_reply: bool) -> int | None:
+        # The handler runs now: in one process a pipelined schedule degenerates to the sequential
+        # order of work, which is what makes it a reference for the network runs.
+        reply = self.handler(message)
+        if not expect_reply:
+            if reply is not None:
+                self._cross("to_data", reply)
+            return None
+        self._next_ticket += 1
+        self._replies[self._next_ticket] = reply
+        return self._next_ticket
+
+    def _collect(self, ticket: int) -> Message | None:
+        try:
+            return self._replies.pop(ticket)
+        except KeyError:
+            raise RuntimeError(f"no reply is pending for ticket {ticket}") from None

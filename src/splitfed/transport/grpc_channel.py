@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,6 +54,10 @@ class GrpcChannel(Channel):
         Interval of keepalive pings on an idle connection.
     hello : dict | None
         Extra metadata for the session's ``hello`` (e.g. ``resume_step``).
+    latency_ms : float, default 0
+        Round-trip latency to inject, half on the way out and half on the way back (benchmarks
+        emulate a wide-area link with it where ``tc netem`` is unavailable). It delays frames; it
+        never blocks the sender, so messages in flight overlap as on a real link.
     transforms, recorder
         See :class:`Channel`.
     """
@@ -72,8 +77,12 @@ class GrpcChannel(Channel):
         limits: WireLimits | None = None,
         keepalive_ms: int = 30_000,
         hello: dict[str, Any] | None = None,
+        latency_ms: float = 0.0,
     ) -> None:
         super().__init__(transforms, recorder)
+        if latency_ms < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
+        self._one_way_s = latency_ms / 2000.0
         self.target = target
         self.codecs = codecs or WireCodecs()
         self.timeout_s = timeout_s
@@ -91,8 +100,9 @@ class GrpcChannel(Channel):
         metadata = [("splitfed-client", client_id)]
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
-        self._outbox: queue.Queue[pb.Frame | None] = queue.Queue()
-        self._replies: queue.Queue[Any] = queue.Queue()
+        self._outbox: queue.Queue[tuple[float, pb.Frame] | None] = queue.Queue()
+        self._replies: queue.Queue[tuple[float, Any]] = queue.Queue()
+        self._done: dict[int, Message] = {}
         stream = self._grpc.stream_stream(
             METHOD, request_serializer=pb.Frame.SerializeToString, response_deserializer=pb.Frame.FromString
         )
@@ -101,6 +111,7 @@ class GrpcChannel(Channel):
         self._reader.start()
         self._reassembler = Reassembler(self.limits)
         self._seq = 0
+        self._kinds: dict[int, str] = {}
         self._closed = False
         welcome = self._exchange(
             Message(
@@ -123,26 +134,29 @@ class GrpcChannel(Channel):
 
     def _requests(self) -> Iterator[pb.Frame]:
         while True:
-            frame = self._outbox.get()
-            if frame is None:
+            item = self._outbox.get()
+            if item is None:
                 return
+            due, frame = item
+            _sleep_until(due)
             yield frame
 
     def _read_loop(self) -> None:
         try:
             for frame in self._call:
-                self._replies.put(frame)
+                self._replies.put((time.monotonic() + self._one_way_s, frame))
         except grpc.RpcError as err:
-            self._replies.put(err)
-        self._replies.put(None)
+            self._replies.put((0.0, err))
+        self._replies.put((0.0, None))
 
     def _next_frame(self) -> pb.Frame:
         try:
-            item = self._replies.get(timeout=self.timeout_s)
+            due, item = self._replies.get(timeout=self.timeout_s)
         except queue.Empty:
             raise TransportError(
                 f"no reply from the model party at {self.target} within {self.timeout_s:.0f} s"
             ) from None
+        _sleep_until(due)
         if item is None:
             raise TransportError(f"the model party at {self.target} closed the session")
         if isinstance(item, grpc.RpcError):
@@ -159,31 +173,39 @@ class GrpcChannel(Channel):
         return item  # type: ignore[no-any-return]
 
     def _exchange(self, message: Message, expect_reply: bool) -> Message | None:
+        ticket = self._post(message, expect_reply)
+        return None if ticket is None else self._collect(ticket)
+
+    def _post(self, message: Message, expect_reply: bool) -> int | None:
         if self._closed:
             raise TransportError("the channel is closed")
         self._seq += 1
         seq = self._seq
+        due = time.monotonic() + self._one_way_s
         for frame in to_frames(to_envelope(message, seq, "to_model", self.codecs), seq):
             self.bytes_to_model += frame.ByteSize()
-            self._outbox.put(frame)
-        if not expect_reply:
-            return None
-        while True:
+            self._outbox.put((due, frame))
+        self._kinds[seq] = message.kind
+        return seq if expect_reply else None
+
+    def _collect(self, ticket: int) -> Message | None:
+        # Replies come back in the order the messages were sent; keep those that finish before
+        # the one asked for (a pipelined data party collects them later).
+        while ticket not in self._done:
             frame = self._next_frame()
             self.bytes_to_data += frame.ByteSize()
             envelope = self._reassembler.push(frame)
             if envelope is None:
                 continue
             if envelope.error:
+                kind = self._kinds.get(int(envelope.seq), "?")
                 raise RemoteError(
-                    f"the model party refused message {envelope.seq} ({message.kind if envelope.seq == seq else 'earlier'}): {envelope.error}"
+                    f"the model party refused message {envelope.seq} ({kind}): {envelope.error}"
                 )
-            if envelope.seq != seq:
-                raise TransportError(f"reply to message {envelope.seq} arrived while waiting for {seq}")
-            return from_envelope(envelope, self.limits)
-
-    def _deliver(self, message: Message, expect_reply: bool) -> Message | None:
-        return self._exchange(message, expect_reply)
+            self._done[int(envelope.seq)] = from_envelope(envelope, self.limits)
+        for seq in [s for s in self._kinds if s <= ticket]:
+            del self._kinds[seq]
+        return self._done.pop(ticket)
 
     def close(self) -> None:
         """End the session and the connection."""
@@ -191,3 +213,9 @@ class GrpcChannel(Channel):
             self._closed = True
             self._outbox.put(None)
             self._grpc.close()
+
+
+def _sleep_until(due: float) -> None:
+    wait = due - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
