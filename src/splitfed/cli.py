@@ -186,6 +186,8 @@ def serve(
         server.wait()
     except KeyboardInterrupt:
         server.stop()
+        final = server.save_adapters()
+        console.print(f"model party adapters saved in {final}")
 
 
 @app.command()

@@ -118,11 +118,17 @@ class SegmentFinetune(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    """Per-segment fine-tuning; a segment left out follows the run's ``mode`` preset."""
+    """Per-segment fine-tuning; a segment left out follows the run's ``mode`` preset.
+
+    ``body_adapters``: with several data parties, the model party trains one set of adapters
+    ``shared`` by all (SplitLoRA / SplitFrozen) or one ``per_party`` (each data party gets its
+    own model-party adapters; the frozen base weights still exist once).
+    """
 
     head: SegmentFinetune | None = None
     body: SegmentFinetune | None = None
     tail: SegmentFinetune | None = None
+    body_adapters: Literal["shared", "per_party"] = "shared"
 
 
 class TransportConfig(_Strict):

@@ -40,11 +40,40 @@ class ModelPartyServer:
     port: int
     model_party: ModelParty
     segments: dict[str, Segment]
+    output_dir: Path
 
     def stop(self, grace: float | None = 0.5) -> None:
         """Stop serving."""
         self.service.stop()
         self.server.stop(grace)
+
+    def save_adapters(self) -> Path:
+        """Write the model party's adapters under ``<output_dir>/model_party_server/final``.
+
+        Shared adapters go to ``final/model_party/adapter.safetensors``; per-party adapters to
+        ``final/parties/<client>/model_party/adapter.safetensors``. Either directory loads with
+        ``splitfed generate --adapters`` on the model party's side. Returns ``final``.
+        """
+        from safetensors.torch import save_file
+
+        from splitfed.run import save_adapters
+
+        final = self.output_dir / "model_party_server" / "final"
+        save_adapters(self.segments, final, ("model_party",))
+        bank = self.model_party.bank
+        if bank is not None:
+            for client in bank.parties:
+                path = final / "parties" / _safe_name(client) / "model_party" / "adapter.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tensors = {k: v.contiguous() for k, v in bank.named_parameters(client).items()}
+                save_file(tensors, str(path), metadata={"roles": "body", "client": client})
+        return final
+
+
+def _safe_name(client: str) -> str:
+    """A data party's id as a directory name (ids come from the network or a token file)."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in client).strip(".")
+    return name or "anonymous"
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -83,7 +112,13 @@ def build_serving_party(cfg: RunConfig) -> tuple[ModelParty, dict[str, Segment],
         )
         loss_fn = task.loss
     party, segments, _ = build_model_party(
-        model, cfg.split.spec(), cfg.head, cfg.segment_finetune(), cfg.optim(cfg.train.steps), loss_fn
+        model,
+        cfg.split.spec(),
+        cfg.head,
+        cfg.segment_finetune(),
+        cfg.optim(cfg.train.steps),
+        loss_fn,
+        per_party_adapters=cfg.finetune.body_adapters == "per_party",
     )
     return party, segments, model
 
@@ -151,7 +186,7 @@ def start_server(
         on_resume=resume_at if resume else None,
     )
     server, bound = serve(service, host, port, tls)
-    return ModelPartyServer(server, service, bound, party, segments)
+    return ModelPartyServer(server, service, bound, party, segments, Path(cfg.output_dir))
 
 
 def join(

@@ -478,3 +478,44 @@ def test_injected_latency_delays_each_round_trip(server) -> None:
     assert all("logits" in r.tensors or "hidden" in r.tensors for r in replies)
     # Four messages in flight share one round trip instead of paying four.
     assert four < 0.06 * 4
+
+
+def test_per_party_model_adapters_make_each_party_train_as_if_alone(workspace: Path) -> None:
+    from safetensors.torch import load_file
+
+    # SplitFrozen, labels at the model party: the data parties (threads of this process) draw no
+    # random numbers, so their concurrent start cannot change what they compute.
+    cfg = _cfg(
+        workspace,
+        "own",
+        **CASES["ht-splitfrozen-labels-at-model"],
+        data={"partition": "dirichlet:0.5", "num_parties": 2},
+        finetune={"body_adapters": "per_party"},
+        train={"schedule": "forward-only", "grad_accum": 2, "pipeline_depth": 3},
+    )
+    alone = {}
+    for index in (0, 1):
+        mine = cfg.model_copy(deep=True)
+        mine.data.party_index = index
+        mine.output_dir = str(workspace / f"own-alone-{index}")
+        alone[index] = train(mine, progress=False, log=lambda s: None)
+    server = start_server(cfg, port=0)
+    together = _join_concurrently(cfg, server, workspace, "own", 2)
+    # Concurrent parties, interleaved steps, yet each one's losses are its solo in-process run's:
+    # nobody else touched its model-party adapters.
+    for index in (0, 1):
+        assert [h["loss"] for h in together[index].history] == pytest.approx(  # type: ignore[attr-defined]
+            [h["loss"] for h in alone[index].history], abs=1e-5
+        )
+    final = server.save_adapters()
+    own = [
+        load_file(str(final / "parties" / f"own{i}" / "model_party" / "adapter.safetensors")) for i in (0, 1)
+    ]
+    solo = [
+        load_file(str(workspace / f"own-alone-{i}" / "model_party" / "adapter.safetensors")) for i in (0, 1)
+    ]
+    assert own[0] and set(own[0]) == set(solo[0])
+    for name in own[0]:
+        assert torch.allclose(own[0][name], solo[0][name], atol=1e-5)
+        assert torch.allclose(own[1][name], solo[1][name], atol=1e-5)
+    assert any(not torch.equal(own[0][n], own[1][n]) for n in own[0])

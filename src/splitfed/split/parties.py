@@ -133,6 +133,78 @@ class _Pending:
     outputs: torch.Tensor
 
 
+class AdapterBank:
+    """One copy of the model party's trainable parameters and optimizer per data party.
+
+    The segment's modules stay shared (the frozen base weights exist once); :meth:`activate` puts a
+    data party's own parameter objects into the modules' slots, so its forward and backward use
+    and train only its copy. Swapping is a pointer assignment, not a copy. Graphs already built
+    keep the parameters they were built with, so a pending backward is never redirected.
+
+    Parameters
+    ----------
+    body : Segment
+        The model party's segment; its trainable parameters at construction are every party's start.
+    optim : OptimSpec
+    """
+
+    def __init__(self, body: Segment, optim: OptimSpec) -> None:
+        self.optim = optim
+        seen: set[int] = set()
+        self.slots: list[tuple[nn.Module, str]] = []
+        for module in body.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.requires_grad and id(param) not in seen:
+                    seen.add(id(param))
+                    self.slots.append((module, name))
+        self.initial = [getattr(m, n).detach().clone() for m, n in self.slots]
+        model: nn.Module = body.model  # type: ignore[assignment]
+        paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
+        self.names = [f"{paths[id(m)]}.{n}" for m, n in self.slots]
+        self.parties: dict[str, tuple[list[nn.Parameter], _Trainer]] = {}
+        self.active: str | None = None
+
+    def _get(self, client: str) -> tuple[list[nn.Parameter], _Trainer]:
+        if client not in self.parties:
+            params = [nn.Parameter(t.clone()) for t in self.initial]
+            self.parties[client] = (params, _Trainer(params, self.optim))
+        return self.parties[client]
+
+    def activate(self, client: str) -> _Trainer:
+        """Put ``client``'s parameters into the modules (creating them on first use); its trainer."""
+        params, trainer = self._get(client)
+        if self.active != client:
+            for (module, name), param in zip(self.slots, params, strict=True):
+                setattr(module, name, param)
+            self.active = client
+        return trainer
+
+    def trainer(self, client: str) -> _Trainer:
+        """``client``'s optimizer (without activating its parameters)."""
+        return self._get(client)[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            client: {"params": [p.detach() for p in params], "trainer": trainer.state_dict()}
+            for client, (params, trainer) in self.parties.items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.parties.clear()
+        self.active = None
+        for client, entry in state.items():
+            params, trainer = self._get(client)
+            with torch.no_grad():
+                for param, saved in zip(params, entry["params"], strict=True):
+                    param.copy_(saved)
+            trainer.load_state_dict(entry["trainer"])
+
+    def named_parameters(self, client: str) -> dict[str, torch.Tensor]:
+        """``client``'s parameters under their names in the whole model (as adapters are saved)."""
+        params, _ = self._get(client)
+        return {name: p.detach() for name, p in zip(self.names, params, strict=True)}
+
+
 class ModelParty:
     """The party that runs the middle of the model (HBT) or everything after the head (HT).
 
@@ -147,6 +219,9 @@ class ModelParty:
         Default for data parties that do not say (``need_input_grad`` in a message's metadata)
         whether their head trains. When it does not (SplitFrozen), the model party computes no
         gradient for its input and sends none back.
+    per_party_adapters : bool, default False
+        Train one copy of the adapters per data party (:class:`AdapterBank`) instead of one
+        shared by all (SplitLoRA / SplitFrozen).
     """
 
     def __init__(
@@ -155,10 +230,12 @@ class ModelParty:
         optim: OptimSpec,
         loss_fn: LossFn | None = None,
         head_trainable: bool = True,
+        per_party_adapters: bool = False,
     ) -> None:
         self.body = body
         self.loss_fn = loss_fn
         self.head_trainable = head_trainable
+        self.bank = AdapterBank(body, optim) if per_party_adapters else None
         self.trainer = _Trainer(_params({"body": body}), optim)
         self._pending: dict[tuple[str, int], _Pending] = {}
         self.updates = 0
@@ -176,8 +253,14 @@ class ModelParty:
             self._views[start] = self.body.starting_at(start)
         return self._views[start]
 
+    def trainer_for(self, client: str) -> _Trainer:
+        """The optimizer that trains ``client``'s steps (the shared one unless adapters are per party)."""
+        return self.bank.trainer(client) if self.bank is not None else self.trainer
+
     def handle(self, message: Message) -> Message | None:
         """Answer one message from a data party (the only entry point a transport calls)."""
+        if self.bank is not None and message.kind != "fedavg":
+            self.bank.activate(str(message.meta.get("client", "")))
         if message.kind in GEN_KINDS:
             return self.inference.handle(message)
         if message.kind == "forward":
@@ -242,7 +325,7 @@ class ModelParty:
         scale = float(message.meta.get("loss_scale", 1.0) or 1.0)
         (loss * scale).backward()
         if message.meta.get("update", True):
-            self.trainer.update()
+            self.trainer_for(str(message.meta.get("client", ""))).update()
             self.updates += 1
         tensors = {"loss": loss.detach().reshape(1)}
         if self._wants_grad(message) and inputs.grad is not None:
@@ -264,7 +347,7 @@ class ModelParty:
             )
         pending.outputs.backward(grad.to(pending.outputs.dtype))
         if message.meta.get("update", True):
-            self.trainer.update()
+            self.trainer_for(key[0]).update()
             self.updates += 1
         if not pending.inputs.requires_grad:
             return None
@@ -282,12 +365,17 @@ class ModelParty:
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer/scheduler state and the update count (for checkpoints)."""
-        return {"trainer": self.trainer.state_dict(), "updates": self.updates}
+        state: dict[str, Any] = {"trainer": self.trainer.state_dict(), "updates": self.updates}
+        if self.bank is not None:
+            state["per_party"] = self.bank.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.trainer.load_state_dict(state.get("trainer", {}))
         self.updates = int(state.get("updates", 0))
+        if self.bank is not None:
+            self.bank.load_state_dict(state.get("per_party", {}))
 
 
 @dataclass

@@ -54,14 +54,20 @@ def build_model_party(
     finetune: Mapping[str, FinetuneSpec],
     optim: OptimSpec,
     loss_fn: LossFn | None = None,
+    per_party_adapters: bool = False,
 ) -> tuple[ModelParty, dict[str, Segment], dict[str, FinetuneReport]]:
     """Cut ``model``, set up fine-tuning of every segment and build the model party.
 
     Returns the model party, all segments and what each segment trains (see :func:`prepare_segments`).
+    ``per_party_adapters`` gives every data party its own copy of the model party's adapters.
     """
     segments, reports = prepare_segments(model, split, head, finetune)
     model_party = ModelParty(
-        segments["body"], optim, loss_fn=loss_fn, head_trainable=segments["head"].is_trainable
+        segments["body"],
+        optim,
+        loss_fn=loss_fn,
+        head_trainable=segments["head"].is_trainable,
+        per_party_adapters=per_party_adapters,
     )
     return model_party, segments, reports
 

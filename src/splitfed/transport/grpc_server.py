@@ -212,7 +212,7 @@ class ModelPartyService:
         if not session.in_step:
             return
         self.model_party.drop_pending(session.client)
-        self.model_party.trainer.zero_grad()
+        self.model_party.trainer_for(session.client).zero_grad()
         self._end_step(session)
 
     # ------------------------------------------------------------------ validation
