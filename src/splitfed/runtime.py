@@ -69,15 +69,15 @@ class ModelPartyServer:
                 save_file(tensors, str(path), metadata={"roles": "body", "client": client})
         return final
 
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.server.wait_for_termination()
+
 
 def _safe_name(client: str) -> str:
     """A data party's id as a directory name (ids come from the network or a token file)."""
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in client).strip(".")
     return name or "anonymous"
-
-    def wait(self) -> None:
-        """Block until the server stops."""
-        self.server.wait_for_termination()
 
 
 def build_serving_party(cfg: RunConfig) -> tuple[ModelParty, dict[str, Segment], Any]:
