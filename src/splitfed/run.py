@@ -364,7 +364,7 @@ def train_loop(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    check_resume: Callable[[int], None] | None = None,
+    check_resume: Callable[[int], int] | None = None,
 ) -> RunResult:
     """Drive ``data_party`` through the run: evaluate, train with checkpoints, evaluate, save.
 
@@ -389,7 +389,8 @@ def train_loop(
     if resume:
         start_step, history = load_checkpoint(out, segments, parties)
         if check_resume is not None:
-            check_resume(start_step)
+            start_step = check_resume(start_step)
+            history = [h for h in history if h["step"] <= start_step]
         log(f"resumed from {out / CHECKPOINT} at step {start_step}/{total}")
 
     metrics_before = None

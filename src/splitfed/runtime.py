@@ -138,9 +138,12 @@ def start_server(
 
     ``adapters``: a ``splitfed train`` output directory whose model-party adapters to load.
     With ``train.checkpoint_every: N`` the model party checkpoints itself into
-    ``<output_dir>/model_party_server/step-K`` every N applied steps (keeping the last two). With
-    ``resume`` it waits for the first data party's ``hello`` and loads the checkpoint of the step
-    that data party resumes from (single-data-party runs).
+    ``<output_dir>/model_party_server/step-K`` (K: updates applied) whenever a data party completes
+    a multiple of N steps, keeping the last two; a checkpoint records each data party's steps.
+    With ``resume``, a single data party (``data.num_parties: 1``): the server waits for its
+    ``hello`` and loads the checkpoint of the step it resumes from. Several data parties: the server
+    loads its newest checkpoint at once; each resuming data party then compares its own
+    checkpoint with the steps of it that the model party holds (see :func:`join`).
     """
     from pathlib import Path
 
@@ -152,10 +155,15 @@ def start_server(
     root = Path(cfg.output_dir) / "model_party_server"
     every = cfg.train.checkpoint_every
 
-    def checkpoint(updates: int) -> None:
+    multi = cfg.data.num_parties > 1
+
+    def checkpoint(updates: int, client: str) -> None:
         # Keep the last two: a data party killed between the model party's checkpoint and its own
         # resumes one checkpoint back, and the model party must be able to follow it there.
-        if every and updates % every == 0:
+        # Several parties: checkpoint when the updating party reaches one of its own checkpoint
+        # steps, so the newest checkpoint always holds every step a data party has checkpointed.
+        steps = party.client_steps.get(client, 0) if multi else updates
+        if every and steps % every == 0:
             save_checkpoint(root / f"step-{updates:09d}", segments, {"model_party": party}, updates, [])
             for old in sorted(root.glob("step-*"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -175,6 +183,16 @@ def start_server(
         log(f"model party resumed from {where} at update {loaded}")
         return loaded
 
+    if resume and multi:
+        newest = sorted(root.glob("step-*"))
+        if not newest:
+            raise ConfigError(
+                f"--resume: the model party has no checkpoint in {root}; start it without --resume"
+            )
+        loaded, _ = load_checkpoint(newest[-1], segments, {"model_party": party})
+        log(
+            f"model party resumed from {newest[-1]} at update {loaded}; steps per data party: {party.client_steps}"
+        )
     hidden = int(model.config.hidden_size)
     service = ModelPartyService(
         party,
@@ -183,7 +201,7 @@ def start_server(
         tokens,
         cfg.split.labels_at,
         checkpoint,
-        on_resume=resume_at if resume else None,
+        on_resume=resume_at if resume and not multi else None,
     )
     server, bound = serve(service, host, port, tls)
     return ModelPartyServer(server, service, bound, party, segments, Path(cfg.output_dir))
@@ -244,7 +262,7 @@ def join(
             resume,
             progress,
             log,
-            check_resume=lambda step: _check_in_step(step, channel, cfg),
+            check_resume=lambda step: _check_in_step(step, channel, cfg, party, log),
         )
         stats = channel.request(Message("stats")).meta
         result.summary["timings"] |= {
@@ -271,15 +289,45 @@ def _rewrite_results(result: RunResult) -> None:
     tmp.replace(path)
 
 
-def _check_in_step(step: int, channel: GrpcChannel, cfg: RunConfig) -> None:
-    """A resumed data party and the model party must stand at the same step (single-party runs)."""
-    server_updates = int(channel.session.get("updates", 0) or 0)
-    if cfg.data.num_parties == 1 and server_updates != step:
+def _check_in_step(
+    step: int, channel: GrpcChannel, cfg: RunConfig, party: DataParty, log: Callable[[str], None]
+) -> int:
+    """Where a resumed data party continues, given the steps of it the model party holds.
+
+    One data party: both sides must stand at the same step. Several: the model party's newest
+    checkpoint holds ``held >= step`` of this party's steps. A party with nothing to train
+    (SplitFrozen's frozen head, HT) skips ahead to ``held``: nothing is lost or applied twice.
+    Otherwise it re-runs steps ``step+1..held`` from its checkpoint (its own adapters lost those
+    updates); the model party sees those batches twice, which is logged.
+    """
+    if cfg.data.num_parties == 1:
+        server_updates = int(channel.session.get("updates", 0) or 0)
+        if server_updates != step:
+            raise ConfigError(
+                f"the data party resumes at step {step} but the model party has applied {server_updates} steps; "
+                f"restart the model party with --resume from its checkpoint at step {step} (both sides checkpoint "
+                f"every train.checkpoint_every={cfg.train.checkpoint_every} steps), or start both afresh"
+            )
+        return step
+    held = int(channel.session.get("client_steps", 0) or 0)
+    if held < step:
         raise ConfigError(
-            f"the data party resumes at step {step} but the model party has applied {server_updates} steps; "
-            f"restart the model party with --resume from its checkpoint at step {step} (both sides checkpoint "
-            f"every train.checkpoint_every={cfg.train.checkpoint_every} steps), or start both afresh"
+            f"this data party resumes at step {step} but the model party holds only {held} of its steps; was the "
+            "model party restarted with --resume from its own newest checkpoint (same output_dir)?"
         )
+    if held == step:
+        return step
+    if not party.trainer.params:
+        log(
+            f"the model party holds {held} steps of this party (its checkpoint: {step}); nothing trains here, "
+            f"so it continues from step {held}"
+        )
+        return held
+    log(
+        f"warning: the model party holds {held} steps of this party, its own checkpoint {step}: steps "
+        f"{step + 1}..{held} run again (the model party sees those batches twice)"
+    )
+    return step
 
 
 def open_generator(

@@ -519,3 +519,56 @@ def test_per_party_model_adapters_make_each_party_train_as_if_alone(workspace: P
         assert torch.allclose(own[0][name], solo[0][name], atol=1e-5)
         assert torch.allclose(own[1][name], solo[1][name], atol=1e-5)
     assert any(not torch.equal(own[0][n], own[1][n]) for n in own[0])
+
+
+def test_several_data_parties_resume_with_the_model_party(workspace: Path) -> None:
+    import splitfed.run as run_module
+
+    cfg = _cfg(
+        workspace,
+        "multi-resume",
+        **CASES["ht-splitfrozen-labels-at-model"],
+        data={"partition": "iid", "num_parties": 2},
+        train={"checkpoint_every": 2, "schedule": "forward-only"},
+    )
+    cfg.train.steps = 6
+    server = start_server(cfg, port=0)
+
+    class Crash(Exception):
+        pass
+
+    original = run_module.save_checkpoint
+
+    def crash_party_0_at_step_4(out, segments, parties, step, history):  # type: ignore[no-untyped-def]
+        if str(out).endswith("multi-resume-0") and step == 4:
+            raise Crash  # killed before its own step-4 checkpoint; the model party has step 4
+        original(out, segments, parties, step, history)
+
+    run_module.save_checkpoint = crash_party_0_at_step_4
+    try:
+        with pytest.raises(AssertionError, match="Crash"):
+            _join_concurrently(cfg, server, workspace, "multi-resume", 2)  # stops the server too
+    finally:
+        run_module.save_checkpoint = original
+    assert server.model_party.client_steps == {"multi-resume0": 4, "multi-resume1": 6}
+
+    logs: list[str] = []
+    resumed = start_server(cfg, port=0, resume=True, log=logs.append)
+    assert resumed.model_party.client_steps == {"multi-resume0": 4, "multi-resume1": 6}
+    mine = cfg.model_copy(deep=True)
+    mine.output_dir = str(workspace / "multi-resume-0")
+    try:
+        result = join(
+            mine,
+            f"127.0.0.1:{resumed.port}",
+            client_id="multi-resume0",
+            resume=True,
+            progress=False,
+            log=logs.append,
+        )
+    finally:
+        resumed.stop()
+    # Its checkpoint said 2, the model party held 4: a frozen head skips ahead, nothing applied twice.
+    assert any("continues from step 4" in line for line in logs)
+    assert [h["step"] for h in result.history] == [1, 2, 5, 6]
+    assert resumed.model_party.client_steps == {"multi-resume0": 6, "multi-resume1": 6}

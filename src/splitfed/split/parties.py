@@ -239,6 +239,8 @@ class ModelParty:
         self.trainer = _Trainer(_params({"body": body}), optim)
         self._pending: dict[tuple[str, int], _Pending] = {}
         self.updates = 0
+        #: Optimizer steps applied per data party (checkpointed; a resuming party compares its own).
+        self.client_steps: dict[str, int] = {}
         self._views: dict[int, Segment] = {}
         self.inference = InferenceHost(body, select=self.body_for)
         self.aggregator = RoundAggregator()
@@ -325,8 +327,7 @@ class ModelParty:
         scale = float(message.meta.get("loss_scale", 1.0) or 1.0)
         (loss * scale).backward()
         if message.meta.get("update", True):
-            self.trainer_for(str(message.meta.get("client", ""))).update()
-            self.updates += 1
+            self._apply(str(message.meta.get("client", "")))
         tensors = {"loss": loss.detach().reshape(1)}
         if self._wants_grad(message) and inputs.grad is not None:
             tensors["grad"] = inputs.grad
@@ -347,14 +348,18 @@ class ModelParty:
             )
         pending.outputs.backward(grad.to(pending.outputs.dtype))
         if message.meta.get("update", True):
-            self.trainer_for(key[0]).update()
-            self.updates += 1
+            self._apply(key[0])
         if not pending.inputs.requires_grad:
             return None
         assert pending.inputs.grad is not None
         return Message(
             "backward_result", {"grad": pending.inputs.grad}, {"batch_id": message.meta.get("batch_id")}
         )
+
+    def _apply(self, client: str) -> None:
+        self.trainer_for(client).update()
+        self.updates += 1
+        self.client_steps[client] = self.client_steps.get(client, 0) + 1
 
     def drop_pending(self, client: str) -> int:
         """Forget the forward passes a data party left unfinished; returns how many."""
@@ -365,7 +370,11 @@ class ModelParty:
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer/scheduler state and the update count (for checkpoints)."""
-        state: dict[str, Any] = {"trainer": self.trainer.state_dict(), "updates": self.updates}
+        state: dict[str, Any] = {
+            "trainer": self.trainer.state_dict(),
+            "updates": self.updates,
+            "client_steps": dict(self.client_steps),
+        }
         if self.bank is not None:
             state["per_party"] = self.bank.state_dict()
         return state
@@ -374,6 +383,7 @@ class ModelParty:
         """Restore what :meth:`state_dict` returned."""
         self.trainer.load_state_dict(state.get("trainer", {}))
         self.updates = int(state.get("updates", 0))
+        self.client_steps = {str(k): int(v) for k, v in state.get("client_steps", {}).items()}
         if self.bank is not None:
             self.bank.load_state_dict(state.get("per_party", {}))
 

@@ -109,9 +109,10 @@ class ModelPartyService:
         (``authorization: Bearer <token>`` metadata) and is known by that client id.
     labels_at : {"data", "model"}
         Whether data parties may send labels.
-    on_update : Callable[[int], None] | None
-        Called with the update count after each applied step, still under the step lock (the
-        server's checkpoints hook in here, so a checkpoint never sees half a step).
+    on_update : Callable[[int, str], None] | None
+        Called with the update count and the data party whose step it was after each applied
+        step, still under the step lock (the server's checkpoints hook in here, so a checkpoint
+        never sees half a step).
     on_resume : Callable[[int], int] | None
         A restarted model party: called once, at the first ``hello``, with the step that data
         party resumes from; loads the matching checkpoint.
@@ -124,7 +125,7 @@ class ModelPartyService:
         limits: ServerLimits | None = None,
         tokens: dict[str, str] | None = None,
         labels_at: str = "data",
-        on_update: Callable[[int], None] | None = None,
+        on_update: Callable[[int, str], None] | None = None,
         on_resume: Callable[[int], int] | None = None,
     ) -> None:
         self.model_party = model_party
@@ -310,7 +311,7 @@ class ModelPartyService:
         if finishes:
             try:
                 if self.on_update is not None:
-                    self.on_update(self.model_party.updates)
+                    self.on_update(self.model_party.updates, session.client)
             finally:
                 self._end_step(session)
         return reply
@@ -348,6 +349,7 @@ class ModelPartyService:
                 "max_message_bytes": self.limits.max_message_bytes,
                 "labels_at": self.labels_at,
                 "updates": self.model_party.updates,
+                "client_steps": self.model_party.client_steps.get(session.client, 0),
             },
         )
 
