@@ -22,6 +22,7 @@ from splitfed.transport.wire import (
     Reassembler,
     WireError,
     WireLimits,
+    frames_of,
     from_envelope,
     to_envelope,
     to_frames,
@@ -196,6 +197,34 @@ def test_client_disconnecting_mid_step_leaves_adapters_untouched(server) -> None
         assert torch.equal(after[name], value), name
         assert after[name].grad is None
     assert server.model_party.updates == 0
+
+
+def test_big_tensors_travel_in_raw_frames_after_the_envelope() -> None:
+    logits = torch.randn(2, 64, 1000)  # 512 KB: raw frames, not inside the envelope
+    mask = torch.ones(2, 64, dtype=torch.long)  # 1 KB: inline
+    message = Message("forward_result", {"logits": logits, "attention_mask": mask}, {"batch_id": 3})
+    frames = list(frames_of(message, 9, "to_data", None))
+    envelope = pb.Envelope()
+    envelope.ParseFromString(frames[0].payload)
+    assert frames[0].header_frames == 1 and len(frames) == 2
+    assert envelope.tensors[0].external == logits.numel() * 4 and not envelope.tensors[0].data
+    assert envelope.tensors[1].data and not envelope.tensors[1].external
+    reassembler = Reassembler(WireLimits())
+    out = [reassembler.push(f) for f in frames]
+    decoded = from_envelope(out[-1], WireLimits(), reassembler.external)
+    assert torch.equal(decoded.tensors["logits"], logits) and torch.equal(
+        decoded.tensors["attention_mask"], mask
+    )
+    decoded.tensors["logits"].add_(1)  # writable, and nobody else's memory
+    with pytest.raises(WireError, match="follow the envelope"):
+        from_envelope(out[-1], WireLimits())  # the raw data is missing
+    short = pb.Frame()
+    short.CopyFrom(frames[1])
+    short.payload = frames[1].payload[:-4]
+    with pytest.raises(WireError, match="raw data"):
+        fresh = Reassembler(WireLimits())
+        for f in (frames[0], short):
+            fresh.push(f)
 
 
 def test_messages_larger_than_grpc_default_limit_are_framed() -> None:

@@ -15,7 +15,7 @@ from splitfed.split.system import build_model_party
 from splitfed.transport.channel import Message
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits
 from splitfed.transport.proto import splitfed_pb2 as pb
-from splitfed.transport.wire import PROTOCOL_VERSION, Reassembler, WireLimits, frames_of
+from splitfed.transport.wire import PROTOCOL_VERSION, Reassembler, WireLimits, frames_of, to_envelope
 from tiny import tiny_model
 
 HIDDEN = 32
@@ -95,10 +95,7 @@ def valid_ish(draw: st.DrawFn) -> pb.Envelope:
     kind = draw(st.sampled_from(["forward", "backward"]))
     tensors = {"hidden": hidden, "attention_mask": mask} if kind == "forward" else {"grad": hidden}
     meta = {"train": draw(st.booleans()), "batch_id": draw(st.integers(0, 3)), "update": draw(st.booleans())}
-    frames = list(frames_of(Message(kind, tensors, meta), draw(st.integers(1, 100)), "to_model", None))
-    env = pb.Envelope()
-    env.ParseFromString(b"".join(f.payload for f in frames))
-    return env
+    return to_envelope(Message(kind, tensors, meta), draw(st.integers(1, 100)), "to_model")
 
 
 def _frames_for(env: pb.Envelope, mode: int, seq: int) -> list[pb.Frame]:
@@ -162,4 +159,45 @@ def test_plausible_message_sequences_never_crash_the_server(
     for reply in replies[1:]:
         assert reply.error or reply.kind in ("forward_result", "backward_result")
     # After any session ends, no step is left holding the lock.
+    assert not service._step_lock.locked()
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    cut=st.integers(0, 8),
+    header=st.integers(0, 4),
+    drop=st.integers(-1, 4),
+    trim=st.integers(0, 3),
+    announce=st.integers(-2, 2),
+)
+def test_mangled_raw_frames_never_crash_the_server(
+    service: ModelPartyService, cut: int, header: int, drop: int, trim: int, announce: int
+) -> None:
+    """Big tensors travel after the envelope in raw frames: lie about them in every way."""
+    hidden = torch.randn(2, 200, HIDDEN)  # 51 KiB
+    grad = Message("backward", {"grad": torch.cat([hidden, hidden], 1)}, {"batch_id": 0})  # 102 KiB
+    frames = list(frames_of(grad, 1, "to_model", None))
+    assert frames[0].header_frames == 1 and len(frames) == 2
+    mangled = [pb.Frame() for _ in frames]
+    for new, old in zip(mangled, frames, strict=True):
+        new.CopyFrom(old)
+    if announce:
+        env = pb.Envelope()
+        env.ParseFromString(mangled[0].payload)
+        env.tensors[0].external = max(0, env.tensors[0].external + announce * 7)
+        mangled[0].payload = env.SerializeToString()
+    if header:
+        mangled[min(cut, len(mangled) - 1) % len(mangled)].header_frames = header
+    if trim:
+        mangled[-1].payload = mangled[-1].payload[: -trim * 5]
+    if 0 <= drop < len(mangled):
+        del mangled[drop]
+    replies = _run_session(service, mangled)
+    assert replies[0].kind == "welcome"
+    for reply in replies[1:]:
+        assert reply.error or reply.kind == "backward_result"
     assert not service._step_lock.locked()

@@ -18,9 +18,8 @@ from splitfed.transport.wire import (
     Reassembler,
     WireCodecs,
     WireLimits,
+    frames_of,
     from_envelope,
-    to_envelope,
-    to_frames,
 )
 
 
@@ -182,7 +181,7 @@ class GrpcChannel(Channel):
         self._seq += 1
         seq = self._seq
         due = time.monotonic() + self._one_way_s
-        for frame in to_frames(to_envelope(message, seq, "to_model", self.codecs), seq):
+        for frame in frames_of(message, seq, "to_model", self.codecs):
             self.bytes_to_model += frame.ByteSize()
             self._outbox.put((due, frame))
         self._kinds[seq] = message.kind
@@ -202,7 +201,7 @@ class GrpcChannel(Channel):
                 raise RemoteError(
                     f"the model party refused message {envelope.seq} ({kind}): {envelope.error}"
                 )
-            self._done[int(envelope.seq)] = from_envelope(envelope, self.limits)
+            self._done[int(envelope.seq)] = from_envelope(envelope, self.limits, self._reassembler.external)
         for seq in [s for s in self._kinds if s <= ticket]:
             del self._kinds[seq]
         return self._done.pop(ticket)

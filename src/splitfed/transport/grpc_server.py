@@ -382,7 +382,7 @@ class ModelPartyService:
                     if envelope is None:
                         continue
                     seq = int(envelope.seq)
-                    message = from_envelope(envelope, self.wire_limits)
+                    message = from_envelope(envelope, self.wire_limits, reassembler.external)
                     if message.kind == "hello":
                         reply: Message | None = self._hello(session, message)
                         greeted = True

@@ -10,7 +10,7 @@ before allocating: a bad message raises :class:`WireError` with what was wrong, 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,7 +21,7 @@ from splitfed.transport.codec import CodecError, EncodedTensor, Limits, TopKComp
 from splitfed.transport.proto import splitfed_pb2 as pb
 
 FRAME_BYTES = 4 << 20  # 4 MiB per frame (the channels allow 8 MiB messages)
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 ActivationCodec = Literal["fp32", "fp16", "bf16", "int8"]
 GradientCodec = Literal["fp32", "fp16", "bf16", "topk"]
@@ -121,31 +121,55 @@ def _meta_from_proto(envelope: pb.Envelope) -> dict[str, MetaValue]:
     return meta
 
 
+#: Tensor data at least this big travels in raw frames after the envelope instead of inside it.
+EXTERNAL_MIN_BYTES = 64 << 10
+
+
 def to_envelope(
     message: Message, seq: int, direction: Direction, codecs: WireCodecs | None = None, error: str = ""
 ) -> pb.Envelope:
-    """Encode a message (tensors through ``codecs``; everything raw when ``None``)."""
+    """Encode a message (tensors through ``codecs``; everything raw when ``None``), all data inline."""
+    return _encode(message, seq, direction, codecs, error, None)[0]
+
+
+def _encode(
+    message: Message,
+    seq: int,
+    direction: Direction,
+    codecs: WireCodecs | None,
+    error: str,
+    external_min: int | None,
+) -> tuple[pb.Envelope, list[bytes | memoryview]]:
+    """The envelope, and the data of tensors of ``external_min`` bytes or more, kept out of it."""
     codecs = codecs or WireCodecs()
     envelope = pb.Envelope(kind=message.kind, seq=seq, error=error)
+    externals: list[bytes | memoryview] = []
     for name, tensor in message.tensors.items():
         enc = codecs.encode_tensor(direction, message.kind, name, tensor)
-        envelope.tensors.append(
-            pb.TensorProto(
-                name=enc.name,
-                dtype=enc.dtype,
-                shape=list(enc.shape),
-                codec=enc.codec,
-                data=enc.data,
-                scale=enc.scale,
-                indices=enc.indices,
-            )
+        proto = envelope.tensors.add(
+            name=enc.name,
+            dtype=enc.dtype,
+            shape=list(enc.shape),
+            codec=enc.codec,
+            scale=enc.scale,
+            indices=enc.indices,
         )
+        if external_min is not None and len(enc.data) >= external_min:
+            proto.external = len(enc.data)
+            externals.append(enc.data)
+        else:
+            proto.data = enc.data
     _meta_to_proto(envelope, message.meta)
-    return envelope
+    return envelope, externals
 
 
-def from_envelope(envelope: pb.Envelope, limits: WireLimits) -> Message:
-    """Decode and validate an envelope's tensors; raises :class:`WireError`."""
+def from_envelope(envelope: pb.Envelope, limits: WireLimits, external: memoryview | None = None) -> Message:
+    """Decode and validate an envelope's tensors; raises :class:`WireError`.
+
+    ``external`` is the raw data of the envelope's ``external`` tensors, in order (what
+    :attr:`Reassembler.external` holds after the envelope's last frame); decoded tensors may use
+    that buffer's memory, which belongs to nobody else.
+    """
     if len(envelope.tensors) > limits.max_tensors:
         raise WireError(
             f"message carries {len(envelope.tensors)} tensors; at most {limits.max_tensors} allowed"
@@ -155,6 +179,7 @@ def from_envelope(envelope: pb.Envelope, limits: WireLimits) -> Message:
             f"message carries {len(envelope.meta)} metadata entries; at most {limits.max_meta} allowed"
         )
     tensors = {}
+    offset = 0
     for proto in envelope.tensors:
         if proto.name in tensors:
             raise WireError(f"tensor {proto.name!r} appears twice in one message")
@@ -162,46 +187,95 @@ def from_envelope(envelope: pb.Envelope, limits: WireLimits) -> Message:
             raise WireError(
                 f"tensor {proto.name!r} has {len(proto.shape)} dims; at most {limits.tensor.max_dims}"
             )
+        data: bytes | memoryview = proto.data
+        aligned = False
+        if proto.external:
+            if proto.data:
+                raise WireError(
+                    f"tensor {proto.name!r} carries data inline and says {proto.external} bytes follow"
+                )
+            end = offset + int(proto.external)
+            if external is None or end > len(external):
+                raise WireError(
+                    f"tensor {proto.name!r} says {proto.external} bytes of data follow the envelope; "
+                    f"{0 if external is None else len(external) - offset} did"
+                )
+            aligned = offset % 8 == 0  # alias the buffer only where elements are aligned
+            data, offset = external[offset:end], end
         enc = EncodedTensor(
             name=proto.name,
             dtype=proto.dtype,
             shape=tuple(int(s) for s in proto.shape),
             codec=proto.codec,
-            data=proto.data,
+            data=data,
             scale=proto.scale,
             indices=proto.indices,
         )
         try:
-            tensors[proto.name] = decode(enc, limits.tensor)
+            tensors[proto.name] = decode(enc, limits.tensor, owned=proto.external > 0 and aligned)
         except CodecError as err:
             raise WireError(str(err)) from None
+    if external is not None and offset != len(external):
+        raise WireError(
+            f"{len(external) - offset} bytes of raw data follow the envelope that no tensor claims"
+        )
     return Message(envelope.kind, tensors, _meta_from_proto(envelope))
 
 
-def to_frames(envelope: pb.Envelope, message_id: int) -> list[pb.Frame]:
-    """Serialize and cut into frames of at most :data:`FRAME_BYTES`."""
+def to_frames(
+    envelope: pb.Envelope, message_id: int, externals: Sequence[bytes | memoryview] = ()
+) -> list[pb.Frame]:
+    """Serialize and cut into frames of at most :data:`FRAME_BYTES`; ``externals`` follow the envelope."""
     payload = envelope.SerializeToString()
-    total = max(1, math.ceil(len(payload) / FRAME_BYTES))
+    header = max(1, math.ceil(len(payload) / FRAME_BYTES))
+    pieces = [payload[i * FRAME_BYTES : (i + 1) * FRAME_BYTES] for i in range(header)]
+    pieces += list(_chunks(externals, FRAME_BYTES))
+    total = len(pieces)
     return [
         pb.Frame(
             message_id=message_id,
             index=i,
             total=total,
-            payload=payload[i * FRAME_BYTES : (i + 1) * FRAME_BYTES],
+            payload=piece,
+            header_frames=header if total > header else 0,
         )
-        for i in range(total)
+        for i, piece in enumerate(pieces)
     ]
 
 
+def _chunks(buffers: Sequence[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """The concatenation of ``buffers`` in pieces of ``size`` bytes (the last may be shorter)."""
+    pending: list[memoryview] = []
+    have = 0
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        while len(view):
+            take = min(size - have, len(view))
+            pending.append(view[:take])
+            have += take
+            view = view[take:]
+            if have == size:
+                yield pending[0].tobytes() if len(pending) == 1 else b"".join(pending)
+                pending, have = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
 class Reassembler:
-    """Collects frames into envelopes, enforcing order and size limits."""
+    """Collects frames into envelopes, enforcing order and size limits.
+
+    After the last frame of a message, :meth:`push` returns its envelope and :attr:`external`
+    holds the raw data of its ``external`` tensors (``None`` when it has none).
+    """
 
     def __init__(self, limits: WireLimits) -> None:
         self.limits = limits
+        self.external: memoryview | None = None
         self._id: int | None = None
         self._parts: list[bytes] = []
-        self._size = 0
-        self._total = 0
+        self._size = self._total = self._header = self._index = self._filled = 0
+        self._envelope: pb.Envelope | None = None
+        self._buffer: bytearray | None = None
 
     def push(self, frame: pb.Frame) -> pb.Envelope | None:
         """Add a frame; return the envelope when its last frame arrived. Raises :class:`WireError`."""
@@ -211,41 +285,91 @@ class Reassembler:
                 f"frame says its message has {frame.total} frames; between 1 and {self.limits.max_frames} allowed "
                 f"(messages up to {self.limits.max_message_bytes} bytes)"
             )
+        header = frame.header_frames or frame.total
         if self._id is None:
             if frame.index != 0:
                 raise WireError(
                     f"message {frame.message_id} started at frame {frame.index}, expected frame 0"
                 )
-            self._id, self._total = frame.message_id, frame.total
-        elif frame.message_id != self._id or frame.index != len(self._parts) or frame.total != self._total:
-            expected = (self._id, len(self._parts), self._total)
+            if header > frame.total:
+                raise WireError(f"frame says {header} of its message's {frame.total} frames are the envelope")
+            self._id, self._total, self._header = frame.message_id, frame.total, header
+        elif (
+            frame.message_id != self._id
+            or frame.index != self._index
+            or frame.total != self._total
+            or header != self._header
+        ):
+            expected = (self._id, self._index, self._total)
             self._reset()
             raise WireError(
                 f"out-of-order frame (message {frame.message_id}, index {frame.index}/{frame.total}); "
                 f"expected message {expected[0]} index {expected[1]}/{expected[2]}"
             )
+        self._index += 1
         self._size += len(frame.payload)
         if self._size > self.limits.max_message_bytes:
             self._reset()
             raise WireError(f"message exceeds the session's limit of {self.limits.max_message_bytes} bytes")
-        self._parts.append(frame.payload)
-        if len(self._parts) < self._total:
+        if frame.index < self._header:
+            self._parts.append(frame.payload)
+            if frame.index == self._header - 1:
+                self._open_envelope()
+        else:
+            self._fill(frame.payload)
+        if self._index < self._total:
             return None
-        payload = b"".join(self._parts)
+        envelope, buffer, filled = self._envelope, self._buffer, self._filled
         self._reset()
+        assert envelope is not None
+        if buffer is not None and filled != len(buffer):
+            raise WireError(f"the envelope's tensors announce {len(buffer)} bytes of raw data; {filled} came")
+        self.external = memoryview(buffer) if buffer is not None else None
+        return envelope
+
+    def _open_envelope(self) -> None:
+        payload = b"".join(self._parts)
+        self._parts = []
         envelope = pb.Envelope()
         try:
             envelope.ParseFromString(payload)
         except DecodeError as err:
+            self._reset()
             raise WireError(f"message is not a valid protobuf Envelope: {err}") from None
-        return envelope
+        announced = sum(int(t.external) for t in envelope.tensors)
+        if (announced > 0) != (self._total > self._header) or announced > self.limits.max_message_bytes:
+            self._reset()
+            raise WireError(
+                f"the envelope announces {announced} bytes of raw data in {self._total - self._header} frames "
+                f"(at most {self.limits.max_message_bytes} bytes, and frames exactly when there is data)"
+            )
+        self._envelope = envelope
+        self._buffer = bytearray(announced) if announced else None
+
+    def _fill(self, payload: bytes) -> None:
+        assert self._buffer is not None
+        end = self._filled + len(payload)
+        if end > len(self._buffer):
+            size = len(self._buffer)
+            self._reset()
+            raise WireError(f"more raw data than the envelope's tensors announce ({size} bytes)")
+        self._buffer[self._filled : end] = payload
+        self._filled = end
 
     def _reset(self) -> None:
-        self._id, self._parts, self._size, self._total = None, [], 0, 0
+        self._id = None
+        self._parts = []
+        self._size = self._total = self._header = self._index = self._filled = 0
+        self._envelope = None
+        self._buffer = None
 
 
 def frames_of(
     message: Message, seq: int, direction: Direction, codecs: WireCodecs | None, error: str = ""
 ) -> Iterator[pb.Frame]:
-    """Encode and frame a message in one go; ``seq`` doubles as the frame message id."""
-    yield from to_frames(to_envelope(message, seq, direction, codecs, error), seq)
+    """Encode and frame a message in one go; ``seq`` doubles as the frame message id.
+
+    Tensors of :data:`EXTERNAL_MIN_BYTES` or more travel in raw frames after the envelope.
+    """
+    envelope, externals = _encode(message, seq, direction, codecs, error, EXTERNAL_MIN_BYTES)
+    yield from to_frames(envelope, seq, externals)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0esplitfed.proto\x12\x0bsplitfed.v1\"v\n\x0bTensorProto\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x0c\x12\x0f\n\x07indices\x18\x07 \x01(\x0c\"H\n\tMetaValue\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01s\x18\x03 \x01(\tH\x00\x12\x0b\n\x01\x62\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"\xd3\x01\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.splitfed.v1.TensorProto\x12-\n\x04meta\x18\x03 \x03(\x0b\x32\x1f.splitfed.v1.Envelope.MetaEntry\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x1a\x43\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.splitfed.v1.MetaValue:\x02\x38\x01\"J\n\x05\x46rame\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x32\x45\n\x0cSplitService\x12\x35\n\x07Session\x12\x12.splitfed.v1.Frame\x1a\x12.splitfed.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0esplitfed.proto\x12\x0bsplitfed.v1\"\x88\x01\n\x0bTensorProto\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x0c\x12\x0f\n\x07indices\x18\x07 \x01(\x0c\x12\x10\n\x08\x65xternal\x18\x08 \x01(\x04\"H\n\tMetaValue\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01s\x18\x03 \x01(\tH\x00\x12\x0b\n\x01\x62\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"\xd3\x01\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.splitfed.v1.TensorProto\x12-\n\x04meta\x18\x03 \x03(\x0b\x32\x1f.splitfed.v1.Envelope.MetaEntry\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x1a\x43\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.splitfed.v1.MetaValue:\x02\x38\x01\"a\n\x05\x46rame\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x15\n\rheader_frames\x18\x05 \x01(\r2E\n\x0cSplitService\x12\x35\n\x07Session\x12\x12.splitfed.v1.Frame\x1a\x12.splitfed.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE_METAENTRY']._loaded_options = None
   _globals['_ENVELOPE_METAENTRY']._serialized_options = b'8\001'
-  _globals['_TENSORPROTO']._serialized_start=31
-  _globals['_TENSORPROTO']._serialized_end=149
-  _globals['_METAVALUE']._serialized_start=151
-  _globals['_METAVALUE']._serialized_end=223
-  _globals['_ENVELOPE']._serialized_start=226
-  _globals['_ENVELOPE']._serialized_end=437
-  _globals['_ENVELOPE_METAENTRY']._serialized_start=370
-  _globals['_ENVELOPE_METAENTRY']._serialized_end=437
-  _globals['_FRAME']._serialized_start=439
-  _globals['_FRAME']._serialized_end=513
-  _globals['_SPLITSERVICE']._serialized_start=515
-  _globals['_SPLITSERVICE']._serialized_end=584
+  _globals['_TENSORPROTO']._serialized_start=32
+  _globals['_TENSORPROTO']._serialized_end=168
+  _globals['_METAVALUE']._serialized_start=170
+  _globals['_METAVALUE']._serialized_end=242
+  _globals['_ENVELOPE']._serialized_start=245
+  _globals['_ENVELOPE']._serialized_end=456
+  _globals['_ENVELOPE_METAENTRY']._serialized_start=389
+  _globals['_ENVELOPE_METAENTRY']._serialized_end=456
+  _globals['_FRAME']._serialized_start=458
+  _globals['_FRAME']._serialized_end=555
+  _globals['_SPLITSERVICE']._serialized_start=557
+  _globals['_SPLITSERVICE']._serialized_end=626
 # @@protoc_insertion_point(module_scope)

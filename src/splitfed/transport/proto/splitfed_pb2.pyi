@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorProto(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "codec", "data", "scale", "indices")
+    __slots__ = ("name", "dtype", "shape", "codec", "data", "scale", "indices", "external")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class TensorProto(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -22,7 +23,8 @@ class TensorProto(_message.Message):
     data: bytes
     scale: bytes
     indices: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ..., indices: _Optional[bytes] = ...) -> None: ...
+    external: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ..., indices: _Optional[bytes] = ..., external: _Optional[int] = ...) -> None: ...
 
 class MetaValue(_message.Message):
     __slots__ = ("i", "f", "s", "b")
@@ -58,13 +60,15 @@ class Envelope(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorProto, _Mapping]]] = ..., meta: _Optional[_Mapping[str, MetaValue]] = ..., seq: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("message_id", "index", "total", "payload")
+    __slots__ = ("message_id", "index", "total", "payload", "header_frames")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FRAMES_FIELD_NUMBER: _ClassVar[int]
     message_id: int
     index: int
     total: int
     payload: bytes
-    def __init__(self, message_id: _Optional[int] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    header_frames: int
+    def __init__(self, message_id: _Optional[int] = ..., index: _Optional[int] = ..., total: _Optional[int] = ..., payload: _Optional[bytes] = ..., header_frames: _Optional[int] = ...) -> None: ...
