@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -12,12 +13,18 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says what was tried."""
 
 
+#: transformers' loading is not thread-safe: it swaps module-level state (weight-init functions,
+#: default dtype) in and out, so two threads loading at once can leave it swapped for good.
+_LOAD_LOCK = threading.Lock()
+
+
 def _load(what: str, name: str, loader: Any, **kwargs: Any) -> Any:
     from splitfed.assets import ASSETS, resolve_model
 
     source = resolve_model(name)
     try:
-        return loader(source, **kwargs)
+        with _LOAD_LOCK:
+            return loader(source, **kwargs)
     except OSError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
         raise ModelLoadError(
