@@ -66,7 +66,7 @@ if SPLITFED_TOKEN= ip netns exec "$ns_a" "$splitfed" join "$config" --server 10.
     --tls-key "$work/certs/hospital-a.key" "${common[@]}" --set "output_dir=$work/nobody" > "$work/nobody.log" 2>&1; then
     echo "a data party without a token was let in" >&2; status=1
 fi
-kill -INT "$server_pid"; wait "$server_pid" || true; server_pid=""
+kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
 for who in hospital-a hospital-b; do
     echo "== $who"; grep -E "joined|after fine-tuning|training:" "$work/$who.log" || { cat "$work/$who.log"; status=1; }
     test -f "$work/$who/results.json" || status=1

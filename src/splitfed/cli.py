@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -180,14 +181,18 @@ def serve(
         return
     console.print(
         f"model party serving {cfg.model.name} ({cfg.split.setting}, body from block {cfg.split.head_layers}) "
-        f"on {host}:{server.port} with {'TLS' if tls else 'no TLS'}; Ctrl-C to stop"
+        f"on {host}:{server.port} with {'TLS' if tls else 'no TLS'}; Ctrl-C (or SIGTERM) to stop"
     )
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        server.stop()
-        final = server.save_adapters()
-        console.print(f"model party adapters saved in {final}")
+    import signal
+
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    while not stopping.wait(0.5):
+        pass
+    server.stop()
+    final = server.save_adapters()
+    console.print(f"model party adapters saved in {final}")
 
 
 @app.command()

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from splitfed.config import parse_config
 from splitfed.run import train
@@ -80,9 +82,19 @@ def test_sigkill_both_sides_and_resume(tmp_path: Path) -> None:
     try:
         client = _start([*join_args, "--resume"], log)
         assert client.wait(timeout=180) == 0, log.read_text()[-3000:]
+        server.send_signal(signal.SIGTERM)  # as a service manager stops it: saves its adapters
+        assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
-        server.send_signal(signal.SIGKILL)
-        server.wait()
+        if server.poll() is None:
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+    final = load_file(
+        str(tmp_path / "run" / "model_party_server" / "final" / "model_party" / "adapter.safetensors")
+    )
+    trained = load_file(str(tmp_path / "straight" / "model_party" / "adapter.safetensors"))
+    assert set(final) == set(trained)
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, trained[name], atol=1e-5, rtol=1e-4)
     resumed = json.loads((tmp_path / "run" / "results.json").read_text())
     text = " ".join(log.read_text().split())
     assert "model party resumed from" in text and f"at step {killed_at}" in text
