@@ -99,3 +99,11 @@ def test_forward_only_schedule_needs_a_frozen_head_and_labels_at_the_model_party
     )
     assert cfg.train.window == 6
     assert parse_config({"train": {"pipeline_depth": 6}}).train.window == 1
+
+
+def test_head_output_cache_needs_a_frozen_head() -> None:
+    with pytest.raises(ConfigError, match="cache_head_outputs needs a frozen data-party head"):
+        parse_config({"train": {"cache_head_outputs": True}})
+    assert parse_config(
+        {"mode": "splitfrozen", "train": {"cache_head_outputs": True}}
+    ).train.cache_head_outputs

@@ -156,6 +156,10 @@ class TrainConfig(_Strict):
     hiding network latency behind the model party's work with results equal to sequential;
     ``forward-only`` (SplitFrozen, HT, labels at the model party) streams activations ahead across
     optimizer steps, since the frozen head needs nothing back.
+
+    ``cache_head_outputs`` (frozen head only): the data party computes each training example's
+    head output once and reuses it in later epochs (the head runs in eval mode); its device
+    compute over E epochs falls to 1/E, at the memory cost of one hidden state per training token.
     """
 
     steps: int | None = Field(default=None, ge=1)
@@ -178,6 +182,7 @@ class TrainConfig(_Strict):
     threads: int | None = Field(default=None, ge=1)
     schedule: Literal["sequential", "pipelined", "forward-only"] = "sequential"
     pipeline_depth: int = Field(default=4, ge=1)
+    cache_head_outputs: bool = False
 
     @property
     def window(self) -> int:
@@ -214,6 +219,11 @@ class RunConfig(_Strict):
             raise ValueError("split.tail_layers is only for split.setting: hbt")
         if self.split.setting == "hbt" and self.split.tail_layers < 1:
             raise ValueError("split.setting: hbt needs split.tail_layers >= 1")
+        if self.train.cache_head_outputs and self.segment_finetune()["head"].mode != "frozen":
+            raise ValueError(
+                "train.cache_head_outputs needs a frozen data-party head (mode: splitfrozen or "
+                "finetune.head.mode: frozen): a training head's outputs change every step"
+            )
         if self.train.schedule == "forward-only":
             head = self.segment_finetune()["head"].mode
             if head != "frozen" or self.split.setting != "ht" or self.split.labels_at != "model":

@@ -351,6 +351,7 @@ def train(
         cfg.optim(work.total_steps),
         labels_at=cfg.split.labels_at,
         transforms=transforms,
+        cache_head=cfg.train.cache_head_outputs,
     )
     parties = {"data_party": system.data_party, "model_party": system.model_party}
     return train_loop(work, system.data_party, system.segments, parties, resume, progress, log)
@@ -413,8 +414,9 @@ def train_loop(
         def micro_batches(first: int, last: int) -> Iterator[MicroBatch]:
             for _ in range(first, last):
                 for micro in range(accum):
-                    examples = [splits.train[i] for i in next(batches)]
-                    yield MicroBatch(task.collate(examples), micro == accum - 1, 1.0 / accum)
+                    ids = next(batches)
+                    examples = [splits.train[i] for i in ids]
+                    yield MicroBatch(task.collate(examples), micro == accum - 1, 1.0 / accum, ids)
 
         step = start_step
         while step < total:
@@ -448,6 +450,7 @@ def train_loop(
         timings["train_s"] = time.perf_counter() - t_train
         timings["data_party_wait_s"] = data_party.wait_s
         timings["data_party_compute_s"] = max(0.0, timings["train_s"] - data_party.wait_s)
+        head_tokens = dict(data_party.head_tokens)
         t = time.perf_counter()
         metrics_after = evaluate(data_party, task, eval_examples, eval_bs, bar, "eval (after)", gen_tokens)
         timings["eval_after_s"] = time.perf_counter() - t
@@ -479,6 +482,8 @@ def train_loop(
             "to_data": float(np.mean([h["bytes_to_data"] for h in history])) if history else 0.0,
         },
         "compute_share": _compute_share(work, segments),
+        # Real tokens the data party's head ran forward / backward during training (measured).
+        "data_party_head_tokens": head_tokens,
         "adapters": adapters,
         "history": history,
     }

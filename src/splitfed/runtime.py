@@ -252,6 +252,7 @@ def join(
             tail=segments.get("tail"),
             labels_at=cfg.split.labels_at,
             client_id=channel.client_id,
+            cache_head=cfg.train.cache_head_outputs,
         )
         log(f"joined the model party at {target} as {channel.client_id or '(anonymous)'}")
         result = train_loop(

@@ -212,3 +212,31 @@ def test_one_model_party_serves_heads_of_different_depths() -> None:
                 {"head_layers": 4},
             )
         )
+
+
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize(
+    ("setting", "labels_at"), [(SplitSpec("ht", 1), "model"), (SplitSpec("hbt", 1, 1), "data")]
+)
+def test_time_in_the_model_party_counts_as_the_data_party_waiting(
+    setting: SplitSpec, labels_at: str, window: int
+) -> None:
+    import time
+
+    from splitfed.split.parties import MicroBatch
+
+    _, batch, system = _run(setting, labels_at, LORA)
+    handler = system.channel.handler  # type: ignore[attr-defined]
+
+    def slow(message: Message) -> Message | None:
+        time.sleep(0.02)
+        return handler(message)
+
+    system.channel.handler = slow  # type: ignore[attr-defined]
+    party = system.data_party
+    party.wait_s = 0.0
+    messages = system.channel.messages
+    micro = [MicroBatch(batch, update=i == 2, loss_scale=1 / 3) for i in range(3)]
+    assert len(list(party.train_stream(micro, window))) == 3
+    to_model = (system.channel.messages - messages) // 2  # every message here gets a reply
+    assert to_model >= 3 and party.wait_s >= 0.02 * to_model

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -405,6 +405,8 @@ class MicroBatch:
     batch: Mapping[str, torch.Tensor]
     update: bool = True
     loss_scale: float = 1.0
+    #: The examples' indices in the training set (lets a frozen head reuse its outputs).
+    ids: Sequence[int] | None = None
 
 
 @dataclass
@@ -417,6 +419,7 @@ class _InFlight:
     hidden: torch.Tensor | None = None
     ticket: int = 0
     loss: float = 0.0
+    tokens: int = 0
     bytes_to_model: int = 0
     bytes_to_data: int = 0
     result: StepResult | None = None
@@ -441,6 +444,11 @@ class DataParty:
         (SplitLoRA / SplitFrozen style: no logits cross).
     client_id : str, default ""
         Names this data party in messages (the model party may serve several).
+    cache_head : bool, default False
+        A frozen head (SplitFrozen) computes each training example's output once and reuses it
+        in later epochs, running in eval mode (no dropout) so that the output is the same every
+        time. Micro-batches must carry their examples' ``ids``; batches must be right-padded.
+        Costs the memory of one hidden state per training token.
     """
 
     def __init__(
@@ -452,6 +460,7 @@ class DataParty:
         tail: Segment | None = None,
         labels_at: LabelsAt = "data",
         client_id: str = "",
+        cache_head: bool = False,
     ) -> None:
         if labels_at not in ("data", "model"):
             raise ValueError(f"labels_at must be 'data' or 'model', got {labels_at!r}")
@@ -466,6 +475,11 @@ class DataParty:
         segments = {"head": head} | ({"tail": tail} if tail is not None else {})
         self.trainer = _Trainer(_params(segments), optim)
         self.head_trainable = head.is_trainable
+        if cache_head and self.head_trainable:
+            raise ValueError("cache_head needs a frozen head (its outputs change while it trains)")
+        self._head_cache: dict[int, torch.Tensor] | None = {} if cache_head else None
+        #: Real (unpadded) tokens the head processed in training: its device-side work, measured.
+        self.head_tokens = {"forward": 0, "backward": 0}
         self._batch_id = 0
         self.updates = 0
         #: Seconds spent waiting on the model party (its compute plus transfer) during training.
@@ -481,14 +495,52 @@ class DataParty:
             **extra,
         }
 
-    def _run_head(self, batch: Mapping[str, torch.Tensor], train: bool) -> torch.Tensor:
-        self.head.train(train)
+    def _run_head(
+        self, batch: Mapping[str, torch.Tensor], train: bool, ids: Sequence[int] | None = None
+    ) -> torch.Tensor:
         kwargs = {k: batch[k] for k in INPUT_KEYS if k in batch}
+        if train and self._head_cache is not None and ids is not None:
+            cached = self._cached_head(batch, ids)
+            if cached is not None:
+                return cached
+        self.head.train(train and self._head_cache is None)
+        if train:
+            self.head_tokens["forward"] += int(batch["attention_mask"].sum())
         if train and self.head_trainable:
             return self.head(**kwargs)  # type: ignore[no-any-return]
         # SplitFrozen: the head runs forward-only, keeping no graph.
         with torch.no_grad():
             return self.head(**kwargs)  # type: ignore[no-any-return]
+
+    def _cached_head(self, batch: Mapping[str, torch.Tensor], ids: Sequence[int]) -> torch.Tensor | None:
+        """The frozen head's output from the cache, computing only the examples not seen yet.
+
+        ``None`` when the batch does not fit the cache (rows are not one per example, or not
+        right-padded); the caller computes it as usual.
+        """
+        assert self._head_cache is not None
+        mask = batch["attention_mask"]
+        if mask.dim() != 2 or mask.shape[0] != len(ids):
+            return None
+        lengths = mask.sum(1)
+        positions = torch.arange(mask.shape[1])
+        if not bool((mask == (positions[None, :] < lengths[:, None])).all()):
+            return None
+        missing = [i for i, example in enumerate(ids) if example not in self._head_cache]
+        if missing:
+            width = int(lengths[missing].max())
+            sub = {k: batch[k][missing, :width] for k in INPUT_KEYS if k in batch}
+            self.head.eval()
+            with torch.no_grad():
+                out = self.head(**sub)
+            self.head_tokens["forward"] += int(lengths[missing].sum())
+            for row, i in enumerate(missing):
+                self._head_cache[ids[i]] = out[row, : int(lengths[i])].clone()
+        first = self._head_cache[ids[0]]
+        hidden = torch.zeros(mask.shape[0], mask.shape[1], first.shape[-1], dtype=first.dtype)
+        for i, example in enumerate(ids):
+            hidden[i, : int(lengths[i])] = self._head_cache[example]
+        return hidden
 
     @property
     def can_stream(self) -> bool:
@@ -558,7 +610,8 @@ class DataParty:
         self._batch_id += 1
         item = _InFlight(micro, self._batch_id)
         batch = micro.batch
-        item.hidden = self._run_head(batch, train=True)
+        item.tokens = int(batch["attention_mask"].sum())
+        item.hidden = self._run_head(batch, train=True, ids=micro.ids)
         tensors = {"hidden": item.hidden, "attention_mask": batch["attention_mask"]}
         if self.labels_at == "model":
             tensors |= {k: batch[k] for k in LABEL_KEYS if k in batch}
@@ -573,13 +626,13 @@ class DataParty:
         reply = self._collect(item)
         if item.stage == "backward":
             _require(reply, "grad")
-            self._head_backward(item.hidden, reply.tensors["grad"])
+            self._head_backward(item.hidden, reply.tensors["grad"], item.tokens)
             self._finish(item, item.loss)
             return
         micro, batch = item.micro, item.micro.batch
         if self.labels_at == "model":
             _require(reply, "loss")
-            self._head_backward(item.hidden, reply.tensors.get("grad"))
+            self._head_backward(item.hidden, reply.tensors.get("grad"), item.tokens)
             self._finish(item, float(reply.tensors["loss"].item()))
             return
         mask = batch["attention_mask"]
@@ -600,15 +653,21 @@ class DataParty:
             item.ticket = self._submit(item, message)
         else:
             before = self.channel.bytes_to_model
+            start = time.perf_counter()
             self.channel.send(message)
+            self.wait_s += time.perf_counter() - start
             item.bytes_to_model += self.channel.bytes_to_model - before
             self._finish(item, item.loss)
 
     def _submit(self, item: _InFlight, message: Message) -> int:
+        # Timed as waiting: sending is transport work, and in process the model party answers here.
         before = self.channel.bytes_to_model
-        ticket = self.channel.submit(message)
-        item.bytes_to_model += self.channel.bytes_to_model - before
-        return ticket
+        start = time.perf_counter()
+        try:
+            return self.channel.submit(message)
+        finally:
+            self.wait_s += time.perf_counter() - start
+            item.bytes_to_model += self.channel.bytes_to_model - before
 
     def _collect(self, item: _InFlight) -> Message:
         before = self.channel.bytes_to_data
@@ -663,7 +722,7 @@ class DataParty:
         finally:
             self.wait_s += time.perf_counter() - start
 
-    def _head_backward(self, hidden: torch.Tensor | None, grad: torch.Tensor | None) -> None:
+    def _head_backward(self, hidden: torch.Tensor | None, grad: torch.Tensor | None, tokens: int = 0) -> None:
         if not self.head_trainable:
             return
         assert hidden is not None
@@ -672,6 +731,7 @@ class DataParty:
         if grad.shape != hidden.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != head output {tuple(hidden.shape)}")
         hidden.backward(grad.to(hidden.dtype))
+        self.head_tokens["backward"] += int(tokens)
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -82,6 +82,7 @@ def build_split(
     labels_at: LabelsAt = "data",
     transforms: Sequence[ChannelTransform] = (),
     recorder: CrossingRecorder | None = None,
+    cache_head: bool = False,
 ) -> SplitSystem:
     """Cut ``model`` and join the two parties with an in-process channel.
 
@@ -98,7 +99,7 @@ def build_split(
         ``loss_fn(logits, batch)``.
     optim : OptimSpec | None
         The same schedule drives both parties (each steps its own optimizer).
-    labels_at, transforms, recorder
+    labels_at, transforms, recorder, cache_head
         See :class:`DataParty` and :class:`~splitfed.transport.channel.Channel`.
     """
     optim = optim or OptimSpec()
@@ -111,5 +112,6 @@ def build_split(
         optim,
         tail=segments.get("tail"),
         labels_at=labels_at,
+        cache_head=cache_head,
     )
     return SplitSystem(data_party, model_party, channel, segments, reports)
