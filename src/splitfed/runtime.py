@@ -52,16 +52,18 @@ class ModelPartyServer:
 
         Shared adapters go to ``final/model_party/adapter.safetensors``; per-party adapters to
         ``final/parties/<client>/model_party/adapter.safetensors``. Either directory loads with
-        ``splitfed generate --adapters`` on the model party's side. Returns ``final``.
+        ``splitfed serve --adapters DIR`` (or in process with ``splitfed generate --adapters``).
+        Returns ``final``.
         """
         from safetensors.torch import save_file
 
         from splitfed.run import save_adapters
 
         final = self.output_dir / "model_party_server" / "final"
-        save_adapters(self.segments, final, ("model_party",))
         bank = self.model_party.bank
-        if bank is not None:
+        if bank is None:
+            save_adapters(self.segments, final, ("model_party",))
+        else:
             for client in bank.parties:
                 path = final / "parties" / _safe_name(client) / "model_party" / "adapter.safetensors"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,8 @@ class AdapterBank:
     Parameters
     ----------
     body : Segment
-        The model party's segment; its trainable parameters at construction are every party's start.
+        The model party's segment; its trainable parameters at the first activation are every
+        party's start.
     optim : OptimSpec
     """
 
@@ -157,7 +158,9 @@ class AdapterBank:
                 if param.requires_grad and id(param) not in seen:
                     seen.add(id(param))
                     self.slots.append((module, name))
-        self.initial = [getattr(m, n).detach().clone() for m, n in self.slots]
+        #: Every party's starting point: the parameters in the modules at the first activation
+        #: (so adapters loaded after construction, e.g. ``serve --adapters``, count).
+        self.initial: list[torch.Tensor] | None = None
         model: nn.Module = body.model  # type: ignore[assignment]
         paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
         self.names = [f"{paths[id(m)]}.{n}" for m, n in self.slots]
@@ -166,6 +169,8 @@ class AdapterBank:
 
     def _get(self, client: str) -> tuple[list[nn.Parameter], _Trainer]:
         if client not in self.parties:
+            if self.initial is None:
+                self.initial = [getattr(m, n).detach().clone() for m, n in self.slots]
             params = [nn.Parameter(t.clone()) for t in self.initial]
             self.parties[client] = (params, _Trainer(params, self.optim))
         return self.parties[client]
