@@ -25,6 +25,26 @@ def interleaved_times(
     return times
 
 
+def smollm2_splitlora_config(labels_at: str, name: str, head_layers: int = 2, **train: Any) -> dict[str, Any]:
+    """The raw config the loopback and latency benchmarks share: smollm2-135m, HT, LoRA r=8 q/v both sides.
+
+    A constant learning rate, so every measured step does the same work; ``train`` adds keys.
+    """
+    import tempfile
+
+    lora = {"mode": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    return {
+        "task": "causal_lm",
+        "mode": "splitlora",
+        "model": {"name": "smollm2-135m"},
+        "data": {"name": "shakespeare"},
+        "split": {"setting": "ht", "head_layers": head_layers, "labels_at": labels_at},
+        "finetune": {"head": lora, "body": lora},
+        "train": {"steps": 100_000, "lr": 1e-4, "scheduler": "constant", "seed": 0, **train},
+        "output_dir": tempfile.mkdtemp(prefix=f"splitfed-bench-{name}-"),
+    }
+
+
 def _serve(raw: dict[str, Any], port_queue: Any, stop: Any) -> None:
     from transformers.utils import logging as hf_logging
 

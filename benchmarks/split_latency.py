@@ -35,13 +35,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from typing import Any
 
 import torch
-from _bench import model_party_process
+from _bench import model_party_process, smollm2_splitlora_config
 from transformers.utils import logging as hf_logging
 
 MODEL = "smollm2-135m"
@@ -52,24 +51,7 @@ TARGET = 0.9
 
 
 def _raw_config(accum: int, depth: int) -> dict[str, Any]:
-    lora = {"mode": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    return {
-        "task": "causal_lm",
-        "mode": "splitlora",
-        "model": {"name": MODEL},
-        "data": {"name": "shakespeare"},
-        "split": {"setting": "ht", "head_layers": HEAD_LAYERS, "labels_at": "model"},
-        "finetune": {"head": lora, "body": lora},
-        "train": {
-            "steps": 100_000,
-            "lr": 1e-4,
-            "scheduler": "constant",
-            "seed": 0,
-            "grad_accum": accum,
-            "pipeline_depth": depth,
-        },
-        "output_dir": tempfile.mkdtemp(prefix="splitfed-bench-latency-"),
-    }
+    return smollm2_splitlora_config("model", "latency", HEAD_LAYERS, grad_accum=accum, pipeline_depth=depth)
 
 
 def netem_available() -> tuple[bool, str]:

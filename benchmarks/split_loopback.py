@@ -33,12 +33,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import statistics
-import tempfile
 import time
 from typing import Any
 
 import torch
-from _bench import interleaved_times, model_party_process
+from _bench import interleaved_times, model_party_process, smollm2_splitlora_config
 from transformers.utils import logging as hf_logging
 
 MODEL = "smollm2-135m"
@@ -48,18 +47,7 @@ SETTINGS = ("data", "model")
 
 
 def _raw_config(labels_at: str) -> dict[str, Any]:
-    lora = {"mode": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    return {
-        "task": "causal_lm",
-        "mode": "splitlora",
-        "model": {"name": MODEL},
-        "data": {"name": "shakespeare"},
-        "split": {"setting": "ht", "head_layers": HEAD_LAYERS, "labels_at": labels_at},
-        "finetune": {"head": lora, "body": lora},
-        # constant schedule: every measured step does the same work
-        "train": {"steps": 1000, "lr": 1e-4, "scheduler": "constant", "seed": 0},
-        "output_dir": tempfile.mkdtemp(prefix="splitfed-bench-loopback-"),
-    }
+    return smollm2_splitlora_config(labels_at, "loopback", HEAD_LAYERS)
 
 
 def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
