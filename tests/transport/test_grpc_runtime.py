@@ -218,9 +218,8 @@ def test_big_tensors_travel_in_raw_frames_after_the_envelope() -> None:
     decoded.tensors["logits"].add_(1)  # writable, and nobody else's memory
     with pytest.raises(WireError, match="follow the envelope"):
         from_envelope(out[-1], WireLimits())  # the raw data is missing
-    short = pb.Frame()
-    short.CopyFrom(frames[1])
-    short.payload = frames[1].payload[:-4]
+    short = pb.Frame.FromString(frames[1].SerializeToString())
+    short.payload = short.payload[:-4]
     with pytest.raises(WireError, match="raw data"):
         fresh = Reassembler(WireLimits())
         for f in (frames[0], short):

@@ -182,9 +182,7 @@ def test_mangled_raw_frames_never_crash_the_server(
     grad = Message("backward", {"grad": torch.cat([hidden, hidden], 1)}, {"batch_id": 0})  # 102 KiB
     frames = list(frames_of(grad, 1, "to_model", None))
     assert frames[0].header_frames == 1 and len(frames) == 2
-    mangled = [pb.Frame() for _ in frames]
-    for new, old in zip(mangled, frames, strict=True):
-        new.CopyFrom(old)
+    mangled = [pb.Frame.FromString(f.SerializeToString()) for f in frames]  # editable copies
     if announce:
         env = pb.Envelope()
         env.ParseFromString(mangled[0].payload)
@@ -201,3 +199,61 @@ def test_mangled_raw_frames_never_crash_the_server(
     for reply in replies[1:]:
         assert reply.error or reply.kind == "backward_result"
     assert not service._step_lock.locked()
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    message_id=st.integers(0, 2**64 - 1),
+    index=st.integers(0, 2**32 - 1),
+    total=st.integers(0, 2**32 - 1),
+    header=st.integers(0, 2**32 - 1),
+    payload=st.binary(max_size=300),
+)
+def test_raw_frames_encode_as_protobuf_frames(
+    message_id: int, index: int, total: int, header: int, payload: bytes
+) -> None:
+    from splitfed.transport.wire import RawFrame, parse_frame
+
+    raw = RawFrame(message_id, index, total, memoryview(payload), header)
+    data = raw.SerializeToString()
+    assert raw.ByteSize() == len(data)
+    proto = pb.Frame.FromString(data)  # protobuf reads our encoding...
+    assert (proto.message_id, proto.index, proto.total, proto.header_frames, proto.payload) == (
+        message_id,
+        index,
+        total,
+        header,
+        payload,
+    )
+    for encoded in (data, proto.SerializeToString()):  # ...and we read ours and protobuf's
+        back = parse_frame(encoded)
+        assert (back.message_id, back.index, back.total, back.header_frames, bytes(back.payload)) == (
+            message_id,
+            index,
+            total,
+            header,
+            payload,
+        )
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_parse_frame_reads_garbage_as_protobuf_does(data: bytes) -> None:
+    from google.protobuf.message import DecodeError
+
+    from splitfed.transport.wire import parse_frame
+
+    try:
+        expected = pb.Frame.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse_frame(data)
+        return
+    got = parse_frame(data)
+    assert (got.message_id, got.index, got.total, got.header_frames, bytes(got.payload)) == (
+        expected.message_id,
+        expected.index,
+        expected.total,
+        expected.header_frames,
+        expected.payload,
+    )

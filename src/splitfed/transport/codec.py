@@ -182,16 +182,28 @@ class Limits:
 # ----------------------------------------------------------------------------------------- bytes
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    """Little-endian bytes of a tensor with a supported dtype (any device, any layout)."""
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A numpy array over a contiguous CPU copy-or-self of ``t`` (bf16 as int16, bool as uint8)."""
     t = t.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
-        arr = t.view(torch.int16).numpy()
-    elif t.dtype == torch.bool:
-        arr = t.numpy().view(np.uint8)
-    else:
-        arr = t.numpy()
+        return t.view(torch.int16).numpy()
+    if t.dtype == torch.bool:
+        return t.numpy().view(np.uint8)
+    return t.numpy()
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian bytes of a tensor with a supported dtype (any device, any layout)."""
+    arr = _array(t)
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _to_buffer(t: torch.Tensor, view: bool) -> bytes | memoryview:
+    """:func:`_to_bytes`, or with ``view`` on a little-endian host a read-only view of the tensor's
+    memory (no copy); the caller must not change the tensor while the view is in use."""
+    if view and sys.byteorder == "little":
+        return memoryview(_array(t)).cast("B").toreadonly()  # type: ignore[arg-type]
+    return _to_bytes(t)
 
 
 def _from_bytes(
@@ -252,7 +264,7 @@ def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def encode(name: str, tensor: torch.Tensor, codec: str = "raw") -> EncodedTensor:
+def encode(name: str, tensor: torch.Tensor, codec: str = "raw", view: bool = False) -> EncodedTensor:
     """Encode one tensor for the wire.
 
     Parameters
@@ -264,6 +276,9 @@ def encode(name: str, tensor: torch.Tensor, codec: str = "raw") -> EncodedTensor
     codec : str, default "raw"
         ``"raw"``, ``"fp16"``, ``"bf16"`` or ``"int8"`` (the last three for floating tensors only).
         ``"topk"`` needs state: use :class:`TopKCompressor`.
+    view : bool, default False
+        ``"raw"`` only: ``data`` may be a view of the tensor's memory instead of a copy (the wire
+        uses it for big tensors it sends before the tensor can change).
 
     Returns
     -------
@@ -282,7 +297,7 @@ def encode(name: str, tensor: torch.Tensor, codec: str = "raw") -> EncodedTensor
     dtype_name = _dtype_name(name, tensor)
     shape = tuple(int(d) for d in tensor.shape)
     if codec == "raw":
-        return EncodedTensor(name, dtype_name, shape, "raw", _to_bytes(tensor))
+        return EncodedTensor(name, dtype_name, shape, "raw", _to_buffer(tensor, view))
     if codec == "topk":
         raise _fail(
             name,

@@ -15,11 +15,14 @@ from splitfed.transport.grpc_server import GRPC_OPTIONS, METHOD, TlsFiles, read_
 from splitfed.transport.proto import splitfed_pb2 as pb
 from splitfed.transport.wire import (
     PROTOCOL_VERSION,
+    RawFrame,
     Reassembler,
     WireCodecs,
     WireLimits,
     frames_of,
     from_envelope,
+    parse_frame,
+    serialize_frame,
 )
 
 
@@ -99,11 +102,11 @@ class GrpcChannel(Channel):
         metadata = [("splitfed-client", client_id)]
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
-        self._outbox: queue.Queue[tuple[float, pb.Frame] | None] = queue.Queue()
+        self._outbox: queue.Queue[tuple[float, pb.Frame | RawFrame] | None] = queue.Queue()
         self._replies: queue.Queue[tuple[float, Any]] = queue.Queue()
         self._done: dict[int, Message] = {}
         stream = self._grpc.stream_stream(
-            METHOD, request_serializer=pb.Frame.SerializeToString, response_deserializer=pb.Frame.FromString
+            METHOD, request_serializer=serialize_frame, response_deserializer=parse_frame
         )
         self._call = stream(self._requests(), metadata=metadata)
         self._reader = threading.Thread(target=self._read_loop, daemon=True)
@@ -131,7 +134,7 @@ class GrpcChannel(Channel):
         self.session = dict(welcome.meta)
         self.client_id = str(self.session.get("client", client_id))
 
-    def _requests(self) -> Iterator[pb.Frame]:
+    def _requests(self) -> Iterator[pb.Frame | RawFrame]:
         while True:
             item = self._outbox.get()
             if item is None:
@@ -148,7 +151,7 @@ class GrpcChannel(Channel):
             self._replies.put((0.0, err))
         self._replies.put((0.0, None))
 
-    def _next_frame(self) -> pb.Frame:
+    def _next_frame(self) -> pb.Frame | RawFrame:
         try:
             due, item = self._replies.get(timeout=self.timeout_s)
         except queue.Empty:
@@ -181,7 +184,9 @@ class GrpcChannel(Channel):
         self._seq += 1
         seq = self._seq
         due = time.monotonic() + self._one_way_s
-        for frame in frames_of(message, seq, "to_model", self.codecs):
+        # A request's frames may view its tensors (no copy): the data party keeps them unchanged
+        # until the reply, which comes after the model party has read them all. One-way: copies.
+        for frame in frames_of(message, seq, "to_model", self.codecs, view=expect_reply):
             self.bytes_to_model += frame.ByteSize()
             self._outbox.put((due, frame))
         self._kinds[seq] = message.kind

@@ -33,12 +33,15 @@ from splitfed.transport.codec import Limits
 from splitfed.transport.proto import splitfed_pb2 as pb
 from splitfed.transport.wire import (
     PROTOCOL_VERSION,
+    RawFrame,
     Reassembler,
     WireCodecs,
     WireError,
     WireLimits,
     frames_of,
     from_envelope,
+    parse_frame,
+    serialize_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -368,7 +371,9 @@ class ModelPartyService:
         )
 
     # ------------------------------------------------------------------ the RPC
-    def Session(self, request_iterator: Iterator[pb.Frame], context: Any) -> Iterator[pb.Frame]:
+    def Session(
+        self, request_iterator: Iterator[pb.Frame | RawFrame], context: Any
+    ) -> Iterator[pb.Frame | RawFrame]:
         """The bidirectional stream of one data party."""
         session = self._open(context)
         reassembler = Reassembler(self.wire_limits)
@@ -406,7 +411,9 @@ class ModelPartyService:
                     )
                     continue
                 if reply is not None:
-                    yield from frames_of(reply, seq, "to_data", session.codecs)
+                    # Views of the reply's tensors: gRPC serializes each frame before asking for
+                    # the next, and nothing touches them meanwhile.
+                    yield from frames_of(reply, seq, "to_data", session.codecs, view=True)
         finally:
             self._close(session)
 
@@ -467,8 +474,8 @@ def serve(
         {
             "Session": grpc.stream_stream_rpc_method_handler(
                 service.Session,
-                request_deserializer=pb.Frame.FromString,
-                response_serializer=pb.Frame.SerializeToString,
+                request_deserializer=parse_frame,
+                response_serializer=serialize_frame,
             )
         },
     )

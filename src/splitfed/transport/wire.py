@@ -82,20 +82,24 @@ class WireCodecs:
     topk_ratio: float = 0.1
     _topk: dict[str, TopKCompressor] = field(default_factory=dict, repr=False)
 
-    def encode_tensor(self, direction: Direction, kind: str, name: str, tensor: object) -> EncodedTensor:
-        """Encode one tensor of a message with the codec configured for it."""
+    def encode_tensor(
+        self, direction: Direction, kind: str, name: str, tensor: object, view: bool = False
+    ) -> EncodedTensor:
+        """Encode one tensor of a message with the codec configured for it (``view``: see :func:`encode`)."""
         import torch
 
         assert isinstance(tensor, torch.Tensor)
         if name in ACTIVATIONS and tensor.is_floating_point():
-            return encode(name, tensor, _CODEC_NAME[self.activations])
+            codec = _CODEC_NAME[self.activations]
+            return encode(name, tensor, codec, view and codec == "raw")
         if name in GRADIENTS and tensor.is_floating_point():
             if self.gradients == "topk":
                 key = f"{direction}/{kind}/{name}"
                 compressor = self._topk.setdefault(key, TopKCompressor(self.topk_ratio))
                 return compressor.encode(name, tensor)
-            return encode(name, tensor, _CODEC_NAME[self.gradients])
-        return encode(name, tensor, "raw")
+            codec = _CODEC_NAME[self.gradients]
+            return encode(name, tensor, codec, view and codec == "raw")
+        return encode(name, tensor, "raw", view)
 
 
 def _meta_to_proto(envelope: pb.Envelope, meta: dict[str, MetaValue]) -> None:
@@ -139,13 +143,18 @@ def _encode(
     codecs: WireCodecs | None,
     error: str,
     external_min: int | None,
+    view: bool = False,
 ) -> tuple[pb.Envelope, list[bytes | memoryview]]:
-    """The envelope, and the data of tensors of ``external_min`` bytes or more, kept out of it."""
+    """The envelope, and the data of tensors of ``external_min`` bytes or more, kept out of it.
+
+    ``view``: the external data may be views of the tensors' memory (no copy).
+    """
     codecs = codecs or WireCodecs()
     envelope = pb.Envelope(kind=message.kind, seq=seq, error=error)
     externals: list[bytes | memoryview] = []
     for name, tensor in message.tensors.items():
-        enc = codecs.encode_tensor(direction, message.kind, name, tensor)
+        big = external_min is not None and tensor.numel() * tensor.element_size() >= external_min
+        enc = codecs.encode_tensor(direction, message.kind, name, tensor, view and big)
         proto = envelope.tensors.add(
             name=enc.name,
             dtype=enc.dtype,
@@ -224,27 +233,36 @@ def from_envelope(envelope: pb.Envelope, limits: WireLimits, external: memoryvie
 
 def to_frames(
     envelope: pb.Envelope, message_id: int, externals: Sequence[bytes | memoryview] = ()
-) -> list[pb.Frame]:
-    """Serialize and cut into frames of at most :data:`FRAME_BYTES`; ``externals`` follow the envelope."""
+) -> list[pb.Frame | RawFrame]:
+    """Serialize and cut into frames of at most :data:`FRAME_BYTES`; ``externals`` follow the envelope.
+
+    The envelope's frames are protobuf ``Frame`` messages; the external data's frames are
+    :class:`RawFrame` views of it (same bytes on the wire, no copy until gRPC serializes them).
+    """
     payload = envelope.SerializeToString()
     header = max(1, math.ceil(len(payload) / FRAME_BYTES))
-    pieces = [payload[i * FRAME_BYTES : (i + 1) * FRAME_BYTES] for i in range(header)]
-    pieces += list(_chunks(externals, FRAME_BYTES))
-    total = len(pieces)
-    return [
+    raw = list(_chunks(externals, FRAME_BYTES))
+    total = header + len(raw)
+    marker = header if raw else 0
+    frames: list[pb.Frame | RawFrame] = [
         pb.Frame(
             message_id=message_id,
             index=i,
             total=total,
-            payload=piece,
-            header_frames=header if total > header else 0,
+            payload=payload[i * FRAME_BYTES : (i + 1) * FRAME_BYTES],
+            header_frames=marker,
         )
-        for i, piece in enumerate(pieces)
+        for i in range(header)
     ]
+    frames += [RawFrame(message_id, header + i, total, piece, marker) for i, piece in enumerate(raw)]
+    return frames
 
 
-def _chunks(buffers: Sequence[bytes | memoryview], size: int) -> Iterator[bytes]:
-    """The concatenation of ``buffers`` in pieces of ``size`` bytes (the last may be shorter)."""
+def _chunks(buffers: Sequence[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
+    """The concatenation of ``buffers`` in pieces of ``size`` bytes (the last may be shorter).
+
+    A piece inside one buffer is a view of it; only pieces across two buffers are copied.
+    """
     pending: list[memoryview] = []
     have = 0
     for buffer in buffers:
@@ -255,10 +273,105 @@ def _chunks(buffers: Sequence[bytes | memoryview], size: int) -> Iterator[bytes]
             have += take
             view = view[take:]
             if have == size:
-                yield pending[0].tobytes() if len(pending) == 1 else b"".join(pending)
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
                 pending, have = [], 0
     if pending:
-        yield b"".join(pending)
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+@dataclass(frozen=True)
+class RawFrame:
+    """A ``Frame`` whose payload is a view of memory in place: the same bytes on the wire as
+    ``pb.Frame`` (fields in another order, which protobuf allows), without protobuf's copies.
+
+    Received frames come back as ``RawFrame`` too (see :func:`parse_frame`).
+    """
+
+    message_id: int
+    index: int
+    total: int
+    payload: bytes | memoryview
+    header_frames: int = 0
+
+    def _head(self) -> bytes:
+        parts = [
+            b"\x08",
+            _varint(self.message_id),
+            b"\x10",
+            _varint(self.index),
+            b"\x18",
+            _varint(self.total),
+        ]
+        if self.header_frames:
+            parts += [b"\x28", _varint(self.header_frames)]
+        parts += [b"\x22", _varint(len(self.payload))]
+        return b"".join(parts)
+
+    def SerializeToString(self) -> bytes:
+        """The protobuf encoding of this frame (protobuf's method name, so both kinds serialize alike)."""
+        return b"".join((self._head(), self.payload))
+
+    def ByteSize(self) -> int:
+        """Length of :meth:`SerializeToString`."""
+        return len(self._head()) + len(self.payload)
+
+
+def serialize_frame(frame: pb.Frame | RawFrame) -> bytes:
+    """gRPC serializer for both kinds of frame."""
+    return frame.SerializeToString()
+
+
+_U32 = 2**32
+_U64 = 2**64
+
+
+def parse_frame(data: bytes) -> pb.Frame | RawFrame:
+    """gRPC deserializer: a :class:`RawFrame` viewing ``data`` when it is a plain ``Frame`` encoding,
+    else whatever protobuf makes of it (``pb.Frame``, or its ``DecodeError``)."""
+    fields: dict[int, int] = {}
+    payload: memoryview | None = None
+    pos, end = 0, len(data)
+    view = memoryview(data)
+    while pos < end:
+        tag = data[pos]
+        pos += 1
+        value = shift = 0
+        while pos < end and shift < 70:  # a varint: the value, or the payload's length
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        else:
+            return pb.Frame.FromString(data)
+        if tag == 0x22:
+            if pos + value > end:
+                return pb.Frame.FromString(data)
+            payload, pos = view[pos : pos + value], pos + value
+        elif tag in (0x08, 0x10, 0x18, 0x28) and value < (_U64 if tag == 0x08 else _U32):
+            fields[tag] = value
+        else:
+            return pb.Frame.FromString(data)
+    return RawFrame(
+        fields.get(0x08, 0),
+        fields.get(0x10, 0),
+        fields.get(0x18, 0),
+        payload if payload is not None else b"",
+        fields.get(0x28, 0),
+    )
 
 
 class Reassembler:
@@ -272,12 +385,12 @@ class Reassembler:
         self.limits = limits
         self.external: memoryview | None = None
         self._id: int | None = None
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._size = self._total = self._header = self._index = self._filled = 0
         self._envelope: pb.Envelope | None = None
         self._buffer: bytearray | None = None
 
-    def push(self, frame: pb.Frame) -> pb.Envelope | None:
+    def push(self, frame: pb.Frame | RawFrame) -> pb.Envelope | None:
         """Add a frame; return the envelope when its last frame arrived. Raises :class:`WireError`."""
         if frame.total < 1 or frame.total > self.limits.max_frames:
             self._reset()
@@ -346,7 +459,7 @@ class Reassembler:
         self._envelope = envelope
         self._buffer = bytearray(announced) if announced else None
 
-    def _fill(self, payload: bytes) -> None:
+    def _fill(self, payload: bytes | memoryview) -> None:
         assert self._buffer is not None
         end = self._filled + len(payload)
         if end > len(self._buffer):
@@ -365,11 +478,17 @@ class Reassembler:
 
 
 def frames_of(
-    message: Message, seq: int, direction: Direction, codecs: WireCodecs | None, error: str = ""
-) -> Iterator[pb.Frame]:
+    message: Message,
+    seq: int,
+    direction: Direction,
+    codecs: WireCodecs | None,
+    error: str = "",
+    view: bool = False,
+) -> Iterator[pb.Frame | RawFrame]:
     """Encode and frame a message in one go; ``seq`` doubles as the frame message id.
 
-    Tensors of :data:`EXTERNAL_MIN_BYTES` or more travel in raw frames after the envelope.
+    Tensors of :data:`EXTERNAL_MIN_BYTES` or more travel in raw frames after the envelope; with
+    ``view`` those frames view the tensors' memory, which must not change until they are sent.
     """
-    envelope, externals = _encode(message, seq, direction, codecs, error, EXTERNAL_MIN_BYTES)
+    envelope, externals = _encode(message, seq, direction, codecs, error, EXTERNAL_MIN_BYTES, view)
     yield from to_frames(envelope, seq, externals)
