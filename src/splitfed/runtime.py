@@ -43,9 +43,9 @@ class ModelPartyServer:
     output_dir: Path
 
     def stop(self, grace: float | None = 0.5) -> None:
-        """Stop serving."""
+        """Stop serving: refuse new sessions, let running ones finish for ``grace`` seconds, end them."""
         self.service.stop()
-        self.server.stop(grace)
+        self.server.stop(grace).wait()
 
     def save_adapters(self) -> Path:
         """Write the model party's adapters under ``<output_dir>/model_party_server/final``.
@@ -61,6 +61,12 @@ class ModelPartyServer:
 
         final = self.output_dir / "model_party_server" / "final"
         bank = self.model_party.bank
+        # Under the step lock: a handler thread may still be finishing a step.
+        with self.service.step_lock:
+            self._save(final, bank, save_adapters, save_file)
+        return final
+
+    def _save(self, final: Path, bank: Any, save_adapters: Any, save_file: Any) -> None:
         if bank is None:
             save_adapters(self.segments, final, ("model_party",))
         else:
@@ -69,17 +75,38 @@ class ModelPartyServer:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tensors = {k: v.contiguous() for k, v in bank.named_parameters(client).items()}
                 save_file(tensors, str(path), metadata={"roles": "body", "client": client})
-        return final
 
     def wait(self) -> None:
         """Block until the server stops."""
         self.server.wait_for_termination()
 
 
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """The model party's checkpoint directories that hold a whole checkpoint, oldest first.
+
+    A directory whose save was cut short (killed mid-save) holds only a temporary directory.
+    """
+    from splitfed.run import CHECKPOINT
+
+    done = []
+    for where in sorted(root.glob("step-*")):
+        for name in (CHECKPOINT, f".{CHECKPOINT}.old"):  # .old: killed between save_checkpoint's renames
+            if (where / name / "progress.json").is_file():
+                done.append(where)
+                break
+    return done
+
+
 def _safe_name(client: str) -> str:
-    """A data party's id as a directory name (ids come from the network or a token file)."""
+    """A data party's id as a directory name, different for different ids (ids come from the
+    network or a token file): the id itself when it is a plain name, else a cleaned-up form
+    with a hash of the id."""
+    import hashlib
+
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in client).strip(".")
-    return name or "anonymous"
+    if name == client and name:
+        return name
+    return f"{name or 'anonymous'}-{hashlib.sha256(client.encode()).hexdigest()[:10]}"
 
 
 def build_serving_party(cfg: RunConfig) -> tuple[ModelParty, dict[str, Segment], Any]:
@@ -167,7 +194,7 @@ def start_server(
         steps = party.client_steps.get(client, 0) if multi else updates
         if every and steps % every == 0:
             save_checkpoint(root / f"step-{updates:09d}", segments, {"model_party": party}, updates, [])
-            for old in sorted(root.glob("step-*"))[:-2]:
+            for old in _complete_checkpoints(root)[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def resume_at(step: int) -> int:
@@ -175,8 +202,8 @@ def start_server(
         if step == 0:
             return 0
         where = root / f"step-{step:09d}"
-        if not where.is_dir():
-            have = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
+        if where not in _complete_checkpoints(root):
+            have = [int(p.name.split("-")[1]) for p in _complete_checkpoints(root)]
             raise ConfigError(
                 f"the data party resumes at step {step} but the model party has no checkpoint of that step "
                 f"in {root} (it has {have or 'none'}); restart both without --resume"
@@ -186,7 +213,7 @@ def start_server(
         return loaded
 
     if resume and multi:
-        newest = sorted(root.glob("step-*"))
+        newest = _complete_checkpoints(root)
         if not newest:
             raise ConfigError(
                 f"--resume: the model party has no checkpoint in {root}; start it without --resume"
@@ -321,6 +348,7 @@ def _check_in_step(
     if held == step:
         return step
     if not party.trainer.params:
+        party.updates = held
         log(
             f"the model party holds {held} steps of this party (its checkpoint: {step}); nothing trains here, "
             f"so it continues from step {held}"

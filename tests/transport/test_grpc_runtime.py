@@ -226,6 +226,26 @@ def test_big_tensors_travel_in_raw_frames_after_the_envelope() -> None:
             fresh.push(f)
 
 
+def test_announced_raw_data_costs_no_memory_until_it_comes() -> None:
+    import tracemalloc
+
+    envelope = pb.Envelope(kind="backward", seq=1)
+    envelope.tensors.add(
+        name="grad", dtype="float32", shape=[1, 1, 100 << 20], codec="raw", external=400 << 20
+    )
+    header = pb.Frame(message_id=1, index=0, total=2, header_frames=1, payload=envelope.SerializeToString())
+    reassembler = Reassembler(WireLimits())
+    tracemalloc.start()
+    try:
+        assert reassembler.push(header) is None  # 400 MiB announced in a 60-byte frame...
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # ...and nothing reserved for it
+    with pytest.raises(WireError, match="announce 419430400 bytes of raw data; 3 came"):
+        reassembler.push(pb.Frame(message_id=1, index=1, total=2, header_frames=1, payload=b"abc"))
+
+
 def test_messages_larger_than_grpc_default_limit_are_framed() -> None:
     big = Message("forward", {"hidden": torch.randn(8, 1024, 384)}, {"batch_id": 1})  # 12 MiB
     frames = to_frames(to_envelope(big, 7, "to_model"), 7)

@@ -147,10 +147,14 @@ class AdapterBank:
         The model party's segment; its trainable parameters at the first activation are every
         party's start.
     optim : OptimSpec
+    max_parties : int, default 64
+        How many data parties may have their own adapters (each costs a copy of the adapters and
+        the optimizer state); a new party beyond that is refused.
     """
 
-    def __init__(self, body: Segment, optim: OptimSpec) -> None:
+    def __init__(self, body: Segment, optim: OptimSpec, max_parties: int = 64) -> None:
         self.optim = optim
+        self.max_parties = max_parties
         seen: set[int] = set()
         self.slots: list[tuple[nn.Module, str]] = []
         for module in body.modules():
@@ -169,6 +173,11 @@ class AdapterBank:
 
     def _get(self, client: str) -> tuple[list[nn.Parameter], _Trainer]:
         if client not in self.parties:
+            if len(self.parties) >= self.max_parties:
+                raise ProtocolError(
+                    f"the model party already keeps adapters for {self.max_parties} data parties; "
+                    "a new data party cannot join this run"
+                )
             if self.initial is None:
                 self.initial = [getattr(m, n).detach().clone() for m, n in self.slots]
             params = [nn.Parameter(t.clone()) for t in self.initial]
@@ -189,15 +198,20 @@ class AdapterBank:
         return self._get(client)[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        parties = {
             client: {"params": [p.detach() for p in params], "trainer": trainer.state_dict()}
             for client, (params, trainer) in self.parties.items()
         }
+        return {"initial": self.initial, "parties": parties}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.parties.clear()
         self.active = None
-        for client, entry in state.items():
+        # The starting point travels with the checkpoint: what the modules hold after a load is
+        # some party's trained adapters, not where a new party starts.
+        if state.get("initial") is not None:
+            self.initial = [t.clone() for t in state["initial"]]
+        for client, entry in state.get("parties", {}).items():
             params, trainer = self._get(client)
             with torch.no_grad():
                 for param, saved in zip(params, entry["params"], strict=True):
@@ -263,6 +277,13 @@ class ModelParty:
     def trainer_for(self, client: str) -> _Trainer:
         """The optimizer that trains ``client``'s steps (the shared one unless adapters are per party)."""
         return self.bank.trainer(client) if self.bank is not None else self.trainer
+
+    def forget_gradients(self, client: str) -> None:
+        """Drop the gradients a step of ``client`` accumulated (a step that will not be applied)."""
+        if self.bank is None:
+            self.trainer.zero_grad()
+        elif client in self.bank.parties:
+            self.bank.parties[client][1].zero_grad()
 
     def handle(self, message: Message) -> Message | None:
         """Answer one message from a data party (the only entry point a transport calls)."""

@@ -147,6 +147,11 @@ class ModelPartyService:
         self._watchdog.start()
         self.errors = 0
 
+    @property
+    def step_lock(self) -> threading.Lock:
+        """Held from a training step's first message to its update (and around non-step work)."""
+        return self._step_lock
+
     # ------------------------------------------------------------------ session lifecycle
     def _authenticate(self, context: Any) -> str:
         metadata = dict(context.invocation_metadata() or ())
@@ -216,7 +221,7 @@ class ModelPartyService:
         if not session.in_step:
             return
         self.model_party.drop_pending(session.client)
-        self.model_party.trainer_for(session.client).zero_grad()
+        self.model_party.forget_gradients(session.client)
         self._end_step(session)
 
     # ------------------------------------------------------------------ validation

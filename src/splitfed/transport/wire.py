@@ -344,7 +344,11 @@ def parse_frame(data: bytes) -> pb.Frame | RawFrame:
     payload: memoryview | None = None
     pos, end = 0, len(data)
     view = memoryview(data)
+    seen = 0
     while pos < end:
+        seen += 1
+        if seen > 5:  # a frame has 5 fields: anything longer is protobuf's (in C) to read
+            return pb.Frame.FromString(data)
         tag = data[pos]
         pos += 1
         value = shift = 0
@@ -386,9 +390,9 @@ class Reassembler:
         self.external: memoryview | None = None
         self._id: int | None = None
         self._parts: list[bytes | memoryview] = []
-        self._size = self._total = self._header = self._index = self._filled = 0
+        self._size = self._total = self._header = self._index = self._filled = self._announced = 0
         self._envelope: pb.Envelope | None = None
-        self._buffer: bytearray | None = None
+        self._raw: list[bytes | memoryview] = []
 
     def push(self, frame: pb.Frame | RawFrame) -> pb.Envelope | None:
         """Add a frame; return the envelope when its last frame arrived. Raises :class:`WireError`."""
@@ -432,12 +436,20 @@ class Reassembler:
             self._fill(frame.payload)
         if self._index < self._total:
             return None
-        envelope, buffer, filled = self._envelope, self._buffer, self._filled
+        envelope, raw, filled, announced = self._envelope, self._raw, self._filled, self._announced
         self._reset()
         assert envelope is not None
-        if buffer is not None and filled != len(buffer):
-            raise WireError(f"the envelope's tensors announce {len(buffer)} bytes of raw data; {filled} came")
-        self.external = memoryview(buffer) if buffer is not None else None
+        if filled != announced:
+            raise WireError(f"the envelope's tensors announce {announced} bytes of raw data; {filled} came")
+        self.external = None
+        if announced:
+            # Memory only for data that came (a peer cannot make us reserve what it announces).
+            buffer = bytearray(announced)
+            offset = 0
+            for piece in raw:
+                buffer[offset : offset + len(piece)] = piece
+                offset += len(piece)
+            self.external = memoryview(buffer)
         return envelope
 
     def _open_envelope(self) -> None:
@@ -457,24 +469,23 @@ class Reassembler:
                 f"(at most {self.limits.max_message_bytes} bytes, and frames exactly when there is data)"
             )
         self._envelope = envelope
-        self._buffer = bytearray(announced) if announced else None
+        self._announced = announced
 
     def _fill(self, payload: bytes | memoryview) -> None:
-        assert self._buffer is not None
         end = self._filled + len(payload)
-        if end > len(self._buffer):
-            size = len(self._buffer)
+        if end > self._announced:
+            size = self._announced
             self._reset()
             raise WireError(f"more raw data than the envelope's tensors announce ({size} bytes)")
-        self._buffer[self._filled : end] = payload
+        self._raw.append(payload)
         self._filled = end
 
     def _reset(self) -> None:
         self._id = None
         self._parts = []
-        self._size = self._total = self._header = self._index = self._filled = 0
+        self._size = self._total = self._header = self._index = self._filled = self._announced = 0
         self._envelope = None
-        self._buffer = None
+        self._raw = []
 
 
 def frames_of(
