@@ -10,16 +10,19 @@ from splitfed.split.system import build_model_party
 from tiny import tiny_model
 
 
-def test_each_party_starts_from_the_adapters_loaded_before_its_first_step() -> None:
-    model = tiny_model("llama", "classification")
-    party, segments, _ = build_model_party(
-        model,
+def _party(per_party: bool):  # type: ignore[no-untyped-def]
+    return build_model_party(
+        tiny_model("llama", "classification"),
         SplitSpec("ht", 1),
         "classification",
         {"body": FinetuneSpec("lora", r=4)},
         OptimSpec(),
-        per_party_adapters=True,
+        per_party_adapters=per_party,
     )
+
+
+def test_each_party_starts_from_the_adapters_loaded_before_its_first_step() -> None:
+    party, segments, _ = _party(per_party=True)
     assert party.bank is not None
     loaded = segments["body"].named_model_parameters(trainable_only=True)
     with torch.no_grad():
@@ -39,14 +42,7 @@ def test_each_party_starts_from_the_adapters_loaded_before_its_first_step() -> N
 
     # A restarted model party: build, load a checkpoint (the modules get the last active party's
     # adapters, as load_checkpoint's load_adapters writes them), restore the bank.
-    fresh, fresh_segments, _ = build_model_party(
-        tiny_model("llama", "classification"),
-        SplitSpec("ht", 1),
-        "classification",
-        {"body": FinetuneSpec("lora", r=4)},
-        OptimSpec(),
-        per_party_adapters=True,
-    )
+    fresh, fresh_segments, _ = _party(per_party=True)
     with torch.no_grad():
         for p in fresh_segments["body"].trainable_parameters():
             p.fill_(1.5)
@@ -62,13 +58,7 @@ def test_the_number_of_parties_with_their_own_adapters_is_bounded() -> None:
 
     from splitfed.split.parties import AdapterBank, ProtocolError
 
-    party, _, _ = build_model_party(
-        tiny_model("llama", "classification"),
-        SplitSpec("ht", 1),
-        "classification",
-        {"body": FinetuneSpec("lora", r=4)},
-        OptimSpec(),
-    )
+    party, _, _ = _party(per_party=False)
     bank = AdapterBank(party.body, OptimSpec(), max_parties=2)
     bank.activate("a")
     bank.activate("b")
