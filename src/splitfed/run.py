@@ -151,12 +151,20 @@ def save_adapters(
     paths = {}
     for party in parties:
         roles = PARTY_ROLES[party]
-        tensors = _named_trainable(segments, roles)
-        path = directory / party / "adapter.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"roles": ",".join(roles)})
+        path = write_adapter(_named_trainable(segments, roles), directory / party, roles)
         paths[party] = str(path)
     return paths
+
+
+def write_adapter(
+    tensors: dict[str, torch.Tensor], directory: Path, roles: Sequence[str], **meta: str
+) -> Path:
+    """Write one party's parameters as ``directory/adapter.safetensors`` (what :func:`load_adapters` reads)."""
+    path = directory / "adapter.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"roles": ",".join(roles), **meta})
+    return path
 
 
 def load_adapters(
@@ -210,16 +218,32 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_dir(out: Path) -> Path | None:
+    """The complete checkpoint :func:`save_checkpoint` left in ``out``, or ``None``.
+
+    Normally ``out/checkpoint``; ``out/.checkpoint.old`` when the process was killed between
+    its two renames; never a checkpoint whose save was cut short.
+    """
+    for ckpt in (out / CHECKPOINT, out / f".{CHECKPOINT}.old"):
+        if (ckpt / "progress.json").is_file():
+            return ckpt
+    return None
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step of the checkpoint in ``out`` (0 when there is none)."""
+    ckpt = checkpoint_dir(out)
+    return int(json.loads((ckpt / "progress.json").read_text())["step"]) if ckpt else 0
+
+
 def load_checkpoint(
     out: Path, segments: dict[str, Segment], parties: dict[str, Any]
 ) -> tuple[int, list[dict[str, float]]]:
     """Restore what :func:`save_checkpoint` wrote; returns the step and the loss history."""
-    ckpt = out / CHECKPOINT
-    if not (ckpt / "progress.json").is_file() and (out / f".{CHECKPOINT}.old" / "progress.json").is_file():
-        ckpt = out / f".{CHECKPOINT}.old"  # killed between the two renames
-    if not (ckpt / "progress.json").is_file():
+    ckpt = checkpoint_dir(out)
+    if ckpt is None:
         raise FileNotFoundError(
-            f"--resume: no checkpoint in {out} (expected {ckpt}/progress.json); run without --resume"
+            f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT}/progress.json); run without --resume"
         )
     load_adapters(segments, ckpt, tuple(parties))
     for name, party in parties.items():
@@ -285,6 +309,20 @@ def party_share(cfg: RunConfig, splits: Any, log: Callable[[str], None] = print)
     return list(parts[cfg.data.party_index])
 
 
+def load_run_model(cfg: RunConfig, head: str, num_labels: int | None) -> tuple[Any, torch.nn.Module]:
+    """``cfg``'s tokenizer and its model with task head ``head`` (dtype and attention from ``cfg.model``)."""
+    tokenizer = load_tokenizer(cfg.model.name)
+    model = load_model(
+        cfg.model.name,
+        head,
+        num_labels,
+        tokenizer.pad_token_id,
+        cfg.model.dtype,
+        cfg.model.attn_implementation,
+    )
+    return tokenizer, model
+
+
 def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Workload:
     """Seed, load the data, the task, the tokenizer and the model; count the optimizer steps."""
     from splitfed.data import get_task, load_splits
@@ -296,22 +334,14 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Workload:
     splits = load_splits(cfg.data.model_copy(update={"task": cfg.task}))
     if cfg.data.num_parties > 1:
         splits.train = party_share(cfg, splits, log)
-    tokenizer = load_tokenizer(cfg.model.name)
     num_labels = len(splits.label_names) if splits.label_names else None
     if cfg.model.num_labels is not None and num_labels is not None and cfg.model.num_labels != num_labels:
         raise ValueError(
             f"model.num_labels={cfg.model.num_labels} but dataset {cfg.data.name!r} has {num_labels} classes "
             f"({splits.label_names}); fix model.num_labels"
         )
+    tokenizer, model = load_run_model(cfg, cfg.head, num_labels)
     task = get_task(cfg.task, tokenizer=tokenizer, max_length=cfg.data.max_length, num_labels=num_labels)
-    model = load_model(
-        cfg.model.name,
-        cfg.head,
-        num_labels,
-        tokenizer.pad_token_id,
-        cfg.model.dtype,
-        cfg.model.attn_implementation,
-    )
     batch = cfg.train.batch_size
     if len(splits.train) < batch:
         raise ValueError(
@@ -467,11 +497,7 @@ def train_loop(
         "metrics_before": metrics_before,
         "metrics_after": metrics_after,
         "steps": total,
-        "examples": {
-            "train": len(splits.train),
-            "validation": len(splits.validation),
-            "test": len(splits.test),
-        },
+        "examples": splits.sizes(),
         "eval_split": cfg.data.eval_split,
         "label_names": splits.label_names,
         "trainable_params": trainable,
@@ -487,10 +513,15 @@ def train_loop(
         "adapters": adapters,
         "history": history,
     }
+    write_results(out, summary)
+    return RunResult(out, metrics_before, metrics_after, history, summary)
+
+
+def write_results(out: Path, summary: dict[str, Any]) -> None:
+    """Write ``out/results.json`` atomically (a reader never sees half of it)."""
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "results.json")
-    return RunResult(out, metrics_before, metrics_after, history, summary)
 
 
 def _compute_share(work: Workload, segments: dict[str, Segment]) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ party serves its body over gRPC, the data party trains through a
 
 from __future__ import annotations
 
-import json
+import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,15 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
 from splitfed.config import ConfigError, RunConfig
-from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.models.partition import Segment
-from splitfed.run import RunResult, prepare, seed_everything, train_loop
+from splitfed.run import (
+    PARTY_ROLES,
+    RunResult,
+    checkpoint_dir,
+    checkpoint_step,
+    load_adapters,
+    load_checkpoint,
+    load_run_model,
+    prepare,
+    save_adapters,
+    save_checkpoint,
+    seed_everything,
+    train_loop,
+    write_adapter,
+    write_results,
+)
 from splitfed.split.decoding import DecodingConfig
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import DataParty, ModelParty
-from splitfed.split.system import build_model_party, prepare_segments
+from splitfed.split.system import build_model_party, build_split, prepare_segments
 from splitfed.transport.channel import Channel, Message
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
@@ -55,30 +70,18 @@ class ModelPartyServer:
         ``splitfed serve --adapters DIR`` (or in process with ``splitfed generate --adapters``).
         Returns ``final``.
         """
-        from safetensors.torch import save_file
-
-        from splitfed.run import save_adapters
-
         final = self.output_dir / "model_party_server" / "final"
         bank = self.model_party.bank
-        # Under the step lock: a handler thread may still be finishing a step.
-        with self.service.step_lock:
-            self._save(final, bank, save_adapters, save_file)
+        with self.service.step_lock:  # a handler thread may still be finishing a step
+            if bank is None:
+                save_adapters(self.segments, final, ("model_party",))
+            else:
+                for client in bank.parties:
+                    directory = final / "parties" / _safe_name(client) / "model_party"
+                    write_adapter(
+                        bank.named_parameters(client), directory, PARTY_ROLES["model_party"], client=client
+                    )
         return final
-
-    def _save(self, final: Path, bank: Any, save_adapters: Any, save_file: Any) -> None:
-        if bank is None:
-            save_adapters(self.segments, final, ("model_party",))
-        else:
-            for client in bank.parties:
-                path = final / "parties" / _safe_name(client) / "model_party" / "adapter.safetensors"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tensors = {k: v.contiguous() for k, v in bank.named_parameters(client).items()}
-                save_file(tensors, str(path), metadata={"roles": "body", "client": client})
-
-    def wait(self) -> None:
-        """Block until the server stops."""
-        self.server.wait_for_termination()
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
@@ -86,23 +89,13 @@ def _complete_checkpoints(root: Path) -> list[Path]:
 
     A directory whose save was cut short (killed mid-save) holds only a temporary directory.
     """
-    from splitfed.run import CHECKPOINT
-
-    done = []
-    for where in sorted(root.glob("step-*")):
-        for name in (CHECKPOINT, f".{CHECKPOINT}.old"):  # .old: killed between save_checkpoint's renames
-            if (where / name / "progress.json").is_file():
-                done.append(where)
-                break
-    return done
+    return [where for where in sorted(root.glob("step-*")) if checkpoint_dir(where) is not None]
 
 
 def _safe_name(client: str) -> str:
     """A data party's id as a directory name, different for different ids (ids come from the
     network or a token file): the id itself when it is a plain name, else a cleaned-up form
     with a hash of the id."""
-    import hashlib
-
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in client).strip(".")
     if name == client and name:
         return name
@@ -121,19 +114,9 @@ def build_serving_party(cfg: RunConfig) -> tuple[ModelParty, dict[str, Segment],
     if cfg.head == "classification" and cfg.model.num_labels is None:
         raise ConfigError("splitfed serve needs model.num_labels for a classification task (it sees no data)")
     if cfg.train.threads:
-        import torch
-
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.name)
-    model = load_model(
-        cfg.model.name,
-        cfg.head,
-        cfg.model.num_labels,
-        tokenizer.pad_token_id,
-        cfg.model.dtype,
-        cfg.model.attn_implementation,
-    )
+    tokenizer, model = load_run_model(cfg, cfg.head, cfg.model.num_labels)
     loss_fn = None
     if cfg.split.labels_at == "model":
         task = get_task(
@@ -174,10 +157,6 @@ def start_server(
     loads its newest checkpoint at once; each resuming data party then compares its own
     checkpoint with the steps of it that the model party holds (see :func:`join`).
     """
-    from pathlib import Path
-
-    from splitfed.run import load_adapters, load_checkpoint, save_checkpoint
-
     party, segments, model = build_serving_party(cfg)
     if adapters:
         load_adapters(segments, Path(adapters), ("model_party",))
@@ -258,11 +237,7 @@ def join(
         log(
             f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
         )
-    resume_step = 0
-    if resume:
-        progress_file = Path(cfg.output_dir) / "checkpoint" / "progress.json"
-        if progress_file.is_file():
-            resume_step = int(json.loads(progress_file.read_text())["step"])
+    resume_step = checkpoint_step(Path(cfg.output_dir)) if resume else 0
     channel = GrpcChannel(
         target,
         client_id=client_id,
@@ -305,18 +280,10 @@ def join(
             "payload_to_model": channel.payload_to_model,
             "payload_to_data": channel.payload_to_data,
         }
-        _rewrite_results(result)
+        write_results(result.output_dir, result.summary)  # with what only the remote run knows
         return result
     finally:
         channel.close()
-
-
-def _rewrite_results(result: RunResult) -> None:
-    """Add what only the remote run knows (wire bytes, the model party's time) to results.json."""
-    path = result.output_dir / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.summary, indent=2))
-    tmp.replace(path)
 
 
 def _check_in_step(
@@ -378,25 +345,13 @@ def open_generator(
     ``adapters`` is the output directory of a ``splitfed train`` run whose adapters to load (in
     process both parties'; remote, the data party's, while the server loads its own).
     """
-    from pathlib import Path
-
-    from splitfed.run import load_adapters
-    from splitfed.split.system import build_split
 
     if cfg.head != "causal_lm":
         raise ConfigError(
             f"generation needs a causal-LM task (causal_lm, generative_qa, ...); task is {cfg.task!r}"
         )
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.name)
-    model = load_model(
-        cfg.model.name,
-        "causal_lm",
-        None,
-        tokenizer.pad_token_id,
-        cfg.model.dtype,
-        cfg.model.attn_implementation,
-    )
+    tokenizer, model = load_run_model(cfg, "causal_lm", None)
     channel: Channel
     if target is None:
         system = build_split(
