@@ -15,15 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from splitfed.models.partition import FinetuneSpec, SplitSpec
 from splitfed.split.parties import OptimSpec
+from splitfed.transport.wire import ActivationCodec, GradientCodec
 
 TaskName = Literal["classification", "causal_lm", "generative_qa", "multiple_choice", "span_qa"]
-HEAD_OF_TASK: dict[str, str] = {
-    "classification": "classification",
-    "causal_lm": "causal_lm",
-    "generative_qa": "causal_lm",
-    "multiple_choice": "causal_lm",
-    "span_qa": "span_qa",
-}
 
 
 class ConfigError(ValueError):
@@ -138,8 +132,8 @@ class TransportConfig(_Strict):
     the largest ``topk_ratio`` share of each gradient with error feedback.
     """
 
-    activations: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
-    gradients: Literal["fp32", "fp16", "bf16", "topk"] = "fp32"
+    activations: ActivationCodec = "fp32"
+    gradients: GradientCodec = "fp32"
     topk_ratio: float = Field(default=0.1, gt=0, le=1)
 
 
@@ -238,7 +232,9 @@ class RunConfig(_Strict):
     @property
     def head(self) -> str:
         """The model's task head for this run's task."""
-        return HEAD_OF_TASK[self.task]
+        from splitfed.data.tasks import TASKS
+
+        return TASKS[self.task].head
 
     def segment_finetune(self) -> dict[str, FinetuneSpec]:
         """The resolved fine-tuning of each segment (preset + overrides)."""

@@ -50,9 +50,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from splitfed.models.families import HEADS
 from splitfed.models.partition import SplitConfigError, SplitSpec
 
-HEADS = ("causal_lm", "classification", "span_qa")
 MODES = ("frozen", "lora", "full")
 
 # LoRA target names -> generic projection. Family module names are accepted so that a

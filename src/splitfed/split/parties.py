@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -522,8 +523,13 @@ class DataParty:
         }
 
     def _run_head(
-        self, batch: Mapping[str, torch.Tensor], train: bool, ids: Sequence[int] | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        train: bool,
+        ids: Sequence[int] | None = None,
+        tokens: int = 0,
     ) -> torch.Tensor:
+        """The head's output; in training ``tokens`` (real tokens of the batch) count as its work."""
         kwargs = {k: batch[k] for k in INPUT_KEYS if k in batch}
         if train and self._head_cache is not None and ids is not None:
             cached = self._cached_head(batch, ids)
@@ -531,7 +537,7 @@ class DataParty:
                 return cached
         self.head.train(train and self._head_cache is None)
         if train:
-            self.head_tokens["forward"] += int(batch["attention_mask"].sum())
+            self.head_tokens["forward"] += tokens
         if train and self.head_trainable:
             return self.head(**kwargs)  # type: ignore[no-any-return]
         # SplitFrozen: the head runs forward-only, keeping no graph.
@@ -637,7 +643,7 @@ class DataParty:
         item = _InFlight(micro, self._batch_id)
         batch = micro.batch
         item.tokens = int(batch["attention_mask"].sum())
-        item.hidden = self._run_head(batch, train=True, ids=micro.ids)
+        item.hidden = self._run_head(batch, train=True, ids=micro.ids, tokens=item.tokens)
         tensors = {"hidden": item.hidden, "attention_mask": batch["attention_mask"]}
         if self.labels_at == "model":
             tensors |= {k: batch[k] for k in LABEL_KEYS if k in batch}
@@ -678,31 +684,33 @@ class DataParty:
             item.stage = "backward"
             item.ticket = self._submit(item, message)
         else:
-            before = self.channel.bytes_to_model
-            start = time.perf_counter()
-            self.channel.send(message)
-            self.wait_s += time.perf_counter() - start
-            item.bytes_to_model += self.channel.bytes_to_model - before
+            with self._waiting(item):
+                self.channel.send(message)
             self._finish(item, item.loss)
 
     def _submit(self, item: _InFlight, message: Message) -> int:
-        # Timed as waiting: sending is transport work, and in process the model party answers here.
-        before = self.channel.bytes_to_model
-        start = time.perf_counter()
-        try:
+        with self._waiting(item):
             return self.channel.submit(message)
-        finally:
-            self.wait_s += time.perf_counter() - start
-            item.bytes_to_model += self.channel.bytes_to_model - before
 
     def _collect(self, item: _InFlight) -> Message:
-        before = self.channel.bytes_to_data
+        with self._waiting(item):
+            return self.channel.result(item.ticket)
+
+    @contextmanager
+    def _waiting(self, item: _InFlight | None = None) -> Iterator[None]:
+        """Time a channel call as waiting on the model party, and charge its bytes to ``item``.
+
+        Sending counts too: it is transport work, and in process the model party answers there.
+        """
+        to_model, to_data = self.channel.bytes_to_model, self.channel.bytes_to_data
         start = time.perf_counter()
         try:
-            return self.channel.result(item.ticket)
+            yield
         finally:
             self.wait_s += time.perf_counter() - start
-            item.bytes_to_data += self.channel.bytes_to_data - before
+            if item is not None:
+                item.bytes_to_model += self.channel.bytes_to_model - to_model
+                item.bytes_to_data += self.channel.bytes_to_data - to_data
 
     @staticmethod
     def _finish(item: _InFlight, loss: float) -> None:
@@ -730,7 +738,8 @@ class DataParty:
             "parties": parties,
             "samples": samples,
         }
-        reply = self._timed_request(Message("fedavg", {n: p.detach() for n, p in params.items()}, meta))
+        with self._waiting():
+            reply = self.channel.request(Message("fedavg", {n: p.detach() for n, p in params.items()}, meta))
         unknown = set(reply.tensors) - set(params)
         if unknown:
             raise ProtocolError(
@@ -740,13 +749,6 @@ class DataParty:
             for name, tensor in reply.tensors.items():
                 params[name].copy_(tensor)
         return len(reply.tensors)
-
-    def _timed_request(self, message: Message) -> Message:
-        start = time.perf_counter()
-        try:
-            return self.channel.request(message)
-        finally:
-            self.wait_s += time.perf_counter() - start
 
     def _head_backward(self, hidden: torch.Tensor | None, grad: torch.Tensor | None, tokens: int = 0) -> None:
         if not self.head_trainable:

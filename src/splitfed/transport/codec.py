@@ -310,14 +310,13 @@ def encode(name: str, tensor: torch.Tensor, codec: str = "raw", view: bool = Fal
         raise _fail(name, f"codec {codec!r} needs a floating tensor, got dtype {dtype_name}: use codec 'raw'")
     x = tensor.detach()
     if codec == "int8":
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise _fail(name, "codec 'int8' cannot carry NaN or inf: expected finite values")
         q, scale = _quantize_int8(x)
         return EncodedTensor(name, dtype_name, shape, "int8", _to_bytes(q), scale=_to_bytes(scale))
     wire = x.to(_WIRE_FLOAT[codec])
     back = wire.to(x.dtype)
-    overflow = ~torch.isfinite(back) & torch.isfinite(x)
-    if bool(overflow.any()):
+    if not _all_finite(back) and bool((~torch.isfinite(back) & torch.isfinite(x)).any()):
         worst = float(x.float().abs().max())
         raise _fail(
             name,
@@ -443,14 +442,14 @@ def decode(enc: EncodedTensor, limits: Limits | None = None, owned: bool = False
         out = _from_bytes(data, dtype, shape, name, owned)
     elif codec in _WIRE_FLOAT:
         _check_len(name, "data", data, numel * 2, f"{numel} elements x 2 bytes {codec}")
-        out = _from_bytes(data, _WIRE_FLOAT[codec], shape, name).to(dtype)
+        out = _from_bytes(data, _WIRE_FLOAT[codec], shape, name, owned).to(dtype)
     elif codec == "int8":
         rows, cols = _rows(shape)
         if rows > limits.max_elements:
             raise _fail(name, f"too many int8 rows: shape {shape} has {rows}, limit {limits.max_elements}")
         _check_len(name, "data", data, numel, f"{numel} elements x 1 byte int8")
         _check_len(name, "scale", scale, rows * 4, f"{rows} rows x 4 bytes fp32 scale")
-        q = _from_bytes(data, torch.int8, (rows, cols), name)
+        q = _from_bytes(data, torch.int8, (rows, cols), name, owned)
         scales = _from_bytes(scale, torch.float32, (rows,), name)
         if bool((scales < 0).any()):
             raise _fail(name, f"negative int8 scale at row {int((scales < 0).nonzero()[0, 0])}")
@@ -471,18 +470,24 @@ def decode(enc: EncodedTensor, limits: Limits | None = None, owned: bool = False
         flat.index_put_((idx,), values, accumulate=True)
         out = flat.reshape(shape).to(dtype)
 
-    # A sum is finite when every value is (or it overflowed: then look closer); 80x faster than
-    # isfinite over vocabulary-sized logits.
-    if limits.require_finite and dtype_name in _FLOATING and not bool(torch.isfinite(out.sum())):
+    if limits.require_finite and dtype_name in _FLOATING and not _all_finite(out):
         finite = torch.isfinite(out)
-        if not bool(finite.all()):
-            count = int((~finite).sum())
-            first = int((~finite.reshape(-1)).nonzero()[0, 0])
-            raise _fail(
-                name,
-                f"{count} non-finite value(s) (NaN/inf), first at flat index {first}: expected all finite",
-            )
+        count = int((~finite).sum())
+        first = int((~finite.reshape(-1)).nonzero()[0, 0])
+        raise _fail(
+            name,
+            f"{count} non-finite value(s) (NaN/inf), first at flat index {first}: expected all finite",
+        )
     return out
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite.
+
+    A float32 sum is finite when every value is (or it overflowed: then look at every value);
+    about 80x faster than ``isfinite`` over vocabulary-sized logits.
+    """
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
 # ------------------------------------------------------------------------------------------ top-k
@@ -541,7 +546,7 @@ class TopKCompressor:
         if numel > _INT32_MAX:
             raise _fail(name, f"codec 'topk' indexes with int32: {numel} elements > {_INT32_MAX}")
         x = tensor.detach().float()
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise _fail(name, "codec 'topk' cannot carry NaN or inf: expected finite values")
         previous = self._residuals.get(name)
         if previous is not None and previous.shape == x.shape and previous.device == x.device:
@@ -552,7 +557,7 @@ class TopKCompressor:
         values = flat[idx]
         # What the receiver will hold after casting to the logical dtype: feed back its error too.
         received = values.to(tensor.dtype).float()
-        if not bool(torch.isfinite(received).all()):
+        if not _all_finite(received):
             raise _fail(name, f"top-k values overflow the logical dtype {dtype_name}")
         residual = flat.clone()
         residual[idx] = values - received

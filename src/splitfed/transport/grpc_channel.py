@@ -115,7 +115,8 @@ class GrpcChannel(Channel):
         self._seq = 0
         self._kinds: dict[int, str] = {}
         self._closed = False
-        welcome = self._exchange(
+        # The session's own handshake: not a crossing of the split (no transforms, not recorded).
+        ticket = self._post(
             Message(
                 "hello",
                 {},
@@ -130,6 +131,8 @@ class GrpcChannel(Channel):
             ),
             expect_reply=True,
         )
+        assert ticket is not None
+        welcome = self._collect(ticket)
         assert welcome is not None
         self.session = dict(welcome.meta)
         self.client_id = str(self.session.get("client", client_id))
@@ -173,10 +176,6 @@ class GrpcChannel(Channel):
                 )
             raise TransportError(f"model party at {self.target}: {name}: {details}{hint}")
         return item  # type: ignore[no-any-return]
-
-    def _exchange(self, message: Message, expect_reply: bool) -> Message | None:
-        ticket = self._post(message, expect_reply)
-        return None if ticket is None else self._collect(ticket)
 
     def _post(self, message: Message, expect_reply: bool) -> int | None:
         if self._closed:

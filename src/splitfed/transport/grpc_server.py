@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 import torch
@@ -33,6 +33,8 @@ from splitfed.transport.codec import Limits
 from splitfed.transport.proto import splitfed_pb2 as pb
 from splitfed.transport.wire import (
     PROTOCOL_VERSION,
+    ActivationCodec,
+    GradientCodec,
     RawFrame,
     Reassembler,
     WireCodecs,
@@ -46,8 +48,8 @@ from splitfed.transport.wire import (
 
 log = logging.getLogger(__name__)
 METHOD = "/splitfed.v1.SplitService/Session"
-_ACTIVATION_CODECS = ("fp32", "fp16", "bf16", "int8")
-_GRADIENT_CODECS = ("fp32", "fp16", "bf16", "topk")
+_ACTIVATION_CODECS = get_args(ActivationCodec)
+_GRADIENT_CODECS = get_args(GradientCodec)
 
 
 class SessionError(ValueError):

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from google.protobuf.message import DecodeError
 
 from splitfed.transport.channel import Direction, Message, MetaValue
@@ -83,23 +84,19 @@ class WireCodecs:
     _topk: dict[str, TopKCompressor] = field(default_factory=dict, repr=False)
 
     def encode_tensor(
-        self, direction: Direction, kind: str, name: str, tensor: object, view: bool = False
+        self, direction: Direction, kind: str, name: str, tensor: torch.Tensor, view: bool = False
     ) -> EncodedTensor:
         """Encode one tensor of a message with the codec configured for it (``view``: see :func:`encode`)."""
-        import torch
-
-        assert isinstance(tensor, torch.Tensor)
-        if name in ACTIVATIONS and tensor.is_floating_point():
+        codec = "raw"
+        if tensor.is_floating_point() and name in ACTIVATIONS:
             codec = _CODEC_NAME[self.activations]
-            return encode(name, tensor, codec, view and codec == "raw")
-        if name in GRADIENTS and tensor.is_floating_point():
+        elif tensor.is_floating_point() and name in GRADIENTS:
             if self.gradients == "topk":
                 key = f"{direction}/{kind}/{name}"
                 compressor = self._topk.setdefault(key, TopKCompressor(self.topk_ratio))
                 return compressor.encode(name, tensor)
             codec = _CODEC_NAME[self.gradients]
-            return encode(name, tensor, codec, view and codec == "raw")
-        return encode(name, tensor, "raw", view)
+        return encode(name, tensor, codec, view)
 
 
 def _meta_to_proto(envelope: pb.Envelope, meta: dict[str, MetaValue]) -> None:
