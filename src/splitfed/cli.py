@@ -257,11 +257,17 @@ def join(
             log=lambda s: console.print(s),  # type: ignore[arg-type]
             latency_ms=inject_latency_ms,
         )
-    except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        SplitConfigError,
+        AssetError,
+        DataError,
+        ModelLoadError,
+        FileNotFoundError,
+        TransportError,
+        RemoteError,
+    ) as err:
         _fail(str(err))
-        return
-    except (TransportError, RemoteError) as err:
-        _fail(f"{err}")
         return
     wire = result.summary["wire"]
     console.print(
@@ -350,9 +356,15 @@ def generate(
             else:
                 for text_in, text_out in zip(batch, gen.generate(batch), strict=True):
                     out.print(f"[dim]{text_in}[/]{text_out}", highlight=False)
-    except (ConfigError, SplitConfigError, ModelLoadError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
-    except (TransportError, RemoteError) as err:
+    except (
+        ConfigError,
+        SplitConfigError,
+        ModelLoadError,
+        ValueError,
+        FileNotFoundError,
+        TransportError,
+        RemoteError,
+    ) as err:
         _fail(str(err))
 
 

@@ -182,6 +182,24 @@ class ClassificationMetric(Metric):
         }
 
 
+def shifted_nll(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (position t predicts label t+1, ``IGNORE_INDEX`` skipped), in fp32.
+
+    Returns the sum and the shifted logits and labels it was computed from.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total, shift_logits, shift_labels
+
+
 class CausalLMMetric(Metric):
     """Token-level loss, perplexity and next-token accuracy of logits ``[B, T, V]``.
 
@@ -197,17 +215,8 @@ class CausalLMMetric(Metric):
 
     def update(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
         """Add a batch of next-token logits ``[B, T, V]``."""
-        labels = batch["labels"].to(logits.device)
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:]
-        self.nll_sum += float(
-            F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]),
-                shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-        )
+        nll, shift_logits, shift_labels = shifted_nll(logits, batch["labels"].to(logits.device))
+        self.nll_sum += float(nll)
         mask = shift_labels != IGNORE_INDEX
         self.tokens += int(mask.sum())
         self.correct += int(((shift_logits.argmax(dim=-1) == shift_labels) & mask).sum())

@@ -41,6 +41,7 @@ from splitfed.data.metrics import (
     ClassificationMetric,
     Metric,
     extract_final_number,
+    shifted_nll,
     squad_exact_match,
     squad_f1,
 )
@@ -322,14 +323,7 @@ class CausalLMTask(Task):
                 f"causal LM loss needs logits [batch, seq, vocab] matching labels {tuple(labels.shape)}, "
                 f"got {tuple(logits.shape)} (is the model's head 'causal_lm'?)"
             )
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:]
-        total = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        total, _, shift_labels = shifted_nll(logits, labels)
         # A batch whose responses were all truncated away has no targets: a zero loss that
         # still depends on the logits keeps backward() valid instead of producing NaN.
         return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
