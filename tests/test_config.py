@@ -107,3 +107,12 @@ def test_head_output_cache_needs_a_frozen_head() -> None:
     assert parse_config(
         {"mode": "splitfrozen", "train": {"cache_head_outputs": True}}
     ).train.cache_head_outputs
+
+
+def test_head_layers_zero_needs_the_raw_embeddings_opt_in() -> None:
+    with pytest.raises(ConfigError, match=r"raw token embeddings.*split\.allow_raw_embeddings: true") as err:
+        parse_config({"split": {"head_layers": 0}})
+    assert "Value error" not in str(err.value)
+    cfg = parse_config({"split": {"head_layers": 0, "allow_raw_embeddings": True}})
+    assert cfg.split.spec().allow_raw_embeddings and cfg.split.spec().head_layers == 0
+    assert not parse_config({}).split.spec().allow_raw_embeddings

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -31,8 +33,29 @@ DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # Escaped: messages hold shapes and lists ("[batch, seq]") that rich would take for markup and drop.
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
+
+
+def _warnings_as_lines() -> None:
+    """Print splitfed's own warnings (:class:`PrivacyWarning`) as one ``warning:`` line each."""
+    import warnings
+
+    from splitfed.models.partition import PrivacyWarning
+
+    original = warnings.showwarning
+    if getattr(original, "splitfed", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, PrivacyWarning):
+            console.print(f"[yellow]warning:[/] {escape(str(message))}")
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    show.splitfed = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def _quiet_libraries() -> None:
@@ -41,26 +64,44 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    _warnings_as_lines()
 
 
-def _run(config_path: Path, overrides: list[str], resume: bool, progress: bool) -> None:
+def _run(
+    config_path: Path, overrides: list[str], resume: bool, progress: bool, record: Path | None = None
+) -> None:
     from splitfed.assets import AssetError
     from splitfed.config import ConfigError, load_config
     from splitfed.data import DataError
     from splitfed.models.loading import ModelLoadError
     from splitfed.models.partition import SplitConfigError
+    from splitfed.privacy.recording import RecordingError
 
     _quiet_libraries()
     try:
         cfg = load_config(config_path, overrides)
         from splitfed.run import train
 
-        result = train(cfg, resume=resume, progress=progress, log=lambda s: console.print(s))
-    except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, FileNotFoundError) as err:
+        result = train(cfg, resume=resume, progress=progress, log=lambda s: console.print(s), record=record)
+    except (
+        ConfigError,
+        SplitConfigError,
+        AssetError,
+        DataError,
+        ModelLoadError,
+        RecordingError,
+        FileNotFoundError,
+    ) as err:
         _fail(str(err))
         return
     console.print(f"results: {result.output_dir / 'results.json'}")
     console.print(f"adapters: {result.output_dir / 'data_party'} and {result.output_dir / 'model_party'}")
+    if "recording" in result.summary:
+        rec = result.summary["recording"]
+        console.print(
+            f"recording: {rec['directory']} ({rec['records']} crossings, {rec['stored_bytes'] / 1e6:.1f} MB "
+            f"in {rec['shards']} shards); ground truth: {rec['ground_truth']}"
+        )
 
 
 @app.command()
@@ -72,13 +113,22 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in output_dir.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    record: Annotated[
+        Path | None,
+        typer.Option(
+            "--record",
+            help="Record every crossing (safetensors shards + manifest.json) in this new directory, and the "
+            "data party's ground truth in its ground_truth/ (for attacks).",
+        ),
+    ] = None,
 ) -> None:
     """Split fine-tuning in one process: data party and model party joined by an in-process channel.
 
     Writes results.json (config, metrics, timings, bytes crossed per step) and each party's
-    adapters (safetensors) to the config's output_dir.
+    adapters (safetensors) to the config's output_dir; with --record DIR also what crossed, as the
+    model party received it, and what each batch really held.
     """
-    _run(config, set_ or [], resume, progress)
+    _run(config, set_ or [], resume, progress, record)
 
 
 @app.command()
@@ -155,15 +205,38 @@ def serve(
         bool,
         typer.Option(help="Start from the model party's last checkpoint (output_dir/model_party_server)."),
     ] = False,
+    step_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="Drop a data party's training step after this many seconds without progress."
+        ),
+    ] = 30.0,
+    max_step_grad_norm: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Refuse a data party's step whose gradient norm exceeds this (0: no bound)."
+        ),
+    ] = 1e4,
+    max_strikes: Annotated[
+        int, typer.Option(min=1, help="Disconnect a data party after this many refused steps.")
+    ] = 3,
+    grace: Annotated[
+        float, typer.Option(min=0.0, help="Seconds running calls get to finish on Ctrl-C or SIGTERM.")
+    ] = 2.0,
 ) -> None:
     """Run the model party as a gRPC server (one stream per data party).
 
     With train.checkpoint_every: N it checkpoints every N applied steps; --resume continues from there.
+    A data party's step is applied only when its gradients and result are finite and within
+    --max-step-grad-norm; the final adapters are written on exit whatever the clients did.
     """
+    from splitfed.assets import AssetError
     from splitfed.config import ConfigError, load_config
+    from splitfed.data import DataError
     from splitfed.models.loading import ModelLoadError
     from splitfed.models.partition import SplitConfigError
     from splitfed.runtime import start_server
+    from splitfed.transport.grpc_server import ServerLimits
 
     _quiet_libraries()
     tls = _tls(tls_cert, tls_key, tls_ca)
@@ -173,10 +246,22 @@ def serve(
         )
     try:
         cfg = load_config(config, set_ or [])
-        server = start_server(
-            cfg, host, port, tls, _tokens(tokens), resume=resume, log=lambda s: console.print(s)
+        limits = ServerLimits(
+            step_timeout_s=step_timeout,
+            max_step_grad_norm=max_step_grad_norm or None,
+            max_strikes=max_strikes,
         )
-    except (ConfigError, SplitConfigError, ModelLoadError, OSError) as err:
+        server = start_server(
+            cfg,
+            host,
+            port,
+            tls,
+            _tokens(tokens),
+            limits=limits,
+            resume=resume,
+            log=lambda s: console.print(s),
+        )
+    except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, OSError) as err:
         _fail(str(err))
         return
     console.print(
@@ -190,9 +275,15 @@ def serve(
         signal.signal(sig, lambda *_: stopping.set())
     while not stopping.wait(0.5):
         pass
-    server.stop()
+    if not server.stop(grace):
+        console.print("[yellow]warning:[/] some client calls had not ended; stopping without them")
     final = server.save_adapters()
     console.print(f"model party adapters saved in {final}")
+    # A call gRPC left open keeps a worker thread that interpreter shutdown would join forever;
+    # everything is saved, so leave without waiting for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from splitfed.models.partition import FinetuneSpec, SplitSpec
+from splitfed.models.partition import FinetuneSpec, SplitConfigError, SplitSpec
 from splitfed.split.parties import OptimSpec
 from splitfed.transport.wire import ActivationCodec, GradientCodec
 
@@ -84,16 +85,31 @@ class DataConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """Where to cut and where the loss is computed (see :class:`splitfed.models.partition.SplitSpec`)."""
+    """Where to cut and where the loss is computed (see :class:`splitfed.models.partition.SplitSpec`).
+
+    ``head_layers: 0`` keeps only the embeddings on the data party, so raw token embeddings cross
+    and the model party can read back every token id; it needs ``allow_raw_embeddings: true``.
+    """
 
     setting: Literal["ht", "hbt"] = "ht"
     head_layers: int = Field(default=2, ge=0)
     tail_layers: int = Field(default=0, ge=0)
     labels_at: Literal["data", "model"] = "data"
+    allow_raw_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _raw_embeddings_opted_in(self) -> SplitConfig:
+        try:
+            self.spec().check_raw_embeddings()
+        except SplitConfigError as err:  # a custom error type: shown without pydantic's "Value error, "
+            raise PydanticCustomError("raw_embeddings", str(err)) from None
+        return self
 
     def spec(self) -> SplitSpec:
         """As the partitioner's spec."""
-        return SplitSpec(self.setting, self.head_layers, self.tail_layers)
+        return SplitSpec(
+            self.setting, self.head_layers, self.tail_layers, allow_raw_embeddings=self.allow_raw_embeddings
+        )
 
 
 class SegmentFinetune(_Strict):
@@ -201,7 +217,18 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    #: The data party's defenses, applied in order to what it sends: ``[{name: ..., <params>}]``
+    #: (``splitfed defenses`` lists them).
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
     output_dir: str = "runs/run"
+
+    @field_validator("defenses")
+    @classmethod
+    def _known_defenses(cls, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from splitfed.split.front import build_front
+
+        build_front(specs, hidden_size=8)  # names and parameters (the width comes from the model)
+        return specs
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -218,6 +245,14 @@ class RunConfig(_Strict):
                 "train.cache_head_outputs needs a frozen data-party head (mode: splitfrozen or "
                 "finetune.head.mode: frozen): a training head's outputs change every step"
             )
+        if self.train.schedule == "forward-only" and self.defenses:
+            from splitfed.split.front import build_front
+
+            if build_front(self.defenses, hidden_size=8).trains:
+                raise ValueError(
+                    "train.schedule: forward-only cannot train a defense (it needs gradients back); "
+                    "use train.schedule: pipelined"
+                )
         if self.train.schedule == "forward-only":
             head = self.segment_finetune()["head"].mode
             if head != "frozen" or self.split.setting != "ht" or self.split.labels_at != "model":

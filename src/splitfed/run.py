@@ -30,7 +30,7 @@ from rich.progress import (
 )
 from safetensors.torch import load_file, save_file
 
-from splitfed.config import RunConfig
+from splitfed.config import ConfigError, RunConfig
 from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.models.partition import Segment
 from splitfed.split.parties import DataParty, MicroBatch
@@ -159,11 +159,16 @@ def save_adapters(
 def write_adapter(
     tensors: dict[str, torch.Tensor], directory: Path, roles: Sequence[str], **meta: str
 ) -> Path:
-    """Write one party's parameters as ``directory/adapter.safetensors`` (what :func:`load_adapters` reads)."""
+    """Write one party's parameters as ``directory/adapter.safetensors`` (what :func:`load_adapters` reads).
+
+    Atomically: a reader (or a crash) sees the previous file or the new one, never half of one.
+    """
     path = directory / "adapter.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"roles": ",".join(roles), **meta})
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"roles": ",".join(roles), **meta})
+    os.replace(tmp, path)
     return path
 
 
@@ -336,7 +341,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Workload:
         splits.train = party_share(cfg, splits, log)
     num_labels = len(splits.label_names) if splits.label_names else None
     if cfg.model.num_labels is not None and num_labels is not None and cfg.model.num_labels != num_labels:
-        raise ValueError(
+        raise ConfigError(
             f"model.num_labels={cfg.model.num_labels} but dataset {cfg.data.name!r} has {num_labels} classes "
             f"({splits.label_names}); fix model.num_labels"
         )
@@ -344,7 +349,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Workload:
     task = get_task(cfg.task, tokenizer=tokenizer, max_length=cfg.data.max_length, num_labels=num_labels)
     batch = cfg.train.batch_size
     if len(splits.train) < batch:
-        raise ValueError(
+        raise ConfigError(
             f"the training split has {len(splits.train)} examples, fewer than train.batch_size={batch}"
         )
     per_epoch = max(1, len(splits.train) // (batch * cfg.train.grad_accum))
@@ -366,11 +371,24 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     transforms: Sequence[ChannelTransform] = (),
+    record: str | Path | None = None,
 ) -> RunResult:
     """Run ``cfg``: split fine-tuning in one process with an in-process channel.
 
     ``transforms`` wrap every crossing (defenses, or a codec round trip that simulates the wire).
+    ``record`` names a new directory that receives every crossing as the model party received it
+    (:class:`~splitfed.privacy.recording.RecordingWriter`) and, in its ``ground_truth/``, what each
+    batch really held (:class:`~splitfed.privacy.recording.GroundTruthWriter`).
     """
+    from splitfed.privacy.recording import (
+        GroundTruthWriter,
+        RecordingWriter,
+        check_new_recording,
+        ground_truth_dir,
+    )
+
+    if record is not None:
+        check_new_recording(record)  # before minutes of loading, not after
     work = prepare(cfg, log)
     system = build_split(
         work.model,
@@ -384,7 +402,20 @@ def train(
         cache_head=cfg.train.cache_head_outputs,
     )
     parties = {"data_party": system.data_party, "model_party": system.model_party}
-    return train_loop(work, system.data_party, system.segments, parties, resume, progress, log)
+    if record is None:
+        return train_loop(work, system.data_party, system.segments, parties, resume, progress, log)
+    start_step = checkpoint_step(Path(cfg.output_dir)) if resume else 0
+    with (
+        RecordingWriter(record, start_step=start_step, tap="in_process_channel") as recording,
+        GroundTruthWriter(ground_truth_dir(record), client=system.data_party.client_id) as truth,
+    ):
+        # Channel calls any recorder(direction, message); its annotation names only CrossingRecorder.
+        system.channel.recorder = recording  # type: ignore[assignment]
+        system.data_party.ground_truth = truth
+        result = train_loop(work, system.data_party, system.segments, parties, resume, progress, log)
+    result.summary["recording"] = recording.summary() | {"ground_truth": str(truth.directory)}
+    write_results(result.output_dir, result.summary)
+    return result
 
 
 def train_loop(

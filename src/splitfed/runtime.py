@@ -9,6 +9,7 @@ party serves its body over gRPC, the data party trains through a
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from splitfed.run import (
 )
 from splitfed.split.decoding import DecodingConfig
 from splitfed.split.inference import SplitGenerator
-from splitfed.split.parties import DataParty, ModelParty
+from splitfed.split.parties import DataParty, ModelParty, StepGuard
 from splitfed.split.system import build_model_party, build_split, prepare_segments
 from splitfed.transport.channel import Channel, Message
 from splitfed.transport.grpc_channel import GrpcChannel
@@ -57,10 +58,14 @@ class ModelPartyServer:
     segments: dict[str, Segment]
     output_dir: Path
 
-    def stop(self, grace: float | None = 0.5) -> None:
-        """Stop serving: refuse new sessions, let running ones finish for ``grace`` seconds, end them."""
+    def stop(self, grace: float = 0.5) -> bool:
+        """Stop serving: refuse new sessions and messages, give running calls ``grace`` seconds, end them.
+
+        Returns within ``grace`` plus a few seconds whatever the clients did (a call gRPC leaves
+        open is not waited for); ``False`` when some call had not ended by then.
+        """
         self.service.stop()
-        self.server.stop(grace).wait()
+        return bool(self.server.stop(grace).wait(timeout=grace + 3.0))
 
     def save_adapters(self) -> Path:
         """Write the model party's adapters under ``<output_dir>/model_party_server/final``.
@@ -72,7 +77,14 @@ class ModelPartyServer:
         """
         final = self.output_dir / "model_party_server" / "final"
         bank = self.model_party.bank
-        with self.service.step_lock:  # a handler thread may still be finishing a step
+        # Unfinished steps are dropped (their gradients were never applied) and no update runs
+        # while the files are written; each file is written atomically.
+        held = self.service.quiesce(timeout=30.0)
+        if not held:
+            logging.getLogger(__name__).warning(
+                "a model-party computation did not finish within 30 s; saving the adapters as they are"
+            )
+        try:
             if bank is None:
                 save_adapters(self.segments, final, ("model_party",))
             else:
@@ -81,6 +93,9 @@ class ModelPartyServer:
                     write_adapter(
                         bank.named_parameters(client), directory, PARTY_ROLES["model_party"], client=client
                     )
+        finally:
+            if held:
+                self.service.resume()
         return final
 
 
@@ -102,8 +117,13 @@ def _safe_name(client: str) -> str:
     return f"{name or 'anonymous'}-{hashlib.sha256(client.encode()).hexdigest()[:10]}"
 
 
-def build_serving_party(cfg: RunConfig) -> tuple[ModelParty, dict[str, Segment], Any]:
-    """The model party of ``cfg``, built exactly as the in-process run builds it (same seed, same init)."""
+def build_serving_party(
+    cfg: RunConfig, guard: StepGuard | None = None
+) -> tuple[ModelParty, dict[str, Segment], Any]:
+    """The model party of ``cfg``, built exactly as the in-process run builds it (same seed, same init).
+
+    ``guard``: what each data party's update must satisfy (see :class:`StepGuard`).
+    """
     from splitfed.data import get_task
 
     if cfg.train.steps is None:
@@ -132,6 +152,7 @@ def build_serving_party(cfg: RunConfig) -> tuple[ModelParty, dict[str, Segment],
         loss_fn,
         per_party_adapters=cfg.finetune.body_adapters == "per_party",
     )
+    party.guard = guard or party.guard
     return party, segments, model
 
 
@@ -157,7 +178,8 @@ def start_server(
     loads its newest checkpoint at once; each resuming data party then compares its own
     checkpoint with the steps of it that the model party holds (see :func:`join`).
     """
-    party, segments, model = build_serving_party(cfg)
+    limits = limits or ServerLimits()
+    party, segments, model = build_serving_party(cfg, StepGuard(max_grad_norm=limits.max_step_grad_norm))
     if adapters:
         load_adapters(segments, Path(adapters), ("model_party",))
     root = Path(cfg.output_dir) / "model_party_server"
@@ -205,7 +227,7 @@ def start_server(
     service = ModelPartyService(
         party,
         hidden,
-        limits or ServerLimits(),
+        limits,
         tokens,
         cfg.split.labels_at,
         checkpoint,
@@ -269,7 +291,7 @@ def join(
             log,
             check_resume=lambda step: _check_in_step(step, channel, cfg, party, log),
         )
-        stats = channel.request(Message("stats")).meta
+        stats = channel.request(Message("stats")).meta  # a stats_result
         result.summary["timings"] |= {
             "model_party_busy_s": float(stats.get("busy_s") or 0.0),
             "model_party_wait_s": float(stats.get("waiting_s") or 0.0),

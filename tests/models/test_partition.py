@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitfed.models.partition import FinetuneSpec, SplitConfigError, SplitSpec, partition
+from splitfed.models.partition import FinetuneSpec, PrivacyWarning, SplitConfigError, SplitSpec, partition
 from splitfed.split.parties import OptimSpec
 from splitfed.split.system import build_split
 from tiny import FAMILY_HEADS, reference_logits, simple_loss, tiny_batch, tiny_model
@@ -65,8 +65,64 @@ def test_split_point_out_of_range_names_layer_count() -> None:
 
 
 def test_unsupported_head_is_a_clear_error() -> None:
-    with pytest.raises(SplitConfigError, match="span_qa"):
+    with pytest.raises(
+        SplitConfigError, match=r"'span_qa' is not available .* available: causal_lm, classification"
+    ):
         partition(tiny_model("llama", "causal_lm"), SplitSpec("ht", 1), "span_qa")
+
+
+def _unsupported_config(model_type: str):
+    from transformers import Gemma2Config, GPTNeoXConfig, T5Config
+
+    small = {"vocab_size": 50, "num_attention_heads": 4}
+    if model_type == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, **small)
+    if model_type == "gemma2":
+        return Gemma2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, head_dim=4, **small)
+    return T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, vocab_size=50)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "t5", "gemma2"])
+def test_unsupported_family_is_a_split_config_error_listing_the_supported(model_type: str) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_config(_unsupported_config(model_type))
+    with pytest.raises(
+        SplitConfigError, match=f"'{model_type}' cannot be split.*supported model types: bert,.*llama"
+    ):
+        partition(model, SplitSpec("ht", 1), "classification")
+
+
+@pytest.mark.parametrize(
+    ("built", "head", "needs"),
+    [
+        ("causal_lm", "classification", "AutoModelForSequenceClassification"),
+        ("classification", "causal_lm", "AutoModelForCausalLM"),
+        ("base", "causal_lm", "AutoModelForCausalLM"),
+    ],
+)
+def test_a_model_without_the_task_head_is_a_split_config_error(built: str, head: str, needs: str) -> None:
+    from transformers import AutoModel
+
+    from tiny import tiny_config
+
+    model = AutoModel.from_config(tiny_config("llama")) if built == "base" else tiny_model("llama", built)
+    with pytest.raises(
+        SplitConfigError, match=f"a {head} split needs a task model .*{needs}.*got {type(model).__name__}"
+    ):
+        partition(model, SplitSpec("ht", 1), head)
+
+
+def test_head_layers_zero_needs_the_raw_embeddings_opt_in() -> None:
+    model = tiny_model("gpt2", "causal_lm")
+    with pytest.raises(SplitConfigError, match=r"raw token embeddings.*split\.allow_raw_embeddings: true"):
+        partition(model, SplitSpec("ht", 0), "causal_lm")
+    with pytest.warns(PrivacyWarning, match="raw token embeddings cross"):
+        segments = partition(model, SplitSpec("ht", 0, allow_raw_embeddings=True), "causal_lm")
+    assert len(segments["head"].blocks) == 0 and segments["head"].has_embed
+    batch = tiny_batch("causal_lm")
+    logits = segments["body"](hidden=segments["head"](input_ids=batch["input_ids"]))
+    torch.testing.assert_close(logits, model(input_ids=batch["input_ids"]).logits)
 
 
 def test_lora_target_that_does_not_exist() -> None:

@@ -33,12 +33,14 @@ def _reference(model, prompts, max_new_tokens: int) -> list[list[int]]:
     tok = tiny_tokenizer()
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    eos = model.generation_config.eos_token_id
+    stops = set() if eos is None else set(torch.as_tensor(eos).reshape(-1).tolist())
     rows = []
     for row in out[:, enc["input_ids"].shape[1] :].tolist():
         kept = []
         for t in row:
             kept.append(t)
-            if t == model.generation_config.eos_token_id:
+            if t in stops:
                 break
         rows.append(kept)
     return rows
@@ -131,3 +133,23 @@ def test_limits_are_clear_errors() -> None:
         gen.generate(PROMPTS)
     with pytest.raises(ValueError, match="temperature"):
         DecodingConfig(temperature=0)
+
+
+@pytest.mark.parametrize("spec", SETTINGS[:2], ids=["ht", "hbt"])
+@pytest.mark.parametrize("eos", [None, [5, 1]], ids=["no-eos", "eos-list"])
+def test_stop_rule_follows_the_generation_config_as_generate_does(spec: SplitSpec, eos) -> None:
+    """No EOS in the generation config: ``generate`` ignores the tokenizer's EOS, and so must we."""
+    model = tiny_model("llama", "causal_lm")
+    first = _reference(model, PROMPTS, 1)[0][0]
+    with torch.no_grad():  # the tokenizer's EOS (id 1) takes the place of prompt 0's first greedy token
+        rows = model.lm_head.weight
+        rows[[1, first]] = rows[[first, 1]]
+    model.generation_config.eos_token_id = eos
+    expected = _reference(model, PROMPTS, 12)
+    if eos is None:
+        assert expected[0][0] == tiny_tokenizer().eos_token_id and len(expected[0]) == 12
+    else:
+        assert expected[0] == [1]
+    system = build_split(model, spec, "causal_lm", {}, lambda logits, batch: logits.sum(), OptimSpec())
+    with _generator(system, decoding=DecodingConfig(max_new_tokens=12)) as gen:
+        assert gen.generate_ids(PROMPTS) == expected

@@ -450,3 +450,19 @@ def test_fuzz_decode_returns_tensor_or_codec_error(
         if not mutations:
             assert out.shape == torch.Size(base.shape)
     assert time.perf_counter() - start < 1.0
+
+
+def test_an_empty_codec_is_raw_as_the_proto_documents() -> None:
+    x = torch.randn(3, 4)
+    enc = encode("x", x, "raw")
+    assert torch.equal(decode(dataclasses.replace(enc, codec="")), x)
+
+
+def test_finite_but_huge_values_are_refused_where_a_bound_is_set() -> None:
+    big = encode("g", torch.full((2, 3), 3e38), "raw")
+    assert torch.equal(decode(big), torch.full((2, 3), 3e38))  # no bound: fine
+    with pytest.raises(CodecError, match="finite but huge"):
+        decode(big, Limits(max_abs=1e6))
+    with pytest.raises(CodecError, match="non-finite"):
+        decode(encode("g", torch.tensor([1.0, float("nan")]), "raw"), Limits(max_abs=1e6))
+    assert decode(encode("g", torch.ones(0), "raw"), Limits(max_abs=1e6)).numel() == 0

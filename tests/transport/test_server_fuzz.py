@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitfed.models.partition import FinetuneSpec, SplitSpec
+from splitfed.protocol import KINDS
 from splitfed.split.parties import OptimSpec
 from splitfed.split.system import build_model_party
 from splitfed.transport.channel import Message
@@ -60,9 +61,12 @@ tensors = st.builds(
     scale=st.binary(max_size=64),
     indices=st.binary(max_size=64),
 )
+#: Every metadata key the protocol declares, and one it does not.
+META_KEYS = sorted({m.name for k in KINDS.values() for m in k.meta} | {"x"})
 meta_values = st.one_of(
     st.builds(pb.MetaValue, i=st.integers(min_value=-(2**63), max_value=2**63 - 1)),
     st.builds(pb.MetaValue, f=st.floats(allow_nan=True)),
+    st.builds(pb.MetaValue, f=st.sampled_from([1e38, -1e38, 3e38, 1e-45, float("inf"), float("nan")])),
     st.builds(pb.MetaValue, s=st.text(max_size=20)),
     st.builds(pb.MetaValue, b=st.booleans()),
 )
@@ -75,11 +79,7 @@ def envelopes(draw: st.DrawFn) -> pb.Envelope:
         seq=draw(st.integers(min_value=0, max_value=2**64 - 1)),
     )
     env.tensors.extend(draw(st.lists(tensors, max_size=4)))
-    for key, value in draw(
-        st.dictionaries(
-            st.sampled_from(["train", "batch_id", "update", "client", "loss_scale"]), meta_values, max_size=4
-        )
-    ).items():
+    for key, value in draw(st.dictionaries(st.sampled_from(META_KEYS), meta_values, max_size=4)).items():
         env.meta[key].CopyFrom(value)
     return env
 
@@ -90,11 +90,14 @@ def valid_ish(draw: st.DrawFn) -> pb.Envelope:
     batch = draw(st.integers(1, 5))
     seq = draw(st.integers(1, 17))
     width = draw(st.sampled_from([HIDDEN, HIDDEN - 1]))
-    hidden = torch.randn(batch, seq, width) * draw(st.sampled_from([1.0, 1e3]))
+    # Finite but huge values too: they must never reach the adapters.
+    hidden = torch.randn(batch, seq, width) * draw(st.sampled_from([1.0, 1e3, 1e7, 1e30, 3e38]))
     mask = torch.ones(batch, seq, dtype=torch.long)
     kind = draw(st.sampled_from(["forward", "backward"]))
     tensors = {"hidden": hidden, "attention_mask": mask} if kind == "forward" else {"grad": hidden}
     meta = {"train": draw(st.booleans()), "batch_id": draw(st.integers(0, 3)), "update": draw(st.booleans())}
+    if draw(st.booleans()):
+        meta["loss_scale"] = draw(st.sampled_from([float("nan"), float("inf"), 1e38, -1.0, 0.0, 0.5]))
     return to_envelope(Message(kind, tensors, meta), draw(st.integers(1, 100)), "to_model")
 
 
@@ -142,6 +145,7 @@ def test_random_envelopes_never_crash_the_server(
     assert replies and replies[0].kind == "welcome"
     for reply in replies[1:]:
         assert reply.error or reply.kind in ("forward_result", "backward_result")
+        assert not reply.error or reply.code  # every refusal carries a code
 
 
 @settings(
@@ -158,8 +162,9 @@ def test_plausible_message_sequences_never_crash_the_server(
     assert replies[0].kind == "welcome"
     for reply in replies[1:]:
         assert reply.error or reply.kind in ("forward_result", "backward_result")
-    # After any session ends, no step is left holding the lock.
+    # After any session ends, no step is left holding the lock, and the adapters are finite.
     assert not service._step_lock.locked()
+    assert all(bool(torch.isfinite(p).all()) for p in service.model_party.trainer.params)
 
 
 @settings(

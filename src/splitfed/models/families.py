@@ -23,6 +23,10 @@ from transformers.masking_utils import (
 HEADS = ("causal_lm", "classification", "span_qa")
 
 
+class SplitConfigError(ValueError):
+    """A split point, fine-tuning setting, model family or task head that does not fit the model."""
+
+
 @dataclass
 class LayerContext:
     """What every layer of one forward pass needs besides the hidden states.
@@ -94,13 +98,34 @@ class FamilyAdapter:
     def embed(
         self,
         model: Any,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids to the hidden states that enter layer 0."""
+        """Token ids, or their token embeddings ``inputs_embeds``, to the hidden states that enter layer 0.
+
+        ``inputs_embeds`` replaces what :meth:`token_embeddings` returns for ``input_ids``
+        (positions, token types and normalization are still added here): defenses perturb it,
+        inversion attacks optimize it.
+        """
         raise NotImplementedError
+
+    def token_embedding_layer(self, model: Any) -> nn.Embedding:
+        """The token embedding table (vocabulary x hidden)."""
+        raise NotImplementedError
+
+    def token_embeddings(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """What :meth:`embed` takes as ``inputs_embeds`` for ``input_ids``."""
+        return self.token_embedding_layer(model)(input_ids)  # type: ignore[no-any-return]
+
+    def soft_embeddings(self, model: Any, weights: torch.Tensor) -> torch.Tensor:
+        """``inputs_embeds`` of soft tokens: ``weights [..., vocab]`` (one-hot rows give :meth:`token_embeddings`)."""
+        layer = self.token_embedding_layer(model)
+        out = weights.to(layer.weight.dtype) @ layer.weight
+        scale = getattr(layer, "embed_scale", None)  # Gemma scales inside its embedding module
+        return out * scale.to(out.dtype) if isinstance(scale, torch.Tensor) else out
 
     def context(
         self,
@@ -158,8 +183,15 @@ class DecoderAdapter(FamilyAdapter):
     def task_head_names(self, head: str) -> tuple[str, ...]:
         return ("score",) if head == "classification" else ()
 
-    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
-        return self.backbone(model).embed_tokens(input_ids)  # type: ignore[no-any-return]
+    def token_embedding_layer(self, model: Any) -> nn.Embedding:
+        return self.backbone(model).embed_tokens  # type: ignore[no-any-return]
+
+    def embed(
+        self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None, inputs_embeds=None
+    ):  # type: ignore[no-untyped-def]
+        if inputs_embeds is not None:
+            return inputs_embeds
+        return self.backbone(model).embed_tokens(input_ids)
 
     def _layer_type(self, config: Any, index: int) -> str:
         layer_types = getattr(config, "layer_types", None)
@@ -242,11 +274,17 @@ class GPT2Adapter(FamilyAdapter):
     def task_head_names(self, head: str) -> tuple[str, ...]:
         return ("score",) if head == "classification" else ()
 
-    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
+    def token_embedding_layer(self, model: Any) -> nn.Embedding:
+        return self.backbone(model).wte  # type: ignore[no-any-return]
+
+    def embed(
+        self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None, inputs_embeds=None
+    ):  # type: ignore[no-untyped-def]
         b = self.backbone(model)
+        tokens = b.wte(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return b.drop(b.wte(input_ids) + b.wpe(position_ids))
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        return b.drop(tokens + b.wpe(position_ids))
 
     def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None, layers=None):  # type: ignore[no-untyped-def]
         b = self.backbone(model)
@@ -310,9 +348,28 @@ class BertAdapter(FamilyAdapter):
     def task_head_names(self, head: str) -> tuple[str, ...]:
         return ("qa_outputs",) if head == "span_qa" else ("classifier",)
 
-    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
+    def token_embedding_layer(self, model: Any) -> nn.Embedding:
+        return self.backbone(model).embeddings.word_embeddings  # type: ignore[no-any-return]
+
+    def embed(
+        self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None, inputs_embeds=None
+    ):  # type: ignore[no-untyped-def]
+        if inputs_embeds is not None:
+            input_ids = None
+            embeddings = self.backbone(model).embeddings
+            if position_ids is None and attention_mask is not None and hasattr(embeddings, "padding_idx"):
+                # RoBERTa numbers positions from its padding index, skipping pads, as it does for ids.
+                mask = attention_mask.long()
+                position_ids = mask.cumsum(1) * mask + embeddings.padding_idx
+            if token_type_ids is None:  # BERT's embeddings take the buffered zeros only for ids
+                token_type_ids = torch.zeros(
+                    inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+                )
         return self.backbone(model).embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
         )
 
     def context(self, model, hidden, attention_mask, position_ids=None, past_key_values=None, layers=None):  # type: ignore[no-untyped-def]
@@ -357,8 +414,12 @@ class DistilBertAdapter(BertAdapter):
     def task_head_names(self, head: str) -> tuple[str, ...]:
         return ("qa_outputs",) if head == "span_qa" else ("pre_classifier", "classifier")
 
-    def embed(self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None):  # type: ignore[no-untyped-def]
-        return self.backbone(model).embeddings(input_ids, None, position_ids)
+    def embed(
+        self, model, input_ids, attention_mask, token_type_ids=None, position_ids=None, inputs_embeds=None
+    ):  # type: ignore[no-untyped-def]
+        if inputs_embeds is not None:
+            input_ids = None
+        return self.backbone(model).embeddings(input_ids, inputs_embeds, position_ids)
 
     def finish(self, model, hidden, attention_mask, head):  # type: ignore[no-untyped-def]
         if head == "span_qa":
@@ -374,10 +435,38 @@ for _adapter in (DecoderAdapter(), GPT2Adapter(), BertAdapter(), DistilBertAdapt
 
 
 def family_for(config: Any) -> FamilyAdapter:
-    """The adapter for a transformers config, or a clear error listing the supported families."""
+    """The adapter for a transformers config.
+
+    Raises
+    ------
+    SplitConfigError
+        If no adapter cuts models of this ``model_type``; the message lists those that are supported.
+    """
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"model type {model_type!r} is not supported for splitting; supported: {sorted(FAMILIES)}"
+        raise SplitConfigError(
+            f"model type {model_type!r} cannot be split: splitfed has no family adapter for it; supported "
+            f"model types: {', '.join(sorted(FAMILIES))}; choose a model of one of these types (model.name)"
         )
     return FAMILIES[model_type]
+
+
+def check_supported(config: Any, head: str) -> FamilyAdapter:
+    """The adapter for ``config`` after checking that it supports task head ``head``.
+
+    Runs on a config alone, so a model that cannot be split is refused before its weights load.
+
+    Raises
+    ------
+    SplitConfigError
+        For an unsupported ``model_type`` or a task head the family does not have, listing what
+        is supported.
+    """
+    adapter = family_for(config)
+    if head not in adapter.heads:
+        raise SplitConfigError(
+            f"task head {head!r} is not available for {adapter.name}-family models (model type "
+            f"{config.model_type!r}); available: {', '.join(adapter.heads)}; choose a task with one of "
+            "these heads or a model of another family"
+        )
+    return adapter

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitfed.models.families import HEADS, SplitConfigError, check_supported
+
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says what was tried."""
@@ -59,17 +61,28 @@ def load_model(
 
     A classification or span-QA head missing from the checkpoint is freshly initialised (it is
     then trained, see :class:`splitfed.models.partition.FinetuneSpec`).
+
+    Raises
+    ------
+    SplitConfigError
+        Before any weights load, if the model's family cannot be split or lacks ``head``.
+    ModelLoadError
+        If ``name`` is neither an asset, a local model directory nor a reachable hub id.
     """
     from transformers import (
+        AutoConfig,
         AutoModelForCausalLM,
         AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
     )
 
+    check_supported(_load("model", name, AutoConfig.from_pretrained), head)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
     if head == "classification":
         if not num_labels:
-            raise ValueError("a classification model needs num_labels (the dataset's number of classes)")
+            raise SplitConfigError(
+                "a classification model needs num_labels (the dataset's number of classes; model.num_labels)"
+            )
         kwargs["num_labels"] = num_labels
         cls: Any = AutoModelForSequenceClassification
     elif head == "span_qa":
@@ -77,7 +90,7 @@ def load_model(
     elif head == "causal_lm":
         cls = AutoModelForCausalLM
     else:
-        raise ValueError(f"unknown task head {head!r}; expected causal_lm, classification or span_qa")
+        raise SplitConfigError(f"unknown task head {head!r}; expected one of {', '.join(HEADS)}")
     if pad_token_id is not None:
         kwargs["pad_token_id"] = pad_token_id
     model = _load("model", name, cls.from_pretrained, **kwargs)

@@ -15,6 +15,7 @@ model, and the unsplit model run on the same object is the exact reference the t
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from splitfed.models.families import FamilyAdapter, family_for
+from splitfed.models.families import FamilyAdapter, check_supported
+from splitfed.models.families import SplitConfigError as SplitConfigError  # defined with the families
 
 Setting = Literal["ht", "hbt"]
 FinetuneMode = Literal["frozen", "lora", "full"]
@@ -35,8 +37,21 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-class SplitConfigError(ValueError):
-    """A split point or fine-tuning setting does not fit the model."""
+#: The auto class that builds the task model each head needs (named in errors).
+TASK_MODEL_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "classification": "AutoModelForSequenceClassification",
+    "span_qa": "AutoModelForQuestionAnswering",
+}
+
+RAW_EMBEDDINGS_RISK = (
+    "raw token embeddings cross to the model party, which can map each one back to its token id "
+    "(with tied weights its own LM head is the embedding matrix; otherwise the public checkpoint's is)"
+)
+
+
+class PrivacyWarning(UserWarning):
+    """A setting the user opted into that lets the model party see what the split would hide."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +62,27 @@ class SplitSpec:
     ----------
     setting : {"ht", "hbt"}, default "ht"
     head_layers : int, default 2
-        Blocks kept by the data party after the embeddings.
+        Blocks kept by the data party after the embeddings. ``0`` sends raw token embeddings,
+        which reveal every token id, and needs ``allow_raw_embeddings``.
     tail_layers : int, default 0
         HBT only: last blocks kept by the data party (with the final norm and task head).
+    allow_raw_embeddings : bool, default False
+        Opt in to ``head_layers=0``; :func:`partition` then warns (:class:`PrivacyWarning`).
     """
 
     setting: Setting = "ht"
     head_layers: int = 2
     tail_layers: int = 0
+    allow_raw_embeddings: bool = False
+
+    def check_raw_embeddings(self) -> None:
+        """Raise :class:`SplitConfigError` for ``head_layers=0`` without ``allow_raw_embeddings``."""
+        if self.head_layers == 0 and not self.allow_raw_embeddings:
+            raise SplitConfigError(
+                f"split.head_layers: 0 keeps no block on the data party, so {RAW_EMBEDDINGS_RISK}; "
+                "keep at least one block (split.head_layers >= 1), or accept this with "
+                "split.allow_raw_embeddings: true"
+            )
 
     def check(self, num_layers: int) -> None:
         """Raise :class:`SplitConfigError` if the cut does not fit a model of ``num_layers`` blocks."""
@@ -72,6 +100,7 @@ class SplitSpec:
             )
         if self.setting == "hbt" and self.tail_layers < 1:
             raise SplitConfigError("split.setting: hbt needs split.tail_layers >= 1")
+        self.check_raw_embeddings()
         if self.head_layers + self.tail_layers > num_layers - 1:
             raise SplitConfigError(
                 f"split points out of range: head_layers={self.head_layers} + tail_layers={self.tail_layers} "
@@ -167,13 +196,19 @@ class Segment(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (segment with embeddings) or hidden states in; hidden states or logits out."""
+        """Token ids or their token embeddings (segment with embeddings) or hidden states in; hidden states
+        or logits out. ``inputs_embeds``: see :meth:`FamilyAdapter.embed`."""
         model: nn.Module = self.model  # type: ignore[assignment]
         if self.has_embed:
-            if input_ids is None:
-                raise ValueError(f"segment {self.role!r} holds the embeddings and needs input_ids")
-            hidden = self.adapter.embed(model, input_ids, attention_mask, token_type_ids, position_ids)
+            if input_ids is None and inputs_embeds is None:
+                raise SplitConfigError(
+                    f"segment {self.role!r} holds the embeddings and needs input_ids or inputs_embeds"
+                )
+            hidden = self.adapter.embed(
+                model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds
+            )
         elif hidden is None:
             raise ValueError(f"segment {self.role!r} needs hidden states from the previous segment")
         if self.end > self.start:
@@ -242,19 +277,26 @@ def _untie_across(segments: dict[str, Segment], owner: dict[str, str]) -> None:
 def partition(model: nn.Module, spec: SplitSpec, head: str) -> dict[str, Segment]:
     """Cut ``model`` into ``{"head", "body"}`` (HT) or ``{"head", "body", "tail"}`` (HBT).
 
+    ``model`` is a task model with the head ``head`` (see :data:`TASK_MODEL_CLASSES`). With
+    ``head_layers=0`` (opted in) it warns with a :class:`PrivacyWarning` that raw embeddings cross.
+
     Raises
     ------
     SplitConfigError
-        If the split points do not fit the model or the family does not support ``head``.
+        If the family is not supported, the family or ``model`` lacks ``head``, the split points do
+        not fit the model, or ``head_layers=0`` is not opted in.
     """
-    adapter = family_for(model.config)
-    if head not in adapter.heads:
-        raise SplitConfigError(
-            f"task head {head!r} is not available for {adapter.name}-family models; "
-            f"available: {list(adapter.heads)}"
-        )
+    adapter = check_supported(model.config, head)
+    _check_task_model(model, adapter, head)
     n = adapter.num_layers(model)
     spec.check(n)
+    if spec.head_layers == 0:
+        warnings.warn(
+            f"split.head_layers is 0 (split.allow_raw_embeddings: true): {RAW_EMBEDDINGS_RISK}; "
+            "the model party can read the data party's text",
+            PrivacyWarning,
+            stacklevel=2,
+        )
     h = spec.head_layers
     if spec.setting == "ht":
         segments = {
@@ -272,6 +314,19 @@ def partition(model: nn.Module, spec: SplitSpec, head: str) -> dict[str, Segment
         owner = {"head": "data", "body": "model", "tail": "data"}
     _untie_across(segments, owner)
     return segments
+
+
+def _check_task_model(model: nn.Module, adapter: FamilyAdapter, head: str) -> None:
+    """Refuse a model that lacks the modules a ``head`` split cuts (a base model, another task's head)."""
+    try:
+        adapter.layers(model)
+        adapter.embedding_modules(model)
+        adapter.finish_modules(model, head)
+    except AttributeError as err:
+        raise SplitConfigError(
+            f"a {head} split needs a task model with the {head} head, as "
+            f"{TASK_MODEL_CLASSES[head]}.from_pretrained builds it; got {type(model).__name__}: {err}"
+        ) from None
 
 
 @dataclass

@@ -26,15 +26,13 @@ from typing import Any
 import torch
 
 from splitfed.models.partition import Segment
+from splitfed.protocol import GEN_KINDS, ErrorCode, ProtocolError, check_mask
 from splitfed.split.decoding import DecodingConfig, TokenChooser
 from splitfed.transport.channel import Channel, Message
 
-GEN_KINDS = ("gen_start", "gen_step", "gen_end")
-UNKNOWN_SESSION = "unknown generation session"
 
-
-class InferenceError(RuntimeError):
-    """A generation request that cannot be served (unknown session, limits)."""
+class InferenceError(ProtocolError):
+    """A generation request that cannot be served (unknown session: code ``unknown_session``; limits)."""
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -129,7 +127,8 @@ class InferenceHost:
         if tokens > self.max_cached_tokens:
             raise InferenceError(
                 f"session needs {tokens} cached tokens (batch x max_length); the model party allows at most "
-                f"{self.max_cached_tokens}: use a smaller batch or max_new_tokens"
+                f"{self.max_cached_tokens}: use a smaller batch or max_new_tokens",
+                ErrorCode.LIMIT,
             )
         self.sessions.pop(key, None)
         while self.sessions and (
@@ -140,15 +139,12 @@ class InferenceHost:
 
     def _start(self, key: tuple[str, str], message: Message) -> Message:
         hidden, mask = message.tensors.get("hidden"), message.tensors.get("attention_mask")
-        if (
-            hidden is None
-            or mask is None
-            or hidden.dim() != 3
-            or tuple(mask.shape) != tuple(hidden.shape[:2])
-        ):
+        if hidden is None or mask is None or hidden.dim() != 3:
+            got = {k: (str(v.dtype), tuple(v.shape)) for k, v in message.tensors.items()}
             raise InferenceError(
-                "gen_start carries hidden [batch, seq, hidden] and attention_mask [batch, seq]"
+                f"gen_start carries hidden [batch, seq, hidden] and attention_mask [batch, seq]; got {got}"
             )
+        check_mask(mask, int(hidden.shape[0]), int(hidden.shape[1]))
         max_length = int(message.meta.get("max_length", 0) or 0)
         if max_length < hidden.shape[1]:
             raise InferenceError(
@@ -172,8 +168,9 @@ class InferenceHost:
         session = self.sessions.get(key)
         if session is None:
             raise InferenceError(
-                f"{UNKNOWN_SESSION} {key[1]!r}: it ended, expired or was evicted; restart it with gen_start "
-                "(SplitGenerator does this by replaying its prefix)"
+                f"unknown generation session {key[1]!r}: it ended, expired or was evicted; restart it with "
+                "gen_start (SplitGenerator does this by replaying its prefix)",
+                ErrorCode.UNKNOWN_SESSION,
             )
         self.sessions.move_to_end(key)
         hidden = message.tensors.get("hidden")
@@ -184,7 +181,8 @@ class InferenceHost:
         if session.mask.shape[1] + 1 > session.max_length:
             raise InferenceError(
                 f"session {key[1]!r} reached its maximum length: prefix + generated = {session.mask.shape[1]} + 1 "
-                f"exceeds max_length {session.max_length}"
+                f"exceeds max_length {session.max_length}",
+                ErrorCode.LIMIT,
             )
         session.mask = torch.cat([session.mask, session.mask.new_ones(batch, 1)], dim=1)
         positions = (session.last_position + 1).unsqueeze(1)
@@ -216,6 +214,10 @@ class StreamEvent:
     finished: bool
 
 
+#: ``(session, prompt_ids, attention_mask, generated)``: what a generator tells its ground-truth observer.
+GenerationObserver = Callable[[str, torch.Tensor, torch.Tensor, list[list[int]]], None]
+
+
 class SplitGenerator:
     """The data party's generation session: created, stepped, closed (also a context manager).
 
@@ -235,6 +237,10 @@ class SplitGenerator:
         lets the repetition penalty see the prompt).
     chat : bool, default False
         Wrap each prompt in the tokenizer's chat template (as a user turn) when it has one.
+    ground_truth : GenerationObserver | None, default None
+        Called as ``ground_truth(session, prompt_ids, attention_mask, generated)`` when a
+        generation finishes: the data party's private record of each session, for scoring attacks
+        (e.g. :meth:`~splitfed.privacy.recording.GroundTruthWriter.generation`). Nothing it sees crosses.
 
     Examples
     --------
@@ -251,8 +257,10 @@ class SplitGenerator:
         decoding: DecodingConfig | None = None,
         return_logits: bool = False,
         chat: bool = False,
+        ground_truth: GenerationObserver | None = None,
     ) -> None:
         self.head, self.channel, self.tokenizer, self.tail = head, channel, tokenizer, tail
+        self.ground_truth = ground_truth
         self.decoding = decoding or DecodingConfig()
         self.return_logits = return_logits and tail is None
         self.chat = chat
@@ -289,14 +297,15 @@ class SplitGenerator:
         return enc["input_ids"], enc["attention_mask"]
 
     def _stop_ids(self) -> set[int]:
-        """EOS ids as ``generate`` uses them: the model's generation config, else the tokenizer's."""
-        model_eos = getattr(getattr(self.head.model, "generation_config", None), "eos_token_id", None)
-        if isinstance(model_eos, int):
-            return {model_eos}
-        if isinstance(model_eos, list) and model_eos:
-            return {int(i) for i in model_eos}
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return {eos} if isinstance(eos, int) else set()
+        """EOS ids exactly as ``generate`` resolves them: ``model.generation_config.eos_token_id`` only.
+
+        transformers 5 takes an id, a list or a tensor from the generation config and never falls back
+        to the tokenizer's EOS or ``model.config``: with ``eos_token_id=None`` it stops at no token.
+        """
+        eos = getattr(getattr(self.head.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(i) for i in torch.as_tensor(eos).reshape(-1).tolist()}
 
     def _choose_here(self, reply: Message, positions: torch.Tensor) -> torch.Tensor:
         if "token" in reply.tensors:
@@ -334,12 +343,10 @@ class SplitGenerator:
         return meta
 
     def _step_remote(self, hidden: torch.Tensor) -> Message:
-        from splitfed.transport.grpc_channel import RemoteError
-
         try:
             return self._request("gen_step", hidden, {})
-        except (InferenceError, RemoteError) as err:
-            if UNKNOWN_SESSION not in str(err):
+        except ProtocolError as err:  # in process the host's own error, over gRPC the server's refusal
+            if err.code != ErrorCode.UNKNOWN_SESSION:
                 raise
             # The model party lost our session: replay everything we sent (Petals does the same).
             self.restarts += 1
@@ -406,6 +413,8 @@ class SplitGenerator:
             reply = self._step_remote(hidden)
             token = self._choose_here(reply, step_positions)
         self.generated = generated
+        if self.ground_truth is not None:
+            self.ground_truth(self.session_id, ids, mask, generated)
         self.close()
 
     def _hit_stop(self, tokens: list[int]) -> bool:

@@ -13,6 +13,8 @@ Message kinds (data party → model party, and the reply):
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -25,7 +27,8 @@ from torch import nn
 
 from splitfed.federated.fedavg import RoundAggregator
 from splitfed.models.partition import Segment
-from splitfed.split.inference import GEN_KINDS, InferenceHost
+from splitfed.protocol import GEN_KINDS, ErrorCode, ProtocolError
+from splitfed.split.inference import InferenceHost
 from splitfed.transport.channel import Channel, Message, MetaValue
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -35,8 +38,49 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 LABEL_KEYS = ("labels",)
 
 
-class ProtocolError(RuntimeError):
-    """A message that does not fit the session (wrong kind, missing tensor, unknown batch)."""
+class StepRejected(ProtocolError):
+    """A model-party update that was not applied: its gradients or its result were not acceptable."""
+
+    default_code = ErrorCode.STEP_REJECTED
+
+
+@dataclass(frozen=True)
+class StepGuard:
+    """What a model-party update must satisfy before it touches parameters other parties share.
+
+    A step is refused whole when its accumulated gradient is not finite or its norm (computed in
+    float64, before clipping, so finite but huge values cannot overflow it) exceeds
+    ``max_grad_norm``, and rolled back when the update leaves a parameter non-finite.
+
+    Parameters
+    ----------
+    max_grad_norm : float | None, default None
+        Largest accepted gradient norm of one step; ``None``: only finiteness is required. The
+        optimizer's own clipping (``OptimSpec.max_grad_norm``) then bounds how far it moves.
+    rollback_max_elements : int, default 2**26
+        Snapshot parameters and optimizer state before each update (to roll back a non-finite
+        result) when the trainable parameters hold at most this many elements; larger ones (full
+        fine-tuning) rely on the gradient check alone.
+    """
+
+    max_grad_norm: float | None = None
+    rollback_max_elements: int = 2**26
+
+    def check_gradients(self, params: Sequence[nn.Parameter]) -> float:
+        """The step's gradient norm; raises :class:`StepRejected` when it is not acceptable."""
+        squares = 0.0
+        for p in params:
+            if p.grad is not None:
+                squares += float(p.grad.detach().double().pow(2).sum())
+        norm = math.sqrt(squares) if math.isfinite(squares) else math.inf
+        if not math.isfinite(norm):
+            raise StepRejected("the step's gradient is not finite; the update was not applied")
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            raise StepRejected(
+                f"the step's gradient norm {norm:.4g} exceeds the model party's bound {self.max_grad_norm:g}; "
+                "the update was not applied"
+            )
+        return norm
 
 
 @dataclass(frozen=True)
@@ -87,12 +131,36 @@ class _Trainer:
                 num_training_steps=max(spec.total_steps, 1),
             )
 
-    def update(self) -> None:
+    def update(self, guard: StepGuard | None = None, checked: bool = False) -> None:
+        """Clip, step the optimizer and the schedule; with ``guard``, refuse or roll back a bad step.
+
+        ``checked``: the guard already accepted these gradients (skip that pass).
+        """
         if self.optimizer is None:
             return
+        snapshot = None
+        if guard is not None:
+            if not checked:
+                guard.check_gradients(self.params)
+            if sum(p.numel() for p in self.params) <= guard.rollback_max_elements:
+                snapshot = (
+                    [p.detach().clone() for p in self.params],
+                    copy.deepcopy(self.optimizer.state_dict()),
+                )
         if self.spec.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
         self.optimizer.step()
+        if guard is not None and not all(bool(torch.isfinite(p).all()) for p in self.params):
+            if snapshot is not None:
+                with torch.no_grad():
+                    for p, saved in zip(self.params, snapshot[0], strict=True):
+                        p.copy_(saved)
+                self.optimizer.load_state_dict(snapshot[1])
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StepRejected(
+                "the update left parameters non-finite"
+                + ("; it was rolled back" if snapshot is not None else " (too large to roll back)")
+            )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -242,6 +310,8 @@ class ModelParty:
     per_party_adapters : bool, default False
         Train one copy of the adapters per data party (:class:`AdapterBank`) instead of one
         shared by all (SplitLoRA / SplitFrozen).
+    guard : StepGuard | None, default None
+        What an update must satisfy (default: finite gradients and parameters).
     """
 
     def __init__(
@@ -251,8 +321,14 @@ class ModelParty:
         loss_fn: LossFn | None = None,
         head_trainable: bool = True,
         per_party_adapters: bool = False,
+        guard: StepGuard | None = None,
     ) -> None:
         self.body = body
+        self.guard = guard or StepGuard()
+        #: Leave each step's update for :meth:`commit` (a server encodes a step's reply before its
+        #: update is applied, so a reply that fails to encode never leaves half a step behind).
+        self.defer_updates = False
+        self._due: set[str] = set()
         self.loss_fn = loss_fn
         self.head_trainable = head_trainable
         self.bank = AdapterBank(body, optim) if per_party_adapters else None
@@ -281,6 +357,7 @@ class ModelParty:
 
     def forget_gradients(self, client: str) -> None:
         """Drop the gradients a step of ``client`` accumulated (a step that will not be applied)."""
+        self._due.discard(client)
         if self.bank is None:
             self.trainer.zero_grad()
         elif client in self.bank.parties:
@@ -384,7 +461,35 @@ class ModelParty:
         )
 
     def _apply(self, client: str) -> None:
-        self.trainer_for(client).update()
+        """End ``client``'s step: check its gradients, then update now or at :meth:`commit`."""
+        try:
+            self.guard.check_gradients(self.trainer_for(client).params)
+        except StepRejected:
+            self.forget_gradients(client)
+            raise
+        if self.defer_updates:
+            self._due.add(client)
+        else:
+            self._update(client)
+
+    def commit(self, client: str) -> bool:
+        """Apply the update of ``client``'s step that :attr:`defer_updates` left due; whether there was one.
+
+        Raises :class:`StepRejected` (nothing applied) when the update leaves parameters non-finite.
+        """
+        if client not in self._due:
+            return False
+        self._due.discard(client)
+        self._update(client)
+        return True
+
+    def _update(self, client: str) -> None:
+        trainer = self.trainer_for(client)
+        try:
+            trainer.update(self.guard, checked=True)
+        except StepRejected:
+            trainer.zero_grad()
+            raise
         self.updates += 1
         self.client_steps[client] = self.client_steps.get(client, 0) + 1
 
@@ -452,6 +557,10 @@ class _InFlight:
     result: StepResult | None = None
 
 
+#: ``(batch_id, phase, batch, ids)``: what a data party tells its ground-truth observer per batch.
+BatchObserver = Callable[[int, str, Mapping[str, torch.Tensor], Sequence[int] | None], None]
+
+
 class DataParty:
     """The party that owns the raw data, the labels and the first (and, in HBT, last) layers.
 
@@ -476,6 +585,11 @@ class DataParty:
         in later epochs, running in eval mode (no dropout) so that the output is the same every
         time. Micro-batches must carry their examples' ``ids``; batches must be right-padded.
         Costs the memory of one hidden state per training token.
+    ground_truth : BatchObserver | None, default None
+        Called as ``ground_truth(batch_id, phase, batch, ids)`` for every training micro-batch
+        (``"train"``) and evaluation batch (``"eval"``) before it leaves: the data party's private
+        record of what each batch id held, for scoring attacks (e.g.
+        :class:`~splitfed.privacy.recording.GroundTruthWriter`). Nothing it sees crosses.
     """
 
     def __init__(
@@ -488,6 +602,7 @@ class DataParty:
         labels_at: LabelsAt = "data",
         client_id: str = "",
         cache_head: bool = False,
+        ground_truth: BatchObserver | None = None,
     ) -> None:
         if labels_at not in ("data", "model"):
             raise ValueError(f"labels_at must be 'data' or 'model', got {labels_at!r}")
@@ -505,6 +620,7 @@ class DataParty:
         if cache_head and self.head_trainable:
             raise ValueError("cache_head needs a frozen head (its outputs change while it trains)")
         self._head_cache: dict[int, torch.Tensor] | None = {} if cache_head else None
+        self.ground_truth = ground_truth
         #: Real (unpadded) tokens the head processed in training: its device-side work, measured.
         self.head_tokens = {"forward": 0, "backward": 0}
         self._batch_id = 0
@@ -642,6 +758,8 @@ class DataParty:
         self._batch_id += 1
         item = _InFlight(micro, self._batch_id)
         batch = micro.batch
+        if self.ground_truth is not None:
+            self.ground_truth(item.batch_id, "train", batch, micro.ids)
         item.tokens = int(batch["attention_mask"].sum())
         item.hidden = self._run_head(batch, train=True, ids=micro.ids, tokens=item.tokens)
         tensors = {"hidden": item.hidden, "attention_mask": batch["attention_mask"]}
@@ -762,9 +880,14 @@ class DataParty:
         self.head_tokens["backward"] += int(tokens)
 
     @torch.no_grad()
-    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits for a batch across the split (evaluation; nothing is trained, no labels cross)."""
+    def predict(self, batch: Mapping[str, torch.Tensor], ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits for a batch across the split (evaluation; nothing is trained, no labels cross).
+
+        ``ids`` (the examples' indices in the evaluated split) only reach the ground-truth observer.
+        """
         self._batch_id += 1
+        if self.ground_truth is not None:
+            self.ground_truth(self._batch_id, "eval", batch, ids)
         mask = batch["attention_mask"]
         hidden = self._run_head(batch, train=False)
         reply = self.channel.request(

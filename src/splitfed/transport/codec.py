@@ -160,12 +160,16 @@ class Limits:
         Logical dtypes accepted.
     require_finite : bool, default True
         Reject floating tensors containing NaN or ±inf.
+    max_abs : float | None, default None
+        With ``require_finite``: also reject floating values of magnitude above this (finite but
+        huge values overflow a receiver's update; a model party sets it).
     """
 
     max_elements: int = 64 * 2**20
     max_dims: int = 4
     allowed_dtypes: frozenset[str] = field(default_factory=lambda: frozenset(_DTYPES))
     require_finite: bool = True
+    max_abs: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_elements < 0 or self.max_dims < 0:
@@ -414,7 +418,8 @@ def decode(enc: EncodedTensor, limits: Limits | None = None, owned: bool = False
     name = getattr(enc, "name", "<unnamed>")
     if not isinstance(name, str):
         raise CodecError(f"field 'name' must be a str, got {type(name).__name__}")
-    codec = _check_str(name, "codec", getattr(enc, "codec", None))
+    # The .proto documents an empty codec as raw (protobuf's default for an unset string).
+    codec = _check_str(name, "codec", getattr(enc, "codec", None)) or "raw"
     if codec not in CODECS:
         raise _fail(name, f"unknown codec {codec!r}: expected one of {list(CODECS)}")
     dtype_name = _check_str(name, "dtype", getattr(enc, "dtype", None))
@@ -470,7 +475,7 @@ def decode(enc: EncodedTensor, limits: Limits | None = None, owned: bool = False
         flat.index_put_((idx,), values, accumulate=True)
         out = flat.reshape(shape).to(dtype)
 
-    if limits.require_finite and dtype_name in _FLOATING and not _all_finite(out):
+    if limits.require_finite and dtype_name in _FLOATING and not _finite_within(out, limits.max_abs, name):
         finite = torch.isfinite(out)
         count = int((~finite).sum())
         first = int((~finite.reshape(-1)).nonzero()[0, 0])
@@ -479,6 +484,19 @@ def decode(enc: EncodedTensor, limits: Limits | None = None, owned: bool = False
             f"{count} non-finite value(s) (NaN/inf), first at flat index {first}: expected all finite",
         )
     return out
+
+
+def _finite_within(t: torch.Tensor, max_abs: float | None, name: str) -> bool:
+    """Whether every value of ``t`` is finite; raises if one is finite but above ``max_abs``."""
+    if max_abs is None or not t.numel():
+        return _all_finite(t)
+    low, high = torch.aminmax(t)  # one pass; NaN propagates, so in bounds means finite too
+    if bool(low >= -max_abs) and bool(high <= max_abs):
+        return True
+    if not _all_finite(t):
+        return False
+    peak = max(abs(float(low)), abs(float(high)))
+    raise _fail(name, f"values of magnitude up to {peak:.3g}; at most {max_abs:g} accepted (finite but huge)")
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -10,11 +10,11 @@ from typing import Any
 
 import grpc
 
+from splitfed.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 from splitfed.transport.channel import Channel, ChannelTransform, CrossingRecorder, Message
 from splitfed.transport.grpc_server import GRPC_OPTIONS, METHOD, TlsFiles, read_pem
 from splitfed.transport.proto import splitfed_pb2 as pb
 from splitfed.transport.wire import (
-    PROTOCOL_VERSION,
     RawFrame,
     Reassembler,
     WireCodecs,
@@ -30,8 +30,8 @@ class TransportError(ConnectionError):
     """The connection to the model party failed or was refused."""
 
 
-class RemoteError(RuntimeError):
-    """The model party refused a message; the text is its explanation."""
+class RemoteError(ProtocolError):
+    """The model party refused a message; the text is its explanation, ``code`` what to do about it."""
 
 
 class GrpcChannel(Channel):
@@ -202,8 +202,12 @@ class GrpcChannel(Channel):
                 continue
             if envelope.error:
                 kind = self._kinds.get(int(envelope.seq), "?")
+                try:
+                    code = ErrorCode(envelope.code or ErrorCode.BAD_MESSAGE)
+                except ValueError:  # a newer server's code: still a refusal
+                    code = ErrorCode.BAD_MESSAGE
                 raise RemoteError(
-                    f"the model party refused message {envelope.seq} ({kind}): {envelope.error}"
+                    f"the model party refused message {envelope.seq} ({kind}): {envelope.error}", code
                 )
             self._done[int(envelope.seq)] = from_envelope(envelope, self.limits, self._reassembler.external)
         for seq in [s for s in self._kinds if s <= ticket]:

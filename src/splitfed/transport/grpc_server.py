@@ -1,14 +1,16 @@
 """The model party as a gRPC server: one bidirectional stream per data party.
 
-The server owns no training logic: it authenticates a data party, negotiates limits and codecs in
-a ``hello`` exchange, validates every message against the session, and hands it to
-:meth:`splitfed.split.parties.ModelParty.handle`. A bad message gets an error reply naming what was
-wrong; the server keeps serving everyone else.
+The server owns no training logic and knows no models: it authenticates a data party, negotiates
+limits and codecs in a ``hello`` exchange, validates every message against the protocol
+(:mod:`splitfed.protocol`) and the session, and hands it to the model party's ``handle``. A bad
+message gets an error reply with a code and an explanation; the server keeps serving everyone else.
 
 Consistency: a data party's training step (from its first training ``forward`` to the message that
 applies the optimizer update) holds the model party's step lock, so shared adapters see each step
-applied whole. A data party that errors, disconnects or goes idle mid-step has its pending work
-and partial gradients dropped and the lock released.
+applied whole; evaluation and generation of other parties do not wait for it. A data party that
+errors, disconnects, reconnects or stalls mid-step (``step_timeout_s``) has its pending work and
+partial gradients dropped and the lock released; an update that is not finite or too large is
+refused whole, and a party refused ``max_strikes`` times is disconnected.
 """
 
 from __future__ import annotations
@@ -19,22 +21,27 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any, Protocol
 
 import grpc
-import torch
 
-from splitfed.split.inference import GEN_KINDS
-from splitfed.split.parties import ModelParty
+from splitfed.protocol import (
+    PARTY_KINDS,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    ProtocolError,
+    check_hidden,
+    check_mask,
+    check_meta,
+    check_tensor_names,
+    finishes_step,
+    in_step,
+)
 from splitfed.transport.channel import Message
 from splitfed.transport.codec import Limits
 from splitfed.transport.proto import splitfed_pb2 as pb
 from splitfed.transport.wire import (
-    PROTOCOL_VERSION,
-    ActivationCodec,
-    GradientCodec,
     RawFrame,
     Reassembler,
     WireCodecs,
@@ -48,17 +55,31 @@ from splitfed.transport.wire import (
 
 log = logging.getLogger(__name__)
 METHOD = "/splitfed.v1.SplitService/Session"
-_ACTIVATION_CODECS = get_args(ActivationCodec)
-_GRADIENT_CODECS = get_args(GradientCodec)
 
 
-class SessionError(ValueError):
+class SessionError(ProtocolError):
     """A message that does not fit the negotiated session."""
+
+
+class StepHost(Protocol):
+    """What the server needs of the model party it hosts (:class:`splitfed.split.parties.ModelParty`)."""
+
+    updates: int
+    client_steps: dict[str, int]
+    defer_updates: bool
+
+    def handle(self, message: Message) -> Message | None: ...
+
+    def commit(self, client: str) -> bool: ...
+
+    def drop_pending(self, client: str) -> int: ...
+
+    def forget_gradients(self, client: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What the model party accepts from each data party.
+    """What the model party accepts from each data party, and how long it waits for one.
 
     Parameters
     ----------
@@ -67,24 +88,49 @@ class ServerLimits:
     max_sessions : int, default 16
         Concurrent data parties.
     idle_timeout_s : float, default 600
-        A session that sends nothing for this long is closed (its step, if any, is dropped).
-    step_lock_timeout_s : float, default 600
-        How long a data party waits for another's step to finish before getting a busy error.
+        A session that sends nothing for this long is closed.
+    step_timeout_s : float, default 30
+        A training step (first training forward to its update) whose data party sends nothing for
+        this long is dropped whole, so that the other parties' steps go on.
+    step_lock_timeout_s : float, default 120
+        How long a data party waits for another's step to finish before getting a ``busy`` error.
     max_message_bytes : int, default 512 MiB
+    max_abs_value : float, default 1e6
+        Largest magnitude accepted in a floating tensor (finite but huge values would poison an update).
+    max_step_grad_norm : float | None, default 1e4
+        Largest gradient norm of one data party's step on the model party's adapters; a larger
+        step is refused whole (the optimizer's own clipping bounds the rest).
+    max_strikes : int, default 3
+        A data party whose steps are refused this many times is disconnected.
     """
 
     max_batch: int = 64
     max_seq: int = 4096
     max_sessions: int = 16
     idle_timeout_s: float = 600.0
-    step_lock_timeout_s: float = 600.0
+    step_timeout_s: float = 30.0
+    step_lock_timeout_s: float = 120.0
     max_message_bytes: int = 512 * 2**20
+    max_abs_value: float = 1e6
+    max_step_grad_norm: float | None = 1e4
+    max_strikes: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_seq", "max_sessions", "max_message_bytes", "max_strikes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServerLimits.{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("idle_timeout_s", "step_timeout_s", "step_lock_timeout_s", "max_abs_value"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ValueError(f"ServerLimits.{name} must be a positive finite number; got {value!r}")
 
     def wire(self, hidden_size: int) -> WireLimits:
         """Wire limits implied by these limits for a model of ``hidden_size``."""
         max_elements = max(self.max_batch * self.max_seq * hidden_size, self.max_batch * self.max_seq * 4)
         return WireLimits(
-            self.max_message_bytes, Limits(max_elements=max_elements, max_dims=3), max_tensors=1024
+            self.max_message_bytes,
+            Limits(max_elements=max_elements, max_dims=3, max_abs=self.max_abs_value),
+            max_tensors=1024,
         )
 
 
@@ -94,18 +140,28 @@ class _Session:
     context: Any
     codecs: WireCodecs = field(default_factory=WireCodecs)
     last_seen: float = field(default_factory=time.monotonic)
+    greeted: bool = False
     in_step: bool = False
+    #: An update of this session's step is due once its reply is encoded.
+    commit_due: bool = False
+    #: Why the watchdog dropped this session's step (told at its next training message).
+    dropped: str = ""
+    strikes: int = 0
     closed_reason: str = ""
+    replaced: bool = False
     opened: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0
+    #: Held while one of its messages is handled (the watchdog never drops a step mid-message).
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class ModelPartyService:
-    """Serves one :class:`ModelParty` to many data parties.
+    """Serves one model party to many data parties, none of which can damage it for the others.
 
     Parameters
     ----------
-    model_party : ModelParty
+    model_party : StepHost
+        Usually a :class:`splitfed.split.parties.ModelParty`; the service sets its ``defer_updates``.
     hidden_size : int
         The activations' width, checked on every message.
     limits : ServerLimits
@@ -116,16 +172,23 @@ class ModelPartyService:
         Whether data parties may send labels.
     on_update : Callable[[int, str], None] | None
         Called with the update count and the data party whose step it was after each applied
-        step, still under the step lock (the server's checkpoints hook in here, so a checkpoint
+        step, still holding the step (the server's checkpoints hook in here, so a checkpoint
         never sees half a step).
     on_resume : Callable[[int], int] | None
         A restarted model party: called once, at the first ``hello``, with the step that data
         party resumes from; loads the matching checkpoint.
+
+    Consistency: a training step holds the step lock from its first message to its update, so
+    shared adapters see whole steps; every call into the model party holds the compute lock, so
+    evaluation and generation of other parties run between a step's messages without waiting for
+    it. A step's reply is encoded before its update is applied; an update whose gradients are not
+    finite or too large, or whose result is not finite, is refused whole. A second session of the
+    same data party replaces the first (a reconnect).
     """
 
     def __init__(
         self,
-        model_party: ModelParty,
+        model_party: StepHost,
         hidden_size: int,
         limits: ServerLimits | None = None,
         tokens: dict[str, str] | None = None,
@@ -134,6 +197,7 @@ class ModelPartyService:
         on_resume: Callable[[int], int] | None = None,
     ) -> None:
         self.model_party = model_party
+        model_party.defer_updates = True
         self.on_update = on_update
         self.on_resume = on_resume
         self.hidden_size = hidden_size
@@ -142,17 +206,30 @@ class ModelPartyService:
         self.tokens = tokens
         self.labels_at = labels_at
         self._step_lock = threading.Lock()
+        self._compute_lock = threading.Lock()
         self._sessions: dict[int, _Session] = {}
         self._sessions_lock = threading.Lock()
         self._stop = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch_idle, daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, daemon=True)
         self._watchdog.start()
         self.errors = 0
+        #: What happened to misbehaving parties: (client, event, reason), newest last.
+        self.events: list[tuple[str, str, str]] = []
 
     @property
     def step_lock(self) -> threading.Lock:
-        """Held from a training step's first message to its update (and around non-step work)."""
+        """Held from a training step's first message to its update."""
         return self._step_lock
+
+    @property
+    def compute_lock(self) -> threading.Lock:
+        """Held around every call into the model party (and while its adapters are saved)."""
+        return self._compute_lock
+
+    def _event(self, session: _Session, event: str, reason: str) -> None:
+        self.events.append((session.client, event, reason))
+        del self.events[:-1000]
+        log.warning("data party %r: %s: %s", session.client, event, reason)
 
     # ------------------------------------------------------------------ session lifecycle
     def _authenticate(self, context: Any) -> str:
@@ -171,6 +248,8 @@ class ModelPartyService:
         raise AssertionError("unreachable")
 
     def _open(self, context: Any) -> _Session:
+        if self._stop.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model party is shutting down; reconnect later")
         client = self._authenticate(context)
         with self._sessions_lock:
             if len(self._sessions) >= self.limits.max_sessions:
@@ -189,18 +268,63 @@ class ModelPartyService:
         with self._sessions_lock:
             self._sessions.pop(id(session), None)
 
-    def _watch_idle(self) -> None:
-        while not self._stop.wait(0.5):
+    def _replace_older(self, session: _Session) -> None:
+        """One session per data party: a newer one (a reconnect) replaces the older, whose step is dropped."""
+        with self._sessions_lock:
+            older = [
+                s
+                for s in self._sessions.values()
+                if s is not session and s.greeted and not s.replaced and s.client == session.client
+            ]
+        for old in older:
+            old.replaced = True
+            old.closed_reason = "replaced by a newer session of the same data party"
+            self._event(old, "session replaced", "a newer session of the same data party said hello")
+            self._abandon_step(old)
+            old.context.cancel()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
             now = time.monotonic()
             with self._sessions_lock:
-                idle = [s for s in self._sessions.values() if now - s.last_seen > self.limits.idle_timeout_s]
-            for session in idle:
-                session.closed_reason = f"idle for more than {self.limits.idle_timeout_s:.0f} s"
-                session.context.cancel()
+                sessions = list(self._sessions.values())
+            for session in sessions:
+                silent = now - session.last_seen
+                if silent > self.limits.idle_timeout_s:
+                    session.closed_reason = f"idle for more than {self.limits.idle_timeout_s:.0f} s"
+                    session.context.cancel()
+                elif session.in_step and silent > self.limits.step_timeout_s and session.lock.acquire(False):
+                    try:  # not while one of its messages is being handled: that is progress
+                        if (
+                            session.in_step
+                            and time.monotonic() - session.last_seen > self.limits.step_timeout_s
+                        ):
+                            session.dropped = (
+                                f"its step made no progress for more than {self.limits.step_timeout_s:g} s"
+                            )
+                            self._event(session, "step dropped", session.dropped)
+                            self._abandon_step(session)
+                    finally:
+                        session.lock.release()
 
     def stop(self) -> None:
-        """Stop the idle watchdog."""
+        """Refuse new sessions and messages and stop the watchdog."""
         self._stop.set()
+
+    def quiesce(self, timeout: float = 60.0) -> bool:
+        """Drop every unfinished step and hold the compute lock (saving adapters); release it with :meth:`resume`.
+
+        Returns whether the lock was had within ``timeout`` (a handler stuck longer is not waited for).
+        """
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            self._abandon_step(session)
+        return self._compute_lock.acquire(timeout=timeout)
+
+    def resume(self) -> None:
+        """Release what :meth:`quiesce` acquired."""
+        self._compute_lock.release()
 
     # ------------------------------------------------------------------ steps
     def _begin_step(self, session: _Session) -> None:
@@ -209,145 +333,125 @@ class ModelPartyService:
         if not self._step_lock.acquire(timeout=self.limits.step_lock_timeout_s):
             raise SessionError(
                 f"the model party is busy with another data party's step for more than "
-                f"{self.limits.step_lock_timeout_s:.0f} s; retry"
+                f"{self.limits.step_lock_timeout_s:.0f} s; retry",
+                ErrorCode.BUSY,
             )
         session.in_step = True
 
     def _end_step(self, session: _Session) -> None:
         if session.in_step:
             session.in_step = False
+            session.commit_due = False
             self._step_lock.release()
 
     def _abandon_step(self, session: _Session) -> None:
         """Drop a half-done step: its pending graphs and partial gradients never reach the adapters."""
         if not session.in_step:
             return
-        self.model_party.drop_pending(session.client)
-        self.model_party.forget_gradients(session.client)
-        self._end_step(session)
+        with self._compute_lock:
+            if not session.in_step:
+                return
+            self.model_party.drop_pending(session.client)
+            self.model_party.forget_gradients(session.client)
+            self._end_step(session)
+
+    def _commit_step(self, session: _Session) -> None:
+        """Apply the update of the step whose reply was just encoded; end the step."""
+        if not session.commit_due:
+            return
+        try:
+            with self._compute_lock:
+                self.model_party.commit(session.client)
+                if self.on_update is not None:
+                    self.on_update(self.model_party.updates, session.client)
+        finally:
+            self._end_step(session)
 
     # ------------------------------------------------------------------ validation
-    def _check_hidden(self, hidden: torch.Tensor) -> tuple[int, int]:
-        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point():
-            raise SessionError(
-                f"hidden must be a floating [batch, seq, {self.hidden_size}] tensor; got {hidden.dtype} "
-                f"{tuple(hidden.shape)}"
-            )
-        batch, seq = int(hidden.shape[0]), int(hidden.shape[1])
-        if batch > self.limits.max_batch or seq > self.limits.max_seq or batch < 1 or seq < 1:
-            raise SessionError(
-                f"batch {batch} x seq {seq} is outside the session's limits (batch 1..{self.limits.max_batch}, "
-                f"seq 1..{self.limits.max_seq})"
-            )
-        return batch, seq
-
     def _check(self, session: _Session, message: Message) -> None:
-        if message.kind not in ("forward", "backward", "fedavg", *GEN_KINDS):
-            raise SessionError(
-                f"unknown message kind {message.kind!r}; expected forward, backward, fedavg or {GEN_KINDS}"
-            )
-        t = message.tensors
-        if message.kind == "fedavg":
+        """Kind, metadata and tensors of a data party's message against the protocol and the session."""
+        if message.kind not in PARTY_KINDS:
+            raise SessionError(f"unknown message kind {message.kind!r}; expected one of {list(PARTY_KINDS)}")
+        message.meta = check_meta(message.kind, message.meta)
+        kind, t = message.kind, message.tensors
+        if kind == "fedavg":
             if not t or not all(v.is_floating_point() for v in t.values()):
                 raise SessionError("a fedavg message carries the sender's floating-point adapter tensors")
             return
-        if message.kind in GEN_KINDS:
-            expected = {"gen_start": {"hidden", "attention_mask"}, "gen_step": {"hidden"}, "gen_end": set()}[
-                message.kind
-            ]
-            if set(t) != expected:
-                raise SessionError(f"a {message.kind} message carries {sorted(expected)}; got {sorted(t)}")
-            if "hidden" in t:
-                batch, seq = self._check_hidden(t["hidden"])
-                if message.kind == "gen_step" and seq != 1:
-                    raise SessionError(f"a gen_step carries one position per sequence; got {seq}")
-                if "attention_mask" in t:
-                    self._check_mask(t["attention_mask"], batch, seq)
-                max_length = int(message.meta.get("max_length", 0) or 0)
-                if message.kind == "gen_start" and max_length > self.limits.max_seq:
-                    raise SessionError(
-                        f"max_length {max_length} exceeds the session's limit of {self.limits.max_seq}"
-                    )
-            return
-        if message.kind == "backward":
-            if set(t) != {"grad"} or not t["grad"].is_floating_point():
-                raise SessionError(f"a backward message carries one floating tensor 'grad'; got {sorted(t)}")
-            return
-        allowed = {"hidden", "attention_mask"} | ({"labels"} if self.labels_at == "model" else set())
-        if "hidden" not in t or "attention_mask" not in t or set(t) - allowed:
-            raise SessionError(f"a forward message carries {sorted(allowed)}; got {sorted(t)}")
-        batch, seq = self._check_hidden(t["hidden"])
-        self._check_mask(t["attention_mask"], batch, seq)
-        if "labels" in t:
-            labels = t["labels"]
-            if labels.is_floating_point() or labels.shape[0] != batch or labels.dim() > 2:
+        allowed = None if self.labels_at == "model" else {"hidden", "attention_mask", "grad"}
+        check_tensor_names(kind, t, allowed)
+        limits = self.limits
+        if "hidden" in t:
+            batch, seq = check_hidden(
+                t["hidden"], self.hidden_size, limits.max_batch, limits.max_seq, kind=kind
+            )
+            if kind == "gen_step" and seq != 1:
+                raise SessionError(f"a gen_step carries one position per sequence; got {seq}")
+            if "attention_mask" in t:
+                check_mask(t["attention_mask"], batch, seq)
+            if "labels" in t and t["labels"].shape[0] != batch:
                 raise SessionError(
-                    f"labels must be an integer tensor with batch {batch}; got {tuple(labels.shape)}"
+                    f"labels must be an integer tensor with batch {batch}; got {t['labels'].dtype} "
+                    f"{tuple(t['labels'].shape)}"
                 )
-
-    @staticmethod
-    def _check_mask(mask: torch.Tensor, batch: int, seq: int) -> None:
-        if (
-            tuple(mask.shape) != (batch, seq)
-            or mask.is_floating_point()
-            or not bool(((mask == 0) | (mask == 1)).all())
-        ):
+        max_length = message.meta.get("max_length")
+        if kind == "gen_start" and isinstance(max_length, int) and max_length > limits.max_seq:
             raise SessionError(
-                f"attention_mask must be a 0/1 integer [{batch}, {seq}] tensor; got {tuple(mask.shape)}"
+                f"max_length {max_length} exceeds the session's limit of {limits.max_seq}", ErrorCode.LIMIT
             )
 
     def _handle(self, session: _Session, message: Message) -> Message | None:
         self._check(session, message)
         message.meta["client"] = session.client
+        meta = message.meta
         if message.kind == "fedavg":
             if session.in_step:
                 raise SessionError("fedavg between steps only: finish the step (its update) first")
             return self.model_party.handle(message)  # waits for the other parties: holds no lock
-        train = message.kind == "backward" or (
-            message.kind == "forward" and bool(message.meta.get("train", False))
-        )
-        if not train:
-            with self._step_lock if not session.in_step else nullcontext():
+        if not in_step(message.kind, meta):  # evaluation and generation wait for nobody's step
+            with self._compute_lock:
                 return self.model_party.handle(message)
+        if session.dropped:
+            reason, session.dropped = session.dropped, ""
+            raise SessionError(
+                f"the model party dropped this party's step: {reason}; nothing of it was applied, start a new step",
+                ErrorCode.STEP_DROPPED,
+            )
         self._begin_step(session)
         try:
-            reply = self.model_party.handle(message)
+            with self._compute_lock:
+                reply = self.model_party.handle(message)
         except Exception:
             self._abandon_step(session)
             raise
-        finishes = bool(message.meta.get("update", True)) and (
-            message.kind == "backward" or "labels" in message.tensors
-        )
-        if finishes:
-            try:
-                if self.on_update is not None:
-                    self.on_update(self.model_party.updates, session.client)
-            finally:
-                self._end_step(session)
+        session.commit_due = finishes_step(message.kind, meta, message.tensors)
         return reply
 
     def _hello(self, session: _Session, message: Message) -> Message:
-        meta = message.meta
-        if meta.get("protocol") != PROTOCOL_VERSION:
+        protocol = message.meta.get("protocol")
+        if protocol != PROTOCOL_VERSION:
             raise SessionError(
-                f"protocol version {meta.get('protocol')!r} is not supported; this server speaks {PROTOCOL_VERSION}"
+                f"protocol version {protocol!r} is not supported; this server speaks {PROTOCOL_VERSION}",
+                ErrorCode.UNSUPPORTED,
             )
-        activations = str(meta.get("activations", "fp32"))
-        gradients = str(meta.get("gradients", "fp32"))
-        if activations not in _ACTIVATION_CODECS or gradients not in _GRADIENT_CODECS:
-            raise SessionError(
-                f"codecs activations={activations!r} gradients={gradients!r} not supported; "
-                f"activations: {_ACTIVATION_CODECS}, gradients: {_GRADIENT_CODECS}"
-            )
+        try:
+            meta = check_meta("hello", message.meta)
+        except ProtocolError as err:
+            raise SessionError(str(err), ErrorCode.UNSUPPORTED) from None
         if self.on_resume is not None:
             with self._step_lock:
                 if self.on_resume is not None:
-                    self.on_resume(int(meta.get("resume_step", 0) or 0))
+                    self.on_resume(int(meta["resume_step"] or 0))
                     self.on_resume = None  # only once it worked: a failed resume can be retried
-        ratio = float(meta.get("topk_ratio", 0.1) or 0.1)
-        session.codecs = WireCodecs(activations, gradients, ratio)  # type: ignore[arg-type]
-        if self.tokens is None and meta.get("client"):
+        session.codecs = WireCodecs(
+            str(meta["activations"]),  # type: ignore[arg-type]
+            str(meta["gradients"]),  # type: ignore[arg-type]
+            float(meta["topk_ratio"] or 0.1),
+        )
+        if self.tokens is None and meta["client"]:
             session.client = str(meta["client"])
+        session.greeted = True
+        self._replace_older(session)
         return Message(
             "welcome",
             {},
@@ -360,14 +464,16 @@ class ModelPartyService:
                 "labels_at": self.labels_at,
                 "updates": self.model_party.updates,
                 "client_steps": self.model_party.client_steps.get(session.client, 0),
+                "step_timeout_s": float(self.limits.step_timeout_s),
             },
         )
 
-    def _stats(self, session: _Session) -> Message:
+    def _stats(self, session: _Session, message: Message) -> Message:
         """How this session used the model party: time computing for it vs waiting for it."""
+        check_meta("stats", message.meta)
         total = time.monotonic() - session.opened
         return Message(
-            "stats",
+            "stats_result",
             {},
             {
                 "busy_s": session.busy_s,
@@ -377,6 +483,47 @@ class ModelPartyService:
             },
         )
 
+    def _answer(self, session: _Session, message: Message, seq: int) -> list[pb.Frame | RawFrame]:
+        """The frames answering one message; a finishing step's update is applied only after they exist."""
+        if self._stop.is_set():
+            raise SessionError("the model party is shutting down; reconnect later", ErrorCode.SHUTTING_DOWN)
+        if message.kind == "hello":
+            reply: Message | None = self._hello(session, message)
+        elif not session.greeted:
+            raise SessionError("the first message of a session must be 'hello'", ErrorCode.NOT_GREETED)
+        elif message.kind == "stats":
+            reply = self._stats(session, message)
+        else:
+            started = time.monotonic()
+            try:
+                reply = self._handle(session, message)
+            finally:
+                session.busy_s += time.monotonic() - started
+        try:
+            # Views of the reply's tensors: gRPC serializes each frame before asking for the next,
+            # and nothing touches them meanwhile (an update changes parameters, not replies).
+            frames = (
+                [] if reply is None else list(frames_of(reply, seq, "to_data", session.codecs, view=True))
+            )
+        except Exception:
+            self._abandon_step(session)
+            raise
+        self._commit_step(session)
+        return frames
+
+    def _refuse(self, session: _Session, err: Exception) -> tuple[str, ErrorCode]:
+        """Account for a refused message; its text and code."""
+        self.errors += 1
+        text = str(err) or type(err).__name__
+        code = err.code if isinstance(err, ProtocolError) else ErrorCode.BAD_MESSAGE
+        if isinstance(err, ProtocolError) and code == ErrorCode.STEP_REJECTED:
+            session.strikes += 1
+            self._event(session, f"step rejected ({session.strikes}/{self.limits.max_strikes})", text)
+        elif not isinstance(err, WireError | ProtocolError | ValueError):
+            code = ErrorCode.INTERNAL
+            log.warning("error handling a message from %r: %s", session.client, text, exc_info=err)
+        return f"{type(err).__name__}: {text}", code
+
     # ------------------------------------------------------------------ the RPC
     def Session(
         self, request_iterator: Iterator[pb.Frame | RawFrame], context: Any
@@ -384,43 +531,37 @@ class ModelPartyService:
         """The bidirectional stream of one data party."""
         session = self._open(context)
         reassembler = Reassembler(self.wire_limits)
-        greeted = False
         try:
             for frame in request_iterator:
                 session.last_seen = time.monotonic()
+                if session.replaced:
+                    return
                 seq = int(frame.message_id)
-                try:
-                    envelope = reassembler.push(frame)
-                    if envelope is None:
-                        continue
-                    seq = int(envelope.seq)
-                    message = from_envelope(envelope, self.wire_limits, reassembler.external)
-                    if message.kind == "hello":
-                        reply: Message | None = self._hello(session, message)
-                        greeted = True
-                    elif not greeted:
-                        raise SessionError("the first message of a session must be 'hello'")
-                    elif message.kind == "stats":
-                        reply = self._stats(session)
-                    else:
-                        started = time.monotonic()
-                        try:
-                            reply = self._handle(session, message)
-                        finally:
-                            session.busy_s += time.monotonic() - started
-                except Exception as err:  # a client's message never crashes the server
-                    self.errors += 1
-                    text = str(err) or type(err).__name__
-                    if not isinstance(err, (WireError, SessionError, ValueError)):
-                        log.warning("error handling a message from %r: %s", session.client, text)
-                    yield from frames_of(
-                        Message("error"), seq, "to_data", None, error=f"{type(err).__name__}: {text}"
-                    )
-                    continue
-                if reply is not None:
-                    # Views of the reply's tensors: gRPC serializes each frame before asking for
-                    # the next, and nothing touches them meanwhile.
-                    yield from frames_of(reply, seq, "to_data", session.codecs, view=True)
+                with session.lock:
+                    try:
+                        envelope = reassembler.push(frame)
+                        if envelope is None:
+                            continue
+                        seq = int(envelope.seq)
+                        message = from_envelope(envelope, self.wire_limits, reassembler.external)
+                        frames = self._answer(session, message, seq)
+                    except Exception as err:  # a client's message never crashes the server
+                        # What a refusal leaves: nothing of a failed step (handle, encoding and commit
+                        # drop it); a step whose message was refused before it ran stays open.
+                        text, code = self._refuse(session, err)
+                        frames = list(
+                            frames_of(Message("error"), seq, "to_data", None, error=text, code=code)
+                        )
+                        if session.strikes >= self.limits.max_strikes:
+                            session.closed_reason = f"{session.strikes} refused steps"
+                            self._event(session, "disconnected", session.closed_reason)
+                            yield from frames
+                            context.abort(
+                                grpc.StatusCode.PERMISSION_DENIED,
+                                f"disconnected after {session.strikes} refused steps (last: {text})",
+                            )
+                            return
+                yield from frames
         finally:
             self._close(session)
 

@@ -17,19 +17,17 @@ from typing import Literal
 import torch
 from google.protobuf.message import DecodeError
 
+from splitfed.protocol import ACTIVATION_CODECS, GRADIENT_CODECS, PROTOCOL_VERSION, ErrorCode, tensor_role
 from splitfed.transport.channel import Direction, Message, MetaValue
 from splitfed.transport.codec import CodecError, EncodedTensor, Limits, TopKCompressor, decode, encode
 from splitfed.transport.proto import splitfed_pb2 as pb
 
 FRAME_BYTES = 4 << 20  # 4 MiB per frame (the channels allow 8 MiB messages)
-PROTOCOL_VERSION = 2
+__all__ = ["ACTIVATION_CODECS", "GRADIENT_CODECS", "PROTOCOL_VERSION"]  # re-exported for clients
 
 ActivationCodec = Literal["fp32", "fp16", "bf16", "int8"]
 GradientCodec = Literal["fp32", "fp16", "bf16", "topk"]
 _CODEC_NAME = {"fp32": "raw", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "topk": "topk"}
-#: Which tensors are activations and which are gradients (the rest, masks and labels, go raw).
-ACTIVATIONS = {"hidden", "logits"}
-GRADIENTS = {"grad"}
 
 
 class WireError(ValueError):
@@ -86,11 +84,16 @@ class WireCodecs:
     def encode_tensor(
         self, direction: Direction, kind: str, name: str, tensor: torch.Tensor, view: bool = False
     ) -> EncodedTensor:
-        """Encode one tensor of a message with the codec configured for it (``view``: see :func:`encode`)."""
+        """Encode one tensor of a message with the codec configured for it (``view``: see :func:`encode`).
+
+        The protocol says which tensors are activations and which gradients; the rest (masks,
+        labels, tokens, adapters) go raw.
+        """
         codec = "raw"
-        if tensor.is_floating_point() and name in ACTIVATIONS:
+        role = tensor_role(kind, name) if tensor.is_floating_point() else None
+        if role == "activation":
             codec = _CODEC_NAME[self.activations]
-        elif tensor.is_floating_point() and name in GRADIENTS:
+        elif role == "gradient":
             if self.gradients == "topk":
                 key = f"{direction}/{kind}/{name}"
                 compressor = self._topk.setdefault(key, TopKCompressor(self.topk_ratio))
@@ -492,11 +495,15 @@ def frames_of(
     codecs: WireCodecs | None,
     error: str = "",
     view: bool = False,
+    code: ErrorCode | None = None,
 ) -> Iterator[pb.Frame | RawFrame]:
     """Encode and frame a message in one go; ``seq`` doubles as the frame message id.
 
     Tensors of :data:`EXTERNAL_MIN_BYTES` or more travel in raw frames after the envelope; with
     ``view`` those frames view the tensors' memory, which must not change until they are sent.
+    A refusal carries ``error`` (the explanation) and ``code`` (what the sender must do).
     """
     envelope, externals = _encode(message, seq, direction, codecs, error, EXTERNAL_MIN_BYTES, view)
+    if error:
+        envelope.code = (code or ErrorCode.BAD_MESSAGE).value
     yield from to_frames(envelope, seq, externals)

@@ -39,7 +39,7 @@ class MetaValue(_message.Message):
     def __init__(self, i: _Optional[int] = ..., f: _Optional[float] = ..., s: _Optional[str] = ..., b: _Optional[bool] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("kind", "tensors", "meta", "seq", "error")
+    __slots__ = ("kind", "tensors", "meta", "seq", "error", "code")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,12 +52,14 @@ class Envelope(_message.Message):
     META_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorProto]
     meta: _containers.MessageMap[str, MetaValue]
     seq: int
     error: str
-    def __init__(self, kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorProto, _Mapping]]] = ..., meta: _Optional[_Mapping[str, MetaValue]] = ..., seq: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    code: str
+    def __init__(self, kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorProto, _Mapping]]] = ..., meta: _Optional[_Mapping[str, MetaValue]] = ..., seq: _Optional[int] = ..., error: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("message_id", "index", "total", "payload", "header_frames")
