@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -181,6 +182,13 @@ TlsCert = Annotated[
 ]
 TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")]
 ServerCa = Annotated[Path | None, typer.Option("--tls-ca", help="CA that signed the server's certificate.")]
+RecordOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--record",
+        help="Record what crossed (safetensors shards + manifest.json) in this new directory (for attacks).",
+    ),
+]
 ClientToken = Annotated[
     str | None, typer.Option(envvar="SPLITFED_TOKEN", help="This data party's token (or env SPLITFED_TOKEN).")
 ]
@@ -223,6 +231,7 @@ def serve(
     grace: Annotated[
         float, typer.Option(min=0.0, help="Seconds running calls get to finish on Ctrl-C or SIGTERM.")
     ] = 2.0,
+    record: RecordOption = None,
 ) -> None:
     """Run the model party as a gRPC server (one stream per data party).
 
@@ -260,8 +269,16 @@ def serve(
             limits=limits,
             resume=resume,
             log=lambda s: console.print(s),
+            record=record,
         )
-    except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, OSError) as err:
+    except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, OSError, ValueError) as err:
+        _fail(str(err))
+        return
+    except RuntimeError as err:  # a recording directory that already holds one
+        from splitfed.privacy.recording import RecordingError
+
+        if not isinstance(err, RecordingError):
+            raise
         _fail(str(err))
         return
     console.print(
@@ -402,11 +419,17 @@ def generate(
     tls_ca: ServerCa = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    record: RecordOption = None,
 ) -> None:
-    """Generate across the split with a KV cache on each side (greedy or sampled), streaming the output."""
+    """Generate across the split with a KV cache on each side (greedy or sampled), streaming the output.
+
+    With --record DIR, what crossed (in process: what the model party received; with --server:
+    what this data party sent) and, apart, each prompt's and output's token ids.
+    """
     from splitfed.config import ConfigError, load_config
     from splitfed.models.loading import ModelLoadError
     from splitfed.models.partition import SplitConfigError
+    from splitfed.privacy.recording import RecordingError
     from splitfed.runtime import open_generator
     from splitfed.split.decoding import DecodingConfig
     from splitfed.transport.grpc_channel import RemoteError, TransportError
@@ -429,16 +452,29 @@ def generate(
         )
         cfg = load_config(config, set_ or [])
         tls = _tls(tls_cert, tls_key, tls_ca)
-        with open_generator(
-            cfg,
-            server,
-            str(adapters) if adapters else None,
-            decoding,
-            token=token,
-            tls=tls,
-            return_logits=return_logits,
-            chat=chat,
-        ) as gen:
+        stack = contextlib.ExitStack()
+        recorder = truth = None
+        if record is not None:
+            from splitfed.privacy.recording import GroundTruthWriter, RecordingWriter, ground_truth_dir
+
+            tap = "data_party_channel" if server else "in_process_channel"
+            recorder = stack.enter_context(RecordingWriter(record, tap=tap))
+            truth = stack.enter_context(GroundTruthWriter(ground_truth_dir(record)))
+        with (
+            stack,
+            open_generator(
+                cfg,
+                server,
+                str(adapters) if adapters else None,
+                decoding,
+                token=token,
+                tls=tls,
+                return_logits=return_logits,
+                chat=chat,
+                recorder=recorder,
+                ground_truth=truth.generation if truth is not None else None,
+            ) as gen,
+        ):
             if len(batch) == 1:
                 out.print(batch[0], end="", style="dim", highlight=False)
                 for event in gen.stream(batch):
@@ -455,8 +491,26 @@ def generate(
         FileNotFoundError,
         TransportError,
         RemoteError,
+        RecordingError,
     ) as err:
         _fail(str(err))
+
+
+@app.command()
+def defenses() -> None:
+    """List the defenses a run's `defenses:` list may name, with their parameters and defaults."""
+    from splitfed.privacy.defenses import describe_defenses
+
+    table = Table(title="defenses (defenses: [{name: NAME, PARAM: VALUE, ...}] in a run's YAML)")
+    table.add_column("name")
+    table.add_column("what it does")
+    table.add_column("parameters (default)")
+    for name, summary, params in describe_defenses():
+        described = "\n".join(
+            f"{p} ({'from the model' if d is None else d}): {text}" for p, text, d in params
+        )
+        table.add_row(name, summary, described)
+    Console().print(table)
 
 
 @app.command()

@@ -7,6 +7,7 @@ validation, so they are checked exactly like the file.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +201,174 @@ class TrainConfig(_Strict):
         return 1 if self.schedule == "sequential" else self.pipeline_depth
 
 
+class CKKSOptions(_Strict):
+    """Parameters of ``federated.aggregation: ckks`` (see
+    :class:`splitfed.federated.aggregators.CKKSAggregator`); a key left unset keeps that class's
+    default (128-bit secure)."""
+
+    poly_modulus_degree: int | None = None
+    coeff_mod_bit_sizes: list[int] | None = None
+    scale_bits: int | None = None
+    max_clients: int | None = Field(default=None, ge=1)
+
+
+class SecAggOptions(_Strict):
+    """Parameters of ``federated.aggregation: secagg`` (see
+    :class:`splitfed.federated.aggregators.SecAggAggregator`); a key left unset keeps that class's
+    default, except ``max_weight``, which defaults to the largest client's number of examples."""
+
+    modulus_bits: Literal[32, 64] | None = None
+    clip_range: float | None = Field(default=None, gt=0)
+    max_weight: float | None = Field(default=None, gt=0)
+    max_clients: int | None = Field(default=None, ge=2)
+    scale_bits: int | None = Field(default=None, ge=8)
+    threshold: int | None = Field(default=None, ge=1)
+    rounding: Literal["stochastic", "nearest"] | None = None
+
+
+class FederatedConfig(_Strict):
+    """Federated LoRA fine-tuning (``splitfed fedtrain CONFIG.yaml``), simulated in one process.
+
+    ``clients`` clients share the training split (``partition``: ``iid``, ``dirichlet:ALPHA`` label
+    skew, ``quantity:ALPHA`` size skew); each of ``rounds`` rounds samples
+    ``max(min_clients, floor(sample_fraction * clients))`` of them, which run ``local_steps``
+    optimizer steps (or ``local_epochs`` passes; give one of the two) from the global adapters.
+    Their deltas are averaged, weighted by their numbers of examples, through ``aggregation``
+    (``none``/``plain`` in the clear, ``ckks`` encrypted, ``secagg`` masked), and ``strategy``
+    applies the average: ``fedavg``, ``fedprox`` (needs ``proximal_mu``), ``fedadam`` or
+    ``fedyogi`` (a server optimizer: ``server_lr``, ``beta1``, ``beta2``, ``tau``). Strategy keys left
+    unset keep the strategy class's defaults (:mod:`splitfed.federated.strategies`).
+
+    The clients train LoRA as ``finetune`` says (on the whole model, plus a fresh task head), with
+    ``train.optimizer``, ``train.lr``, ``train.weight_decay``, ``train.max_grad_norm`` and
+    ``train.batch_size``; the learning rate is constant within a round. ``eval_every`` and
+    ``checkpoint_every`` count rounds (0: never; the last round is always evaluated).
+    """
+
+    clients: int = Field(default=8, ge=1)
+    partition: str = "iid"
+    rounds: int = Field(default=10, ge=1)
+    local_steps: int | None = Field(default=10, ge=1)
+    local_epochs: float | None = Field(default=None, gt=0)
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    min_clients: int = Field(default=1, ge=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    proximal_mu: float | None = Field(default=None, ge=0)
+    server_lr: float | None = Field(default=None, gt=0)
+    beta1: float | None = Field(default=None, ge=0, lt=1)
+    beta2: float | None = Field(default=None, ge=0, lt=1)
+    tau: float | None = Field(default=None, gt=0)
+    aggregation: Literal["none", "plain", "ckks", "secagg"] = "plain"
+    ckks: CKKSOptions = Field(default_factory=CKKSOptions)
+    secagg: SecAggOptions = Field(default_factory=SecAggOptions)
+    finetune: SegmentFinetune = Field(default_factory=SegmentFinetune)
+    eval_every: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, raw: Any) -> Any:
+        # local_epochs given without local_steps: the epochs replace the default number of steps
+        if isinstance(raw, dict) and raw.get("local_epochs") is not None and "local_steps" not in raw:
+            return {**raw, "local_steps": None}
+        return raw
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled each round: ``max(min_clients, floor(sample_fraction * clients))``."""
+        return max(self.min_clients, math.floor(self.sample_fraction * self.clients + 1e-9))
+
+    def strategy_kwargs(self) -> dict[str, float]:
+        """Keyword arguments of the strategy class: only the keys this config sets."""
+        if self.strategy in ("fedadam", "fedyogi"):
+            names = {"server_lr": "eta", "beta1": "beta_1", "beta2": "beta_2", "tau": "tau"}
+        else:
+            names = {"server_lr": "server_lr", "proximal_mu": "proximal_mu"}
+        return {arg: getattr(self, key) for key, arg in names.items() if getattr(self, key) is not None}
+
+    def aggregator_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the aggregator class: only the keys this config sets."""
+        options: _Strict | None = {"ckks": self.ckks, "secagg": self.secagg}.get(self.aggregation)
+        if options is None:
+            return {}
+        kwargs = options.model_dump(exclude_none=True)
+        if "coeff_mod_bit_sizes" in kwargs:
+            kwargs["coeff_mod_bit_sizes"] = tuple(kwargs["coeff_mod_bit_sizes"])
+        return kwargs
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedConfig:
+        from splitfed.data.partition import PartitionError, parse_partition
+        from splitfed.federated.aggregators import AGGREGATORS
+        from splitfed.federated.strategies import STRATEGIES
+
+        try:
+            parse_partition(self.partition)
+        except PartitionError as err:
+            raise _federated_error(f"federated.partition: {err}") from None
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise _federated_error(
+                "federated.local_steps and federated.local_epochs are both set; give one of them"
+            )
+        if self.local_steps is None and self.local_epochs is None:
+            raise _federated_error("give federated.local_steps or federated.local_epochs")
+        if self.finetune.mode != "lora":
+            raise _federated_error(
+                f"federated.finetune.mode must be lora (clients train LoRA adapters), got {self.finetune.mode!r}"
+            )
+        if self.min_clients > self.clients:
+            raise _federated_error(
+                f"federated.min_clients={self.min_clients} exceeds federated.clients={self.clients}"
+            )
+        if self.strategy == "fedprox" and self.proximal_mu is None:
+            raise _federated_error("federated.strategy: fedprox needs federated.proximal_mu (e.g. 0.01)")
+        if self.strategy != "fedprox" and self.proximal_mu is not None:
+            raise _federated_error(
+                f"federated.proximal_mu is FedProx's; strategy {self.strategy} does not use it (remove it)"
+            )
+        unused = [k for k in ("beta1", "beta2", "tau") if getattr(self, k) is not None]
+        if unused and self.strategy not in ("fedadam", "fedyogi"):
+            raise _federated_error(
+                f"federated.{unused[0]} is a server-optimizer setting of fedadam and fedyogi; strategy "
+                f"{self.strategy} does not use it (remove it)"
+            )
+        try:
+            STRATEGIES[self.strategy](**self.strategy_kwargs())  # type: ignore[arg-type]
+        except ValueError as err:
+            raise _federated_error(f"federated: {err}") from None
+        if STRATEGIES[self.strategy].server_state and self.aggregation == "ckks":
+            raise _federated_error(
+                f"federated.strategy: {self.strategy} keeps a server optimizer over the averaged update, "
+                "which the server cannot read under aggregation ckks (only the clients can decrypt it); "
+                "use aggregation secagg (the server learns only the sum) or plain, or strategy fedavg "
+                "or fedprox"
+            )
+        try:
+            aggregator = AGGREGATORS[self.aggregation](**self.aggregator_kwargs())
+        except (TypeError, ValueError) as err:
+            raise _federated_error(f"federated.{self.aggregation}: {err}") from None
+        per_round = self.clients_per_round
+        most = getattr(aggregator, "max_clients", None)
+        if most is not None and per_round > most:
+            raise _federated_error(
+                f"federated: {per_round} clients per round exceed federated.{self.aggregation}.max_clients="
+                f"{most}; lower federated.sample_fraction or raise max_clients"
+            )
+        if self.aggregation == "secagg":
+            threshold = self.secagg.threshold or per_round // 2 + 1
+            if per_round < 2 or not per_round / 2 < threshold <= per_round:
+                raise _federated_error(
+                    f"federated.aggregation: secagg needs at least 2 clients per round and a threshold above "
+                    f"half of them (got {per_round} clients per round, federated.secagg.threshold={threshold})"
+                )
+        return self
+
+
+def _federated_error(message: str) -> PydanticCustomError:
+    # a custom error type: shown without pydantic's "Value error, " (the message names the key)
+    return PydanticCustomError("federated", message)
+
+
 class RunConfig(_Strict):
     """A whole split fine-tuning run (``splitfed train CONFIG.yaml``).
 
@@ -217,6 +386,8 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    #: Federated LoRA fine-tuning (``splitfed fedtrain``); ``None`` for split runs.
+    federated: FederatedConfig | None = None
     #: The data party's defenses, applied in order to what it sends: ``[{name: ..., <params>}]``
     #: (``splitfed defenses`` lists them).
     defenses: list[dict[str, Any]] = Field(default_factory=list)

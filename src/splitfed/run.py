@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from splitfed.config import ConfigError, RunConfig
 from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.models.partition import Segment
+from splitfed.split.front import FrontContext, build_front
 from splitfed.split.parties import DataParty, MicroBatch
 from splitfed.split.system import build_split
 from splitfed.transport.channel import ChannelTransform
@@ -82,9 +83,11 @@ def evaluate(
     """
     metric = task.new_metric()
     bar = progress.add_task(desc, total=math.ceil(len(examples) / batch_size), info="") if progress else None
-    for chunk in _chunks(examples, batch_size):
-        batch = task.collate(list(chunk))
-        logits = party.predict(batch)
+    context = FrontContext("eval", party.updates)
+    for start in range(0, len(examples), batch_size):
+        chunk = party.front.examples(examples[start : start + batch_size], task.text_fields, context)
+        batch = task.collate(chunk)
+        logits = party.predict(batch, ids=list(range(start, start + len(chunk))))
         metric.update(logits.float(), batch)
         if progress is not None:
             progress.advance(bar)
@@ -109,7 +112,15 @@ def _evaluate_generations(
     from splitfed.split.inference import SplitGenerator
 
     decoding = DecodingConfig(max_new_tokens=max_new_tokens, stop=("\n\n", "Question:"))
-    generator = SplitGenerator(party.head, party.channel, task.tokenizer, tail=party.tail, decoding=decoding)
+    generator = SplitGenerator(
+        party.head,
+        party.channel,
+        task.tokenizer,
+        tail=party.tail,
+        decoding=decoding,
+        front=party.front,
+        ground_truth=getattr(party.ground_truth, "generation", None),
+    )
     bar = progress.add_task(f"{desc}: generate", total=len(examples), info="") if progress else None
     generations: list[str] = []
     for chunk in _chunks(examples, batch_size):
@@ -141,7 +152,8 @@ def _named_trainable(segments: dict[str, Segment], roles: Sequence[str]) -> dict
     return out
 
 
-PARTY_ROLES = {"data_party": ("head", "tail"), "model_party": ("body",)}
+#: What each party's adapter file holds: its segments and (data party) its defenses' parameters.
+PARTY_ROLES = {"data_party": ("head", "tail", "front"), "model_party": ("body",)}
 
 
 def save_adapters(
@@ -400,6 +412,7 @@ def train(
         labels_at=cfg.split.labels_at,
         transforms=transforms,
         cache_head=cfg.train.cache_head_outputs,
+        front=build_front(cfg.defenses, work.model, cfg.train.seed),
     )
     parties = {"data_party": system.data_party, "model_party": system.model_party}
     if record is None:
@@ -477,6 +490,7 @@ def train_loop(
                 for micro in range(accum):
                     ids = next(batches)
                     examples = [splits.train[i] for i in ids]
+                    examples = data_party.front.examples(examples, task.text_fields, FrontContext("train"))
                     yield MicroBatch(task.collate(examples), micro == accum - 1, 1.0 / accum, ids)
 
         step = start_step

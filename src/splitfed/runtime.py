@@ -38,9 +38,10 @@ from splitfed.run import (
     write_results,
 )
 from splitfed.split.decoding import DecodingConfig
+from splitfed.split.front import build_front
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import DataParty, ModelParty, StepGuard
-from splitfed.split.system import build_model_party, build_split, prepare_segments
+from splitfed.split.system import build_model_party, build_split, prepare_segments, with_front
 from splitfed.transport.channel import Channel, Message
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
@@ -57,15 +58,21 @@ class ModelPartyServer:
     model_party: ModelParty
     segments: dict[str, Segment]
     output_dir: Path
+    recording: Any = None
 
     def stop(self, grace: float = 0.5) -> bool:
         """Stop serving: refuse new sessions and messages, give running calls ``grace`` seconds, end them.
 
         Returns within ``grace`` plus a few seconds whatever the clients did (a call gRPC leaves
-        open is not waited for); ``False`` when some call had not ended by then.
+        open is not waited for); ``False`` when some call had not ended by then. A recording is
+        closed (its manifest complete).
         """
         self.service.stop()
-        return bool(self.server.stop(grace).wait(timeout=grace + 3.0))
+        ended = bool(self.server.stop(grace).wait(timeout=grace + 3.0))
+        if self.recording is not None:
+            with self.service._record_lock:
+                self.recording.close()
+        return ended
 
     def save_adapters(self) -> Path:
         """Write the model party's adapters under ``<output_dir>/model_party_server/final``.
@@ -166,8 +173,13 @@ def start_server(
     adapters: str | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    record: str | Path | None = None,
 ) -> ModelPartyServer:
     """Build the model party of ``cfg`` and serve it on ``host:port`` (``port=0`` picks a free one).
+
+    ``record``: a new directory where the model party records every data-party message it
+    receives, as decoded (the honest-but-curious model party's view; see
+    :class:`~splitfed.privacy.recording.RecordingWriter`).
 
     ``adapters``: a ``splitfed train`` output directory whose model-party adapters to load.
     With ``train.checkpoint_every: N`` the model party checkpoints itself into
@@ -223,6 +235,11 @@ def start_server(
         log(
             f"model party resumed from {newest[-1]} at update {loaded}; steps per data party: {party.client_steps}"
         )
+    recording = None
+    if record is not None:
+        from splitfed.privacy.recording import RecordingWriter
+
+        recording = RecordingWriter(record, directions="to_model", tap="model_party")
     hidden = int(model.config.hidden_size)
     service = ModelPartyService(
         party,
@@ -232,9 +249,10 @@ def start_server(
         cfg.split.labels_at,
         checkpoint,
         on_resume=resume_at if resume and not multi else None,
+        recorder=recording,
     )
     server, bound = serve(service, host, port, tls)
-    return ModelPartyServer(server, service, bound, party, segments, Path(cfg.output_dir))
+    return ModelPartyServer(server, service, bound, party, segments, Path(cfg.output_dir), recording)
 
 
 def join(
@@ -255,6 +273,7 @@ def join(
     """
     work = prepare(cfg, log)
     segments, _ = prepare_segments(work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
+    front = build_front(cfg.defenses, work.model, cfg.train.seed)
     if cfg.train.steps is None:
         log(
             f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
@@ -279,12 +298,13 @@ def join(
             labels_at=cfg.split.labels_at,
             client_id=channel.client_id,
             cache_head=cfg.train.cache_head_outputs,
+            front=front,
         )
         log(f"joined the model party at {target} as {channel.client_id or '(anonymous)'}")
         result = train_loop(
             work,
             party,
-            segments,
+            with_front(segments, front),
             {"data_party": party},
             resume,
             progress,
@@ -361,11 +381,16 @@ def open_generator(
     codecs: WireCodecs | None = None,
     return_logits: bool = False,
     chat: bool = False,
+    recorder: Any = None,
+    ground_truth: Any = None,
 ) -> SplitGenerator:
     """A :class:`SplitGenerator` for ``cfg``'s model: in process, or against ``splitfed serve`` at ``target``.
 
     ``adapters`` is the output directory of a ``splitfed train`` run whose adapters to load (in
     process both parties'; remote, the data party's, while the server loads its own).
+    ``recorder`` records what crosses (in process: what the model party receives; remote: what
+    this data party sends, before the codec); ``ground_truth`` receives each session's prompt and
+    output ids (e.g. a :class:`~splitfed.privacy.recording.GroundTruthWriter`'s ``generation``).
     """
 
     if cfg.head != "causal_lm":
@@ -374,16 +399,26 @@ def open_generator(
         )
     seed_everything(cfg.train.seed)
     tokenizer, model = load_run_model(cfg, "causal_lm", None)
+    front = build_front(cfg.defenses, model, cfg.train.seed)
     channel: Channel
     if target is None:
         system = build_split(
-            model, cfg.split.spec(), "causal_lm", cfg.segment_finetune(), lambda lg, b: lg.sum()
+            model,
+            cfg.split.spec(),
+            "causal_lm",
+            cfg.segment_finetune(),
+            lambda lg, b: lg.sum(),
+            front=front,
+            recorder=recorder,
         )
         segments, channel = system.segments, system.channel
         parties: tuple[str, ...] = ("data_party", "model_party")
     else:
         segments, _ = prepare_segments(model, cfg.split.spec(), "causal_lm", cfg.segment_finetune())
-        channel = GrpcChannel(target, client_id=client_id, token=token, tls=tls, codecs=codecs)
+        segments = with_front(segments, front)
+        channel = GrpcChannel(
+            target, client_id=client_id, token=token, tls=tls, codecs=codecs, recorder=recorder
+        )
         parties = ("data_party",)
     if adapters:
         load_adapters(segments, Path(adapters), parties)
@@ -395,4 +430,6 @@ def open_generator(
         decoding=decoding,
         return_logits=return_logits,
         chat=chat,
+        front=front,
+        ground_truth=ground_truth,
     )

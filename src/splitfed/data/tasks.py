@@ -99,6 +99,8 @@ class Task(ABC):
     fields: ClassVar[tuple[tuple[str, ...], ...]]
     """Alternative sets of required example fields; an example must carry one of them."""
     optional_fields: ClassVar[tuple[str, ...]] = ()
+    #: Free-text fields of an example that text defenses (sanitizers) may rewrite before tokenization.
+    text_fields: ClassVar[tuple[str, ...]] = ("text",)
 
     def __init__(
         self,
@@ -195,6 +197,7 @@ class ClassificationTask(Task):
     """
 
     name = "classification"
+    text_fields: ClassVar[tuple[str, ...]] = ("text", "text_pair")
     head = "classification"
     fields = (("text", "label"),)
     optional_fields = ("text_pair",)
@@ -279,6 +282,7 @@ class CausalLMTask(Task):
     """
 
     name = "causal_lm"
+    text_fields: ClassVar[tuple[str, ...]] = ("text", "prompt")
     head = "causal_lm"
     fields: ClassVar[tuple[tuple[str, ...], ...]] = (("text",), ("prompt", "response"))
 
@@ -350,6 +354,7 @@ class GenerativeQATask(CausalLMTask):
     """
 
     name = "generative_qa"
+    text_fields: ClassVar[tuple[str, ...]] = ("question",)
     fields = (("question", "answer"),)
     DEFAULT_TEMPLATE: ClassVar[str] = "Question: {question}\nAnswer:"
 
@@ -419,6 +424,7 @@ class MultipleChoiceTask(Task):
     """
 
     name = "multiple_choice"
+    text_fields: ClassVar[tuple[str, ...]] = ("question",)
     head = "causal_lm"
     fields = (("question", "choices", "label"),)
 
@@ -552,6 +558,7 @@ class SpanQATask(Task):
     """
 
     name = "span_qa"
+    text_fields: ClassVar[tuple[str, ...]] = ("question",)
     head = "span_qa"
     fields = (("question", "context", "answers"),)
     max_answer_tokens: ClassVar[int] = 30

@@ -28,6 +28,7 @@ import torch
 from splitfed.models.partition import Segment
 from splitfed.protocol import GEN_KINDS, ErrorCode, ProtocolError, check_mask
 from splitfed.split.decoding import DecodingConfig, TokenChooser
+from splitfed.split.front import DataFront, FrontContext
 from splitfed.transport.channel import Channel, Message
 
 
@@ -258,8 +259,11 @@ class SplitGenerator:
         return_logits: bool = False,
         chat: bool = False,
         ground_truth: GenerationObserver | None = None,
+        front: DataFront | None = None,
     ) -> None:
         self.head, self.channel, self.tokenizer, self.tail = head, channel, tokenizer, tail
+        #: The data party's defenses: prompts, embeddings and every position's activations pass them.
+        self.front = front if front is not None else DataFront()
         self.ground_truth = ground_truth
         self.decoding = decoding or DecodingConfig()
         self.return_logits = return_logits and tail is None
@@ -285,7 +289,7 @@ class SplitGenerator:
     def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompts:
             raise ValueError("no prompts given")
-        texts = list(prompts)
+        texts = self.front.text(list(prompts), FrontContext("generate"))
         if self.chat and getattr(self.tokenizer, "chat_template", None):
             texts = [
                 self.tokenizer.apply_chat_template(
@@ -306,6 +310,12 @@ class SplitGenerator:
         if eos is None:
             return set()
         return {int(i) for i in torch.as_tensor(eos).reshape(-1).tolist()}
+
+    def _through_front(self, step: int, **inputs: Any) -> torch.Tensor:
+        """The head's output for new positions, through the data party's defenses (prefill: step 0)."""
+        context = FrontContext("generate", batch_id=step, attention_mask=inputs["attention_mask"])
+        hidden = self.front.run_head(self.head, context, **inputs)
+        return self.front.activations(hidden, context)[0]
 
     def _choose_here(self, reply: Message, positions: torch.Tensor) -> torch.Tensor:
         if "token" in reply.tensors:
@@ -374,8 +384,9 @@ class SplitGenerator:
         head_cache = new_cache(self.head)
         positions = positions_from_mask(mask)
         self.head.eval()
-        hidden = self.head(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=head_cache
+        self.front.train(False)
+        hidden = self._through_front(
+            0, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=head_cache
         )
         self._sent = [hidden]
         reply = self._request("gen_start", hidden, self._start_meta())
@@ -403,7 +414,8 @@ class SplitGenerator:
             self._mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)
             last = last + 1
             step_positions = last.unsqueeze(1)
-            hidden = self.head(
+            hidden = self._through_front(
+                step + 1,
                 input_ids=token.unsqueeze(1),
                 attention_mask=self._mask,
                 position_ids=step_positions,

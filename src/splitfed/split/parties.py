@@ -28,6 +28,7 @@ from torch import nn
 from splitfed.federated.fedavg import RoundAggregator
 from splitfed.models.partition import Segment
 from splitfed.protocol import GEN_KINDS, ErrorCode, ProtocolError
+from splitfed.split.front import DataFront, FrontContext
 from splitfed.split.inference import InferenceHost
 from splitfed.transport.channel import Channel, Message, MetaValue
 
@@ -549,6 +550,8 @@ class _InFlight:
     batch_id: int
     stage: Literal["forward", "backward"] = "forward"
     hidden: torch.Tensor | None = None
+    #: The front's auxiliary loss for this micro-batch (joins the head's backward pass).
+    aux_loss: torch.Tensor | None = None
     ticket: int = 0
     loss: float = 0.0
     tokens: int = 0
@@ -603,6 +606,7 @@ class DataParty:
         client_id: str = "",
         cache_head: bool = False,
         ground_truth: BatchObserver | None = None,
+        front: DataFront | None = None,
     ) -> None:
         if labels_at not in ("data", "model"):
             raise ValueError(f"labels_at must be 'data' or 'model', got {labels_at!r}")
@@ -614,11 +618,19 @@ class DataParty:
         self.loss_fn = loss_fn
         self.labels_at = labels_at
         self.client_id = client_id
+        self.front = front if front is not None else DataFront()
         segments = {"head": head} | ({"tail": tail} if tail is not None else {})
-        self.trainer = _Trainer(_params(segments), optim)
+        self.trainer = _Trainer(_params(segments) + self.front.trainable_parameters(), optim)
         self.head_trainable = head.is_trainable
+        #: A gradient must come back for what this party sent: its head or a defense trains.
+        self.needs_input_grad = self.head_trainable or self.front.trains
         if cache_head and self.head_trainable:
             raise ValueError("cache_head needs a frozen head (its outputs change while it trains)")
+        if cache_head and self.front.touches_embeddings:
+            raise ValueError(
+                "cache_head reuses head outputs, but a defense perturbs the embeddings the head runs on; "
+                "turn train.cache_head_outputs off"
+            )
         self._head_cache: dict[int, torch.Tensor] | None = {} if cache_head else None
         self.ground_truth = ground_truth
         #: Real (unpadded) tokens the head processed in training: its device-side work, measured.
@@ -634,7 +646,7 @@ class DataParty:
             "client": self.client_id,
             "batch_id": self._batch_id if batch_id is None else batch_id,
             "head_layers": self.head.end,
-            "need_input_grad": self.head_trainable,
+            "need_input_grad": self.needs_input_grad,
             **extra,
         }
 
@@ -654,11 +666,14 @@ class DataParty:
         self.head.train(train and self._head_cache is None)
         if train:
             self.head_tokens["forward"] += tokens
+        context = FrontContext(
+            "train" if train else "eval", self.updates, self._batch_id, batch["attention_mask"]
+        )
         if train and self.head_trainable:
-            return self.head(**kwargs)  # type: ignore[no-any-return]
+            return self.front.run_head(self.head, context, **kwargs)
         # SplitFrozen: the head runs forward-only, keeping no graph.
         with torch.no_grad():
-            return self.head(**kwargs)  # type: ignore[no-any-return]
+            return self.front.run_head(self.head, context, **kwargs)
 
     def _cached_head(self, batch: Mapping[str, torch.Tensor], ids: Sequence[int]) -> torch.Tensor | None:
         """The frozen head's output from the cache, computing only the examples not seen yet.
@@ -698,7 +713,7 @@ class DataParty:
         trains here, so the activations of later steps do not depend on earlier replies, and the
         model party applies the micro-batches in the order they were sent.
         """
-        return not self.head_trainable and self.tail is None and self.labels_at == "model"
+        return not self.needs_input_grad and self.tail is None and self.labels_at == "model"
 
     def train_step(
         self, batch: Mapping[str, torch.Tensor], update: bool = True, loss_scale: float = 1.0
@@ -751,6 +766,7 @@ class DataParty:
             if item.micro.update:
                 self.trainer.update()
                 self.updates += 1
+                self.front.update(FrontContext("train", self.updates, item.batch_id))
                 barrier = False
             yield item.result
 
@@ -761,7 +777,13 @@ class DataParty:
         if self.ground_truth is not None:
             self.ground_truth(item.batch_id, "train", batch, micro.ids)
         item.tokens = int(batch["attention_mask"].sum())
-        item.hidden = self._run_head(batch, train=True, ids=micro.ids, tokens=item.tokens)
+        hidden = self._run_head(batch, train=True, ids=micro.ids, tokens=item.tokens)
+        # The front's graph joins the head's: one backward pass through both (and the aux loss).
+        self.front.train(True)
+        context = FrontContext(
+            "train", self.updates, item.batch_id, batch["attention_mask"], micro.loss_scale
+        )
+        item.hidden, item.aux_loss = self.front.activations(hidden, context)
         tensors = {"hidden": item.hidden, "attention_mask": batch["attention_mask"]}
         if self.labels_at == "model":
             tensors |= {k: batch[k] for k in LABEL_KEYS if k in batch}
@@ -776,13 +798,13 @@ class DataParty:
         reply = self._collect(item)
         if item.stage == "backward":
             _require(reply, "grad")
-            self._head_backward(item.hidden, reply.tensors["grad"], item.tokens)
+            self._head_backward(item, reply.tensors["grad"])
             self._finish(item, item.loss)
             return
         micro, batch = item.micro, item.micro.batch
         if self.labels_at == "model":
             _require(reply, "loss")
-            self._head_backward(item.hidden, reply.tensors.get("grad"), item.tokens)
+            self._head_backward(item, reply.tensors.get("grad"))
             self._finish(item, float(reply.tensors["loss"].item()))
             return
         mask = batch["attention_mask"]
@@ -797,8 +819,9 @@ class DataParty:
         (loss * micro.loss_scale).backward()
         item.loss = float(loss.detach().item())
         assert received.grad is not None
-        message = Message("backward", {"grad": received.grad}, self._meta(item.batch_id, update=micro.update))
-        if self.head_trainable:
+        grad = self.front.gradients(received.grad, FrontContext("train", self.updates, item.batch_id, mask))
+        message = Message("backward", {"grad": grad}, self._meta(item.batch_id, update=micro.update))
+        if self.needs_input_grad:
             item.stage = "backward"
             item.ticket = self._submit(item, message)
         else:
@@ -868,16 +891,26 @@ class DataParty:
                 params[name].copy_(tensor)
         return len(reply.tensors)
 
-    def _head_backward(self, hidden: torch.Tensor | None, grad: torch.Tensor | None, tokens: int = 0) -> None:
-        if not self.head_trainable:
+    def _head_backward(self, item: _InFlight, grad: torch.Tensor | None) -> None:
+        """One backward pass through the front and the head: the returned gradient and the front's aux loss."""
+        if not self.needs_input_grad:
             return
-        assert hidden is not None
+        sent = item.hidden
+        assert sent is not None
         if grad is None:
-            raise ProtocolError("the model party sent no gradient for the trainable head")
-        if grad.shape != hidden.shape:
-            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != head output {tuple(hidden.shape)}")
-        hidden.backward(grad.to(hidden.dtype))
-        self.head_tokens["backward"] += int(tokens)
+            raise ProtocolError(
+                "the model party sent no gradient for what this party sent (its head or a defense trains)"
+            )
+        if grad.shape != sent.shape:
+            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != what was sent {tuple(sent.shape)}")
+        outputs, grads = [sent], [grad.to(sent.dtype)]
+        if item.aux_loss is not None and item.aux_loss.requires_grad:
+            outputs.append(item.aux_loss * item.micro.loss_scale)
+            grads.append(torch.ones_like(item.aux_loss))
+        if sent.requires_grad:
+            torch.autograd.backward(outputs, grads)
+        if self.head_trainable:
+            self.head_tokens["backward"] += int(item.tokens)
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor], ids: Sequence[int] | None = None) -> torch.Tensor:
@@ -889,7 +922,10 @@ class DataParty:
         if self.ground_truth is not None:
             self.ground_truth(self._batch_id, "eval", batch, ids)
         mask = batch["attention_mask"]
-        hidden = self._run_head(batch, train=False)
+        self.front.train(False)
+        hidden, _ = self.front.activations(
+            self._run_head(batch, train=False), FrontContext("eval", self.updates, self._batch_id, mask)
+        )
         reply = self.channel.request(
             Message("forward", {"hidden": hidden, "attention_mask": mask}, self._meta(train=False))
         )

@@ -15,6 +15,7 @@ from splitfed.models.partition import (
     apply_finetune,
     partition,
 )
+from splitfed.split.front import DataFront
 from splitfed.split.parties import DataParty, LabelsAt, LossFn, ModelParty, OptimSpec
 from splitfed.transport.channel import ChannelTransform, CrossingRecorder, InProcessChannel
 
@@ -83,6 +84,7 @@ def build_split(
     transforms: Sequence[ChannelTransform] = (),
     recorder: CrossingRecorder | None = None,
     cache_head: bool = False,
+    front: DataFront | None = None,
 ) -> SplitSystem:
     """Cut ``model`` and join the two parties with an in-process channel.
 
@@ -101,6 +103,9 @@ def build_split(
         The same schedule drives both parties (each steps its own optimizer).
     labels_at, transforms, recorder, cache_head
         See :class:`DataParty` and :class:`~splitfed.transport.channel.Channel`.
+    front : DataFront | None
+        The data party's defenses; in ``segments["front"]`` too, so that adapter files and
+        checkpoints carry their parameters.
     """
     optim = optim or OptimSpec()
     model_party, segments, reports = build_model_party(model, split, head, finetune, optim, loss_fn)
@@ -113,5 +118,14 @@ def build_split(
         tail=segments.get("tail"),
         labels_at=labels_at,
         cache_head=cache_head,
+        front=front,
     )
-    return SplitSystem(data_party, model_party, channel, segments, reports)
+    return SplitSystem(data_party, model_party, channel, with_front(segments, data_party.front), reports)
+
+
+def with_front(segments: dict[str, Segment], front: DataFront) -> dict[str, Segment]:
+    """``segments`` plus the data party's front under ``"front"`` (a data-party role of adapter files)."""
+    if not len(front):
+        return segments
+    # The front answers named_model_parameters / trainable_parameters like a segment.
+    return segments | {"front": front}  # type: ignore[dict-item,return-value]

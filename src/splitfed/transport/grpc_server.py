@@ -29,6 +29,7 @@ import grpc
 from splitfed.protocol import (
     PARTY_KINDS,
     PROTOCOL_VERSION,
+    Direction,
     ErrorCode,
     ProtocolError,
     check_hidden,
@@ -177,6 +178,10 @@ class ModelPartyService:
     on_resume : Callable[[int], int] | None
         A restarted model party: called once, at the first ``hello``, with the step that data
         party resumes from; loads the matching checkpoint.
+    recorder : Callable[[Direction, Message], None] | None
+        The attacker's view: every data-party message that passed validation, as decoded (after
+        compression and the data party's defenses), with the party's id in its ``client``
+        metadata (e.g. a :class:`~splitfed.privacy.recording.RecordingWriter`).
 
     Consistency: a training step holds the step lock from its first message to its update, so
     shared adapters see whole steps; every call into the model party holds the compute lock, so
@@ -195,8 +200,11 @@ class ModelPartyService:
         labels_at: str = "data",
         on_update: Callable[[int, str], None] | None = None,
         on_resume: Callable[[int], int] | None = None,
+        recorder: Callable[[Direction, Message], None] | None = None,
     ) -> None:
         self.model_party = model_party
+        self.recorder = recorder
+        self._record_lock = threading.Lock()
         model_party.defer_updates = True
         self.on_update = on_update
         self.on_resume = on_resume
@@ -404,6 +412,9 @@ class ModelPartyService:
         self._check(session, message)
         message.meta["client"] = session.client
         meta = message.meta
+        if self.recorder is not None:
+            with self._record_lock:
+                self.recorder("to_model", message)
         if message.kind == "fedavg":
             if session.in_step:
                 raise SessionError("fedavg between steps only: finish the step (its update) first")

@@ -1,0 +1,240 @@
+"""The data party's one way out: every tensor it sends to the model party passes this front.
+
+Defenses live here, never in party step code. A :class:`Defense` implements any of five hooks
+(each does nothing by default):
+
+``on_text``
+    input text before tokenization (text sanitizers);
+``on_embeddings``
+    the token embeddings the head runs on (dχ-privacy, split-and-denoise);
+``on_activations``
+    the head's output before it crosses. A defense may be an ``nn.Module`` with trainable
+    parameters (they join the data party's optimizer, checkpoints and adapter files), may behave
+    differently in training, evaluation and generation (:attr:`FrontContext.phase`), may change
+    the width when a later defense restores it, and may return an auxiliary loss, which joins the
+    head's single backward pass scaled like the task loss;
+``on_gradients``
+    the gradients the data party returns to the model party (HBT);
+``on_update``
+    each optimizer-update boundary of the data party (an adversary's own optimizer step).
+
+The data party calls :meth:`DataFront.activations` in every training schedule, evaluation, the
+frozen-head output cache (which keeps outputs from before the front, so noise is fresh each
+time) and split generation (prefill and every decoding step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from splitfed.protocol import Phase
+
+if TYPE_CHECKING:
+    from splitfed.models.partition import Segment
+
+
+@dataclass(frozen=True)
+class FrontContext:
+    """Where a tensor is on its way out.
+
+    Parameters
+    ----------
+    phase : {"train", "eval", "generate"}
+    step : int
+        Optimizer updates the data party has applied so far.
+    batch_id : int
+        The micro-batch (or generation session step) this tensor belongs to.
+    attention_mask : torch.Tensor | None
+        ``[batch, seq]`` mask of the tensor's positions (``None`` for a decoding step's new position).
+    loss_scale : float
+        The micro-batch's gradient scale (``1/grad_accum``): an auxiliary loss is scaled by it too.
+    """
+
+    phase: Phase
+    step: int = 0
+    batch_id: int = 0
+    attention_mask: torch.Tensor | None = None
+    loss_scale: float = 1.0
+
+
+class Defense:
+    """Base of every defense: optional hooks, each a no-op by default.
+
+    Subclass it (and ``nn.Module`` for a defense with parameters) and override only the hooks the
+    defense needs; register the class in :data:`splitfed.privacy.defenses.DEFENSES`.
+    """
+
+    #: Registry name (``defenses: [{name: ...}]`` in a run's YAML).
+    name: str = ""
+
+    def on_text(self, texts: list[str], context: FrontContext) -> list[str]:
+        """The texts to tokenize instead of ``texts``."""
+        return texts
+
+    def on_embeddings(self, embeddings: torch.Tensor, context: FrontContext) -> torch.Tensor:
+        """Token embeddings ``[batch, seq, hidden]`` the head runs on instead of ``embeddings``."""
+        return embeddings
+
+    def on_activations(
+        self, hidden: torch.Tensor, context: FrontContext
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The activations to send instead of ``hidden``, optionally with an auxiliary loss (a scalar)."""
+        return hidden
+
+    def on_gradients(self, grad: torch.Tensor, context: FrontContext) -> torch.Tensor:
+        """The gradient to return to the model party instead of ``grad`` (HBT)."""
+        return grad
+
+    def on_update(self, context: FrontContext) -> None:
+        """Called after each optimizer update of the data party."""
+
+
+def _overrides(defense: Defense, hook: str) -> bool:
+    return getattr(type(defense), hook) is not getattr(Defense, hook)
+
+
+class DataFront(nn.Module):
+    """The defenses a data party applies, in order, to everything it sends.
+
+    Parameters
+    ----------
+    defenses : Sequence[Defense], default ()
+        Applied in order (a later one sees what an earlier one produced).
+    """
+
+    def __init__(self, defenses: Sequence[Defense] = ()) -> None:
+        super().__init__()
+        self.defenses = list(defenses)
+        # Registered so that parameters, train/eval and state dicts reach the defenses that are modules.
+        self.modules_ = nn.ModuleDict(
+            {
+                f"{i}_{d.name or type(d).__name__}": d
+                for i, d in enumerate(self.defenses)
+                if isinstance(d, nn.Module)
+            }
+        )
+
+    def __len__(self) -> int:
+        return len(self.defenses)
+
+    def __iter__(self) -> Iterator[Defense]:  # type: ignore[override]
+        return iter(self.defenses)
+
+    @property
+    def trains(self) -> bool:
+        """Whether a defense has trainable parameters (then the data party needs its input gradient)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    @property
+    def touches_text(self) -> bool:
+        """Whether a defense rewrites input text."""
+        return any(_overrides(d, "on_text") for d in self.defenses)
+
+    @property
+    def touches_embeddings(self) -> bool:
+        """Whether a defense perturbs the token embeddings (the head then embeds from them)."""
+        return any(_overrides(d, "on_embeddings") for d in self.defenses)
+
+    def text(self, texts: list[str], context: FrontContext) -> list[str]:
+        """Input texts through every ``on_text`` hook."""
+        for d in self.defenses:
+            if _overrides(d, "on_text"):
+                texts = d.on_text(list(texts), context)
+        return texts
+
+    def examples(
+        self, examples: Sequence[Mapping[str, Any]], fields: Sequence[str], context: FrontContext
+    ) -> list[dict[str, Any]]:
+        """``examples`` with their text ``fields`` (the task's :attr:`~splitfed.data.tasks.Task.text_fields`)
+        through every ``on_text`` hook; unchanged (the same objects) when no defense touches text."""
+        if not self.touches_text:
+            return list(examples)  # type: ignore[arg-type]
+        out = [dict(ex) for ex in examples]
+        for field in fields:
+            rows = [i for i, ex in enumerate(out) if isinstance(ex.get(field), str)]
+            if rows:
+                texts = self.text([out[i][field] for i in rows], context)
+                for i, text in zip(rows, texts, strict=True):
+                    out[i][field] = text
+        return out
+
+    def run_head(self, head: Segment, context: FrontContext, **inputs: Any) -> torch.Tensor:
+        """``head(**inputs)``, embedding through the ``on_embeddings`` hooks when a defense has one."""
+        if not self.touches_embeddings or "input_ids" not in inputs:
+            return head(**inputs)  # type: ignore[no-any-return]
+        ids = inputs.pop("input_ids")
+        embeds = self.embeddings(head.adapter.token_embeddings(head.model, ids), context)
+        return head(inputs_embeds=embeds, **inputs)  # type: ignore[no-any-return]
+
+    # Segment-like access, so that adapter files and checkpoints carry the defenses' parameters
+    # next to the head's (``segments["front"]``, role of the data party).
+    def named_model_parameters(self, trainable_only: bool = False) -> dict[str, nn.Parameter]:
+        """Parameters under ``front.<defense>.<param>`` (as adapter files store them)."""
+        return {
+            f"front.{n}": p
+            for n, p in self.modules_.named_parameters()
+            if p.requires_grad or not trainable_only
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The defenses' trainable parameters (they join the data party's optimizer)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def embeddings(self, embeddings: torch.Tensor, context: FrontContext) -> torch.Tensor:
+        """Token embeddings through every ``on_embeddings`` hook."""
+        for d in self.defenses:
+            if _overrides(d, "on_embeddings"):
+                embeddings = d.on_embeddings(embeddings, context)
+        return embeddings
+
+    def activations(
+        self, hidden: torch.Tensor, context: FrontContext
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What crosses instead of the head's output ``hidden``, and the summed auxiliary loss (or ``None``)."""
+        aux: torch.Tensor | None = None
+        for d in self.defenses:
+            if not _overrides(d, "on_activations"):
+                continue
+            out = d.on_activations(hidden, context)
+            if isinstance(out, tuple):
+                hidden, loss = out
+                aux = loss if aux is None else aux + loss
+            else:
+                hidden = out
+        return hidden, aux
+
+    def gradients(self, grad: torch.Tensor, context: FrontContext) -> torch.Tensor:
+        """A returned gradient through every ``on_gradients`` hook."""
+        for d in self.defenses:
+            if _overrides(d, "on_gradients"):
+                grad = d.on_gradients(grad, context)
+        return grad
+
+    def update(self, context: FrontContext) -> None:
+        """Tell every defense an optimizer update happened."""
+        for d in self.defenses:
+            if _overrides(d, "on_update"):
+                d.on_update(context)
+
+
+def build_front(
+    specs: Sequence[dict[str, Any]] | None, model: Any = None, seed: int = 0, **context: Any
+) -> DataFront:
+    """The front of a run's ``defenses:`` list (each ``{name: ..., <params>}``), validated by the registry.
+
+    ``model`` (its config's ``hidden_size``) and ``context`` fill the parameters a defense takes
+    from the model. Defenses initialize from their own random stream (``seed``), so building
+    them never shifts the parties' initialization: every process of a run builds the same.
+    """
+    from splitfed.privacy.defenses import build_defense
+
+    if model is not None:
+        context.setdefault("hidden_size", int(model.config.hidden_size))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7919)
+        return DataFront([build_defense(dict(spec), **context) for spec in specs or ()])
