@@ -60,8 +60,6 @@ class ErrorCode(StrEnum):
     STEP_DROPPED = "step_dropped"
     #: The model party is shutting down: reconnect later.
     SHUTTING_DOWN = "shutting_down"
-    #: A newer session of the same data party replaced this one.
-    REPLACED = "replaced"
     #: Something failed on the receiving side that the sender did not cause.
     INTERNAL = "internal"
 
@@ -245,7 +243,10 @@ _HEAD_LAYERS = MetaSpec(
     "head_layers", "int", None, 0, 4096, doc="blocks the data party's head ran: the model party enters there"
 )
 _NEED_GRAD = MetaSpec(
-    "need_input_grad", "bool", None, doc="the data party's head trains, so it needs its input gradient"
+    "need_input_grad",
+    "bool",
+    None,
+    doc="the data party's head or a defense trains: it needs its input gradient",
 )
 _UPDATE = MetaSpec("update", "bool", True, doc="this micro-batch ends an optimizer step")
 _SESSION = MetaSpec("session", "str", None, max_len=64, required=True, doc="generation session id")
@@ -438,7 +439,7 @@ KINDS: dict[str, KindSpec] = {
                 MetaSpec("top_k", "int", 0, 0, 2**31 - 1),
                 MetaSpec("top_p", "float", 1.0, 0.0, 1.0, low_open=True),
                 MetaSpec("repetition_penalty", "float", 1.0, 0.0, 1e4, low_open=True),
-                MetaSpec("seed", "int", 0, 0, INT64_MAX),
+                MetaSpec("seed", "int", 0, -INT64_MAX - 1, INT64_MAX),
             ),
             replies=("gen_result",),
             doc="the prompt's activations: opens a generation session with a KV cache",
@@ -611,17 +612,6 @@ def check_mask(mask: torch.Tensor, batch: int, seq: int) -> None:
         )
 
 
-def check_finite_magnitude(tensor: torch.Tensor, name: str, kind: str, max_abs: float) -> None:
-    """Refuse values whose magnitude exceeds ``max_abs`` (finite but huge values poison an update)."""
-    if tensor.is_floating_point() and tensor.numel():
-        peak = float(tensor.detach().abs().max())
-        if not peak <= max_abs:  # also catches NaN
-            raise ProtocolError(
-                f"tensor {name!r} of a {kind} message holds values of magnitude {peak:.3g}; at most "
-                f"{max_abs:g} is accepted (is the sender's model diverging?)"
-            )
-
-
 # --------------------------------------------------------------------------- the document
 def describe_markdown() -> str:
     """The protocol as a Markdown document (kinds, tensors, metadata, error codes).
@@ -653,7 +643,8 @@ def describe_markdown() -> str:
         "(gRPC messages up to 8 MiB are accepted). Call metadata: `authorization: Bearer <token>` when",
         "the server was given tokens (the token then fixes the data party's id), else",
         "`splitfed-client: <id>` or `hello.client` names it. A second session of the same data party",
-        "replaces the first (a reconnect): the first is cancelled and its unfinished step dropped.",
+        "that starts training replaces the first (a reconnect): the first is cancelled and its unfinished",
+        "step dropped; sessions that only evaluate or generate coexist.",
         "",
         "## Limits",
         "",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from splitfed.split.front import build_front
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import DataParty, ModelParty, StepGuard
 from splitfed.split.system import build_model_party, build_split, prepare_segments, with_front
-from splitfed.transport.channel import Channel, Message
+from splitfed.transport.channel import Channel, ChannelTransform, Message
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
 from splitfed.transport.wire import WireCodecs
@@ -266,10 +266,13 @@ def join(
     progress: bool = True,
     log: Callable[[str], None] = print,
     latency_ms: float = 0.0,
+    transforms: Sequence[ChannelTransform] = (),
 ) -> RunResult:
     """Train ``cfg``'s data party against the model party served at ``target``.
 
-    ``latency_ms`` injects that much round-trip latency into the link (emulating a distant server).
+    ``latency_ms`` injects that much round-trip latency into the link (emulating a distant server);
+    ``transforms`` are stateless channel transforms, as :func:`splitfed.run.train` takes them
+    (defenses belong in ``cfg.defenses``).
     """
     work = prepare(cfg, log)
     segments, _ = prepare_segments(work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
@@ -287,6 +290,7 @@ def join(
         codecs=codecs,
         hello={"resume_step": resume_step},
         latency_ms=latency_ms,
+        transforms=transforms,
     )
     try:
         party = DataParty(

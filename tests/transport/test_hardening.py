@@ -210,12 +210,17 @@ def test_a_second_session_of_the_same_party_replaces_the_first(workspace: Path) 
     first = GrpcChannel(f"127.0.0.1:{server.port}", client_id="hospital", timeout_s=10)
     try:
         first.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))  # mid-step
+        # A session of the same party that only evaluates (e.g. `generate` with the same token) coexists.
+        viewer = GrpcChannel(f"127.0.0.1:{server.port}", client_id="hospital", timeout_s=10)
+        viewer.request(Message("forward", _hidden(), {"train": False}))
+        viewer.close()
+        assert server.service.step_lock.locked()
         second = GrpcChannel(f"127.0.0.1:{server.port}", client_id="hospital", timeout_s=10)
         try:
-            assert not server.service.step_lock.locked()  # the first session's step was dropped
+            # Its first training message replaces the first session, whose step is dropped.
+            out = second.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))
             with pytest.raises(TransportError):
                 first.request(Message("forward", _hidden(), {"train": False}))
-            out = second.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))
             second.request(
                 Message("backward", {"grad": torch.randn_like(out.tensors["hidden"])}, {"batch_id": 1})
             )
@@ -308,3 +313,77 @@ def test_garbage_streams_then_sigterm_exit_in_time_with_final_adapters(
     )
     assert saved and all(bool(torch.isfinite(v).all()) for v in saved.values())
     assert not list((tmp_path / "out" / "model_party_server" / "final").rglob(".*.tmp"))
+
+
+def test_anonymous_parties_coexist_and_a_session_says_hello_once(workspace: Path) -> None:
+    server = _start(workspace, "anonymous")
+    a = GrpcChannel(f"127.0.0.1:{server.port}", timeout_s=10)
+    b = GrpcChannel(f"127.0.0.1:{server.port}", timeout_s=10)
+    try:
+        out = a.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))
+        a.request(Message("backward", {"grad": torch.randn_like(out.tensors["hidden"])}, {"batch_id": 1}))
+        out = b.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))
+        b.request(Message("backward", {"grad": torch.randn_like(out.tensors["hidden"])}, {"batch_id": 1}))
+        assert server.model_party.updates == 2
+        a.request(Message("forward", _hidden(), {"train": False}))  # a was not replaced by b
+        with pytest.raises(RemoteError, match="already said hello"):
+            a.request(Message("hello", {}, {"protocol": PROTOCOL_VERSION}))
+    finally:
+        a.close()
+        b.close()
+        server.stop()
+
+
+def test_waiting_for_another_partys_step_is_not_silence(workspace: Path) -> None:
+    limits = ServerLimits(step_timeout_s=1.0, step_lock_timeout_s=20.0)
+    server = _start(workspace, "waiting", limits)
+    first = GrpcChannel(f"127.0.0.1:{server.port}", client_id="first", timeout_s=20)
+    second = GrpcChannel(f"127.0.0.1:{server.port}", client_id="second", timeout_s=20)
+    try:
+        out = first.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))
+        ticket = second.submit(
+            Message("forward", _hidden(), {"train": True, "batch_id": 1})
+        )  # waits for first
+        time.sleep(0.7)
+        first.request(Message("forward", _hidden(), {"train": True, "batch_id": 2}))  # first is alive
+        time.sleep(0.7)
+        first.request(
+            Message(
+                "backward",
+                {"grad": torch.randn_like(out.tensors["hidden"])},
+                {"batch_id": 1, "update": False},
+            )
+        )
+        first.request(Message("backward", {"grad": torch.randn_like(out.tensors["hidden"])}, {"batch_id": 2}))
+        reply = second.result(ticket)  # got the step after waiting 1.4 s > step_timeout_s
+        time.sleep(0.5)
+        second.request(
+            Message("backward", {"grad": torch.randn_like(reply.tensors["hidden"])}, {"batch_id": 1})
+        )
+        assert server.model_party.updates == 2
+        assert not any(e[1] == "step dropped" for e in server.service.events)
+    finally:
+        first.close()
+        second.close()
+        server.stop()
+
+
+def test_out_of_range_labels_and_unanswered_forwards_are_refused(workspace: Path) -> None:
+    server = _start(workspace, "labels", ServerLimits(max_pending=2), **HT_LABELS_AT_MODEL)
+    party = GrpcChannel(f"127.0.0.1:{server.port}", client_id="p", timeout_s=10)
+    try:
+        bad = Message("forward", _hidden() | {"labels": torch.tensor([0, 7])}, {"train": True, "batch_id": 1})
+        with pytest.raises(
+            RemoteError, match=r"labels must be -100 \(ignored\) or in \[0, 3\); got \[7\]"
+        ) as err:
+            party.request(bad)
+        assert _code(err) == ErrorCode.BAD_MESSAGE
+        assert server.model_party.updates == 0 and not server.service.step_lock.locked()
+        for batch_id in (1, 2):
+            party.request(Message("forward", _hidden(), {"train": True, "batch_id": batch_id}))
+        with pytest.raises(RemoteError, match="without their backward") as err:
+            party.request(Message("forward", _hidden(), {"train": True, "batch_id": 3}))
+        assert _code(err) == ErrorCode.LIMIT
+    finally:
+        party.close()
+        server.stop()

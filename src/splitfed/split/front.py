@@ -14,7 +14,7 @@ Defenses live here, never in party step code. A :class:`Defense` implements any 
     the width when a later defense restores it, and may return an auxiliary loss, which joins the
     head's single backward pass scaled like the task loss;
 ``on_gradients``
-    the gradients the data party returns to the model party (HBT);
+    the gradients the data party returns to the model party (HBT; HT with labels at the data party);
 ``on_update``
     each optimizer-update boundary of the data party (an adversary's own optimizer step).
 
@@ -50,7 +50,8 @@ class FrontContext:
     batch_id : int
         The micro-batch (or generation session step) this tensor belongs to.
     attention_mask : torch.Tensor | None
-        ``[batch, seq]`` mask of the tensor's positions (``None`` for a decoding step's new position).
+        ``[batch, seq]`` mask of the tensor's positions; in a decoding step, of every position so
+        far (the tensor holds only the last).
     loss_scale : float
         The micro-batch's gradient scale (``1/grad_accum``): an auxiliary loss is scaled by it too.
     """
@@ -87,7 +88,7 @@ class Defense:
         return hidden
 
     def on_gradients(self, grad: torch.Tensor, context: FrontContext) -> torch.Tensor:
-        """The gradient to return to the model party instead of ``grad`` (HBT)."""
+        """The gradient to return to the model party instead of ``grad`` (of what it sent the data party)."""
         return grad
 
     def on_update(self, context: FrontContext) -> None:

@@ -132,10 +132,12 @@ class _Trainer:
                 num_training_steps=max(spec.total_steps, 1),
             )
 
-    def update(self, guard: StepGuard | None = None, checked: bool = False) -> None:
+    def update(self, guard: StepGuard | None = None, checked: bool = False, rollback: bool = True) -> None:
         """Clip, step the optimizer and the schedule; with ``guard``, refuse or roll back a bad step.
 
-        ``checked``: the guard already accepted these gradients (skip that pass).
+        ``checked``: the guard already accepted these gradients (skip that pass). ``rollback``:
+        snapshot before the update so a non-finite result can be undone (a shared model party; a
+        party of one's own only refuses it).
         """
         if self.optimizer is None:
             return
@@ -143,7 +145,7 @@ class _Trainer:
         if guard is not None:
             if not checked:
                 guard.check_gradients(self.params)
-            if sum(p.numel() for p in self.params) <= guard.rollback_max_elements:
+            if rollback and sum(p.numel() for p in self.params) <= guard.rollback_max_elements:
                 snapshot = (
                     [p.detach().clone() for p in self.params],
                     copy.deepcopy(self.optimizer.state_dict()),
@@ -160,7 +162,7 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise StepRejected(
                 "the update left parameters non-finite"
-                + ("; it was rolled back" if snapshot is not None else " (too large to roll back)")
+                + ("; it was rolled back" if snapshot is not None else "; it was not rolled back")
             )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -428,6 +430,17 @@ class ModelParty:
         if self.loss_fn is None or not self.body.has_finish:
             raise ProtocolError("labels were sent to a model party that does not compute the loss")
         batch = {k: v for k, v in message.tensors.items() if k != "hidden"}
+        labels = batch.get("labels")
+        classes = int(logits.shape[-1])
+        per_position = labels is not None and tuple(logits.shape[:-1]) == tuple(labels.shape)
+        if (
+            per_position
+            and labels is not None
+            and labels.numel()
+            and not bool(((labels == -100) | ((labels >= 0) & (labels < classes))).all())
+        ):
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= classes))].unique()[:5].tolist()
+            raise ProtocolError(f"labels must be -100 (ignored) or in [0, {classes}); got {bad}")
         loss = self.loss_fn(logits, batch)
         scale = float(message.meta.get("loss_scale", 1.0) or 1.0)
         (loss * scale).backward()
@@ -487,12 +500,16 @@ class ModelParty:
     def _update(self, client: str) -> None:
         trainer = self.trainer_for(client)
         try:
-            trainer.update(self.guard, checked=True)
+            trainer.update(self.guard, checked=True, rollback=self.defer_updates)
         except StepRejected:
             trainer.zero_grad()
             raise
         self.updates += 1
         self.client_steps[client] = self.client_steps.get(client, 0) + 1
+
+    def pending_count(self, client: str) -> int:
+        """Training forwards of ``client`` waiting for their backward."""
+        return sum(1 for key in self._pending if key[0] == client)
 
     def drop_pending(self, client: str) -> int:
         """Forget the forward passes a data party left unfinished; returns how many."""
@@ -669,7 +686,8 @@ class DataParty:
         context = FrontContext(
             "train" if train else "eval", self.updates, self._batch_id, batch["attention_mask"]
         )
-        if train and self.head_trainable:
+        # A trainable embeddings defense needs the graph through a frozen head too.
+        if train and (self.head_trainable or (self.front.trains and self.front.touches_embeddings)):
             return self.front.run_head(self.head, context, **kwargs)
         # SplitFrozen: the head runs forward-only, keeping no graph.
         with torch.no_grad():
@@ -777,9 +795,9 @@ class DataParty:
         if self.ground_truth is not None:
             self.ground_truth(item.batch_id, "train", batch, micro.ids)
         item.tokens = int(batch["attention_mask"].sum())
+        self.front.train(True)
         hidden = self._run_head(batch, train=True, ids=micro.ids, tokens=item.tokens)
         # The front's graph joins the head's: one backward pass through both (and the aux loss).
-        self.front.train(True)
         context = FrontContext(
             "train", self.updates, item.batch_id, batch["attention_mask"], micro.loss_scale
         )

@@ -75,6 +75,8 @@ class StepHost(Protocol):
 
     def drop_pending(self, client: str) -> int: ...
 
+    def pending_count(self, client: str) -> int: ...
+
     def forget_gradients(self, client: str) -> None: ...
 
 
@@ -102,7 +104,13 @@ class ServerLimits:
         Largest gradient norm of one data party's step on the model party's adapters; a larger
         step is refused whole (the optimizer's own clipping bounds the rest).
     max_strikes : int, default 3
-        A data party whose steps are refused this many times is disconnected.
+        A data party whose steps are refused this many times is disconnected (counted per data
+        party, across its sessions).
+    max_pending : int, default 64
+        Training forwards one data party may have waiting for their backward.
+
+    The model party's own :class:`~splitfed.split.parties.StepGuard` enforces
+    ``max_step_grad_norm`` (:func:`splitfed.runtime.start_server` sets it from these limits).
     """
 
     max_batch: int = 64
@@ -115,9 +123,17 @@ class ServerLimits:
     max_abs_value: float = 1e6
     max_step_grad_norm: float | None = 1e4
     max_strikes: int = 3
+    max_pending: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_seq", "max_sessions", "max_message_bytes", "max_strikes"):
+        for name in (
+            "max_batch",
+            "max_seq",
+            "max_sessions",
+            "max_message_bytes",
+            "max_strikes",
+            "max_pending",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerLimits.{name} must be >= 1; got {getattr(self, name)}")
         for name in ("idle_timeout_s", "step_timeout_s", "step_lock_timeout_s", "max_abs_value"):
@@ -150,6 +166,8 @@ class _Session:
     strikes: int = 0
     closed_reason: str = ""
     replaced: bool = False
+    #: Has started a training step (one training session per named data party).
+    trains: bool = False
     opened: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0
     #: Held while one of its messages is handled (the watchdog never drops a step mid-message).
@@ -221,6 +239,7 @@ class ModelPartyService:
         self._watchdog = threading.Thread(target=self._watch, daemon=True)
         self._watchdog.start()
         self.errors = 0
+        self._strikes: dict[str, int] = {}
         #: What happened to misbehaving parties: (client, event, reason), newest last.
         self.events: list[tuple[str, str, str]] = []
 
@@ -266,6 +285,7 @@ class ModelPartyService:
                     f"the model party already serves {self.limits.max_sessions} data parties; try again later",
                 )
             session = _Session(client, context)
+            session.strikes = self._strikes.get(client, 0)
             self._sessions[id(session)] = session
         return session
 
@@ -277,17 +297,17 @@ class ModelPartyService:
             self._sessions.pop(id(session), None)
 
     def _replace_older(self, session: _Session) -> None:
-        """One session per data party: a newer one (a reconnect) replaces the older, whose step is dropped."""
+        """One training session per data party: a newer one (a reconnect) replaces the older, whose step is dropped."""
         with self._sessions_lock:
             older = [
                 s
                 for s in self._sessions.values()
-                if s is not session and s.greeted and not s.replaced and s.client == session.client
+                if s is not session and s.trains and not s.replaced and s.client == session.client
             ]
         for old in older:
             old.replaced = True
             old.closed_reason = "replaced by a newer session of the same data party"
-            self._event(old, "session replaced", "a newer session of the same data party said hello")
+            self._event(old, "session replaced", "a newer session of the same data party started training")
             self._abandon_step(old)
             old.context.cancel()
 
@@ -324,11 +344,14 @@ class ModelPartyService:
 
         Returns whether the lock was had within ``timeout`` (a handler stuck longer is not waited for).
         """
+        held = self._compute_lock.acquire(timeout=timeout)
         with self._sessions_lock:
             sessions = list(self._sessions.values())
         for session in sessions:
-            self._abandon_step(session)
-        return self._compute_lock.acquire(timeout=timeout)
+            if session.in_step:
+                session.dropped = "the model party is saving its adapters (shutting down)"
+                self._drop_step_locked(session)
+        return held
 
     def resume(self) -> None:
         """Release what :meth:`quiesce` acquired."""
@@ -338,6 +361,11 @@ class ModelPartyService:
     def _begin_step(self, session: _Session) -> None:
         if session.in_step:
             return
+        if session.client and not session.trains:
+            # A data party trains through one session: a newer one that starts training replaces
+            # the older (a reconnect). Sessions that only evaluate or generate coexist.
+            session.trains = True
+            self._replace_older(session)
         if not self._step_lock.acquire(timeout=self.limits.step_lock_timeout_s):
             raise SessionError(
                 f"the model party is busy with another data party's step for more than "
@@ -357,21 +385,35 @@ class ModelPartyService:
         if not session.in_step:
             return
         with self._compute_lock:
-            if not session.in_step:
-                return
+            self._drop_step_locked(session)
+
+    def _drop_step_locked(self, session: _Session) -> None:
+        """:meth:`_abandon_step` for a caller holding the compute lock."""
+        if session.in_step:
             self.model_party.drop_pending(session.client)
             self.model_party.forget_gradients(session.client)
             self._end_step(session)
 
     def _commit_step(self, session: _Session) -> None:
-        """Apply the update of the step whose reply was just encoded; end the step."""
+        """Apply the update of the step whose reply was just encoded; end the step.
+
+        The reply is sent even when the checkpoint hook fails: the step is applied, and the data
+        party must do its half.
+        """
         if not session.commit_due:
             return
         try:
             with self._compute_lock:
-                self.model_party.commit(session.client)
-                if self.on_update is not None:
-                    self.on_update(self.model_party.updates, session.client)
+                if not session.in_step:  # dropped meanwhile (replaced, shutting down): nothing to apply
+                    return
+                applied = self.model_party.commit(session.client)
+                if applied and self.on_update is not None:
+                    try:
+                        self.on_update(self.model_party.updates, session.client)
+                    except Exception as err:
+                        log.error(
+                            "the model party's update hook failed after a step of %r: %s", session.client, err
+                        )
         finally:
             self._end_step(session)
 
@@ -414,7 +456,11 @@ class ModelPartyService:
         meta = message.meta
         if self.recorder is not None:
             with self._record_lock:
-                self.recorder("to_model", message)
+                try:
+                    self.recorder("to_model", message)
+                except Exception as err:  # a full disk must not refuse the parties' messages
+                    log.error("recording failed (%s); the model party goes on without recording", err)
+                    self.recorder = None
         if message.kind == "fedavg":
             if session.in_step:
                 raise SessionError("fedavg between steps only: finish the step (its update) first")
@@ -429,13 +475,29 @@ class ModelPartyService:
                 ErrorCode.STEP_DROPPED,
             )
         self._begin_step(session)
+        session.last_seen = time.monotonic()  # waiting for another party's step is not this one's silence
         try:
             with self._compute_lock:
+                if not session.in_step:  # the step was dropped while this message waited
+                    raise SessionError(
+                        f"the model party dropped this party's step ({session.dropped or 'replaced'}); "
+                        "nothing of it was applied, start a new step",
+                        ErrorCode.STEP_DROPPED,
+                    )
+                opens = (
+                    message.kind == "forward" and "labels" not in message.tensors
+                )  # leaves a graph pending
+                if opens and self.model_party.pending_count(session.client) >= self.limits.max_pending:
+                    raise SessionError(
+                        f"this party has {self.limits.max_pending} training forwards without their backward; "
+                        "send their backward messages first",
+                        ErrorCode.LIMIT,
+                    )
                 reply = self.model_party.handle(message)
+                session.commit_due = finishes_step(message.kind, meta, message.tensors)
         except Exception:
             self._abandon_step(session)
             raise
-        session.commit_due = finishes_step(message.kind, meta, message.tensors)
         return reply
 
     def _hello(self, session: _Session, message: Message) -> Message:
@@ -462,7 +524,6 @@ class ModelPartyService:
         if self.tokens is None and meta["client"]:
             session.client = str(meta["client"])
         session.greeted = True
-        self._replace_older(session)
         return Message(
             "welcome",
             {},
@@ -499,6 +560,8 @@ class ModelPartyService:
         if self._stop.is_set():
             raise SessionError("the model party is shutting down; reconnect later", ErrorCode.SHUTTING_DOWN)
         if message.kind == "hello":
+            if session.greeted:
+                raise SessionError("this session already said hello; open a new session to start over")
             reply: Message | None = self._hello(session, message)
         elif not session.greeted:
             raise SessionError("the first message of a session must be 'hello'", ErrorCode.NOT_GREETED)
@@ -528,7 +591,8 @@ class ModelPartyService:
         text = str(err) or type(err).__name__
         code = err.code if isinstance(err, ProtocolError) else ErrorCode.BAD_MESSAGE
         if isinstance(err, ProtocolError) and code == ErrorCode.STEP_REJECTED:
-            session.strikes += 1
+            # Per data party, not per session: reconnecting does not clear its record.
+            self._strikes[session.client] = session.strikes = self._strikes.get(session.client, 0) + 1
             self._event(session, f"step rejected ({session.strikes}/{self.limits.max_strikes})", text)
         elif not isinstance(err, WireError | ProtocolError | ValueError):
             code = ErrorCode.INTERNAL
@@ -556,6 +620,7 @@ class ModelPartyService:
                         seq = int(envelope.seq)
                         message = from_envelope(envelope, self.wire_limits, reassembler.external)
                         frames = self._answer(session, message, seq)
+                        session.last_seen = time.monotonic()
                     except Exception as err:  # a client's message never crashes the server
                         # What a refusal leaves: nothing of a failed step (handle, encoding and commit
                         # drop it); a step whose message was refused before it ran stays open.
