@@ -240,3 +240,31 @@ def test_time_in_the_model_party_counts_as_the_data_party_waiting(
     assert len(list(party.train_stream(micro, window))) == 3
     to_model = (system.channel.messages - messages) // 2  # every message here gets a reply
     assert to_model >= 3 and party.wait_s >= 0.02 * to_model
+
+
+def test_transform_rules_receive_a_context_and_filter_by_phase() -> None:
+    from splitfed.transport.channel import TransformContext
+
+    seen: list[TransformContext] = []
+
+    def note(tensor: torch.Tensor, context: TransformContext) -> torch.Tensor:
+        seen.append(context)
+        return tensor
+
+    rule = TransformRule(
+        note, kinds=("forward",), tensor_names=("hidden",), phases=("eval",), with_context=True
+    )
+    mask = torch.ones(1, 2, dtype=torch.long)
+    message = Message("forward", {"hidden": torch.zeros(1, 2, 3), "attention_mask": mask}, {"batch_id": 4})
+    rule("to_model", message)
+    rule(
+        "to_model", Message("forward", dict(message.tensors), {"train": True})
+    )  # a training forward: skipped
+    assert len(seen) == 1
+    assert (seen[0].direction, seen[0].kind, seen[0].phase, seen[0].batch_id) == (
+        "to_model",
+        "forward",
+        "eval",
+        4,
+    )
+    assert seen[0].attention_mask is mask

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from splitfed.split.inference import GEN_KINDS
+from splitfed.protocol import GEN_KINDS, KINDS, finishes_step, in_step
 from splitfed.transport.channel import Direction, Message, MetaValue
 
 Phase = Literal["train", "eval", "generate", "other"]
@@ -46,10 +46,7 @@ _ALIGN = 8  # every tensor starts at a multiple of 8 bytes in its shard, so view
 _GENERATION_REPLY = "gen_result"
 # The reply kind of each request kind (a reply inherits its request's phase, step and client).
 _REPLY_OF = {
-    "forward": "forward_result",
-    "backward": "backward_result",
-    "fedavg": "fedavg_result",
-    **dict.fromkeys(("gen_start", "gen_step"), _GENERATION_REPLY),
+    kind.name: kind.replies[0] for kind in KINDS.values() if kind.direction == "to_model" and kind.replies
 }
 _SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -355,11 +352,7 @@ class _ShardWriter:
 
 def _finishes_step(message: Message) -> bool:
     """Whether a training message applies its step's update (the model party steps on it)."""
-    kind, meta = message.kind, message.meta
-    trains = kind == "backward" or (
-        kind == "forward" and bool(meta.get("train")) and "labels" in message.tensors
-    )
-    return trains and bool(meta.get("update", True))
+    return in_step(message.kind, message.meta) and finishes_step(message.kind, message.meta, message.tensors)
 
 
 @dataclass(frozen=True)

@@ -110,26 +110,75 @@ class ChannelTransform(Protocol):
     def __call__(self, direction: Direction, message: Message) -> Message: ...
 
 
-@dataclass
-class TransformRule:
-    """Apply ``transform`` to messages of the given kinds and tensor names.
+@dataclass(frozen=True)
+class TransformContext:
+    """Where a crossing is: what a context-aware :class:`TransformRule` receives with each tensor.
 
     Parameters
     ----------
-    transform : Callable[[torch.Tensor], torch.Tensor]
-        Maps one tensor to the tensor that crosses instead.
+    direction : {"to_model", "to_data"}
+    kind : str
+    phase : {"train", "eval", "generate", "control"}
+        From the protocol (a ``forward`` is ``train`` or ``eval`` by its ``train`` flag).
+    batch_id : int | None
+        The data party's micro-batch number, where the message carries one.
+    attention_mask : torch.Tensor | None
+        The message's mask, where it carries one.
+    """
+
+    direction: Direction
+    kind: str
+    phase: str
+    batch_id: int | None = None
+    attention_mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, direction: Direction, message: Message) -> TransformContext:
+        """The context of ``message`` crossing in ``direction``."""
+        from splitfed.protocol import phase_of
+
+        batch_id = message.meta.get("batch_id")
+        return cls(
+            direction,
+            message.kind,
+            phase_of(message.kind, message.meta),
+            batch_id if isinstance(batch_id, int) and not isinstance(batch_id, bool) else None,
+            message.tensors.get("attention_mask"),
+        )
+
+
+@dataclass
+class TransformRule:
+    """Apply ``transform`` to messages of the given kinds and tensor names: stateless per-tensor work.
+
+    Defenses with state, parameters or an auxiliary loss belong in the data party's front
+    (:mod:`splitfed.split.front`), which also reaches text and embeddings.
+
+    Parameters
+    ----------
+    transform : Callable
+        Maps one tensor to the tensor that crosses instead: ``transform(tensor)``, or with
+        ``with_context`` ``transform(tensor, context)`` (a :class:`TransformContext`).
     kinds : Sequence[str]
         Message kinds it applies to, e.g. ``("forward",)`` for activations sent to the model party.
     tensor_names : Sequence[str] | None, default None
         Which tensors of those messages; ``None`` means all floating-point tensors.
+    phases : Sequence[str] | None, default None
+        Only messages of these phases (``train``, ``eval``, ``generate``); ``None``: all.
+    with_context : bool, default False
     """
 
-    transform: Callable[[torch.Tensor], torch.Tensor]
+    transform: Callable[..., torch.Tensor]
     kinds: Sequence[str]
     tensor_names: Sequence[str] | None = None
+    phases: Sequence[str] | None = None
+    with_context: bool = False
 
     def __call__(self, direction: Direction, message: Message) -> Message:
         if message.kind not in self.kinds:
+            return message
+        context = TransformContext.of(direction, message) if self.with_context or self.phases else None
+        if self.phases is not None and context is not None and context.phase not in self.phases:
             return message
         out = dict(message.tensors)
         for name, tensor in message.tensors.items():
@@ -137,7 +186,7 @@ class TransformRule:
                 name in self.tensor_names if self.tensor_names is not None else tensor.is_floating_point()
             )
             if wanted:
-                out[name] = self.transform(tensor)
+                out[name] = self.transform(tensor, context) if self.with_context else self.transform(tensor)
         return Message(message.kind, out, dict(message.meta))
 
 
