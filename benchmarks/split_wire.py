@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from splitfed.protocol import tensor_role
 from splitfed.transport.channel import Crossing, Direction, Message
 from splitfed.transport.wire import (
-    ACTIVATIONS,
     Reassembler,
     WireCodecs,
     WireLimits,
@@ -138,7 +138,7 @@ def measure_bytes(crossings: Sequence[Crossing]) -> dict[str, Any]:
                 k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in c.tensors.items()
             },
             "payload": message.nbytes,
-            "activation": any(k in ACTIVATIONS for k in c.tensors),
+            "activation": any(tensor_role(c.kind, k) == "activation" for k in c.tensors),
         }
         for name in CODECS:
             row[name] = wire_bytes(message, i, c.direction, codecs_for(name))
