@@ -68,15 +68,38 @@ def _quiet_libraries() -> None:
     _warnings_as_lines()
 
 
-def _run(
-    config_path: Path, overrides: list[str], resume: bool, progress: bool, record: Path | None = None
-) -> None:
+def _user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The errors a user's input causes (config, data, model, assets, network, protocol, files),
+    and ``extra``: each ends a command in one ``error:`` line naming the problem and the fix."""
     from splitfed.assets import AssetError
-    from splitfed.config import ConfigError, load_config
+    from splitfed.config import ConfigError
     from splitfed.data import DataError
+    from splitfed.federated.fedavg import AggregationError
     from splitfed.models.loading import ModelLoadError
     from splitfed.models.partition import SplitConfigError
     from splitfed.privacy.recording import RecordingError
+    from splitfed.protocol import ProtocolError
+    from splitfed.transport.grpc_channel import TransportError
+
+    return (
+        ConfigError,
+        SplitConfigError,
+        AssetError,
+        DataError,
+        ModelLoadError,
+        RecordingError,
+        AggregationError,
+        ProtocolError,
+        TransportError,
+        FileNotFoundError,
+        *extra,
+    )
+
+
+def _run(
+    config_path: Path, overrides: list[str], resume: bool, progress: bool, record: Path | None = None
+) -> None:
+    from splitfed.config import load_config
 
     _quiet_libraries()
     try:
@@ -84,15 +107,7 @@ def _run(
         from splitfed.run import train
 
         result = train(cfg, resume=resume, progress=progress, log=lambda s: console.print(s), record=record)
-    except (
-        ConfigError,
-        SplitConfigError,
-        AssetError,
-        DataError,
-        ModelLoadError,
-        RecordingError,
-        FileNotFoundError,
-    ) as err:
+    except _user_errors() as err:
         _fail(str(err))
         return
     console.print(f"results: {result.output_dir / 'results.json'}")
@@ -169,12 +184,7 @@ def fedtrain(
     (config, metrics before and after, per-round history with bytes up and down) and the global
     adapters (global/adapter.safetensors) to output_dir.
     """
-    from splitfed.assets import AssetError
-    from splitfed.config import ConfigError, load_config
-    from splitfed.data import DataError
-    from splitfed.federated.aggregators import AggregationError
-    from splitfed.models.loading import ModelLoadError
-    from splitfed.models.partition import SplitConfigError
+    from splitfed.config import load_config
 
     _quiet_libraries()
     try:
@@ -182,15 +192,7 @@ def fedtrain(
         from splitfed.federated.simulation import fedtrain as run_federated
 
         result = run_federated(cfg, resume=resume, progress=progress, log=lambda s: console.print(s))
-    except (
-        ConfigError,
-        SplitConfigError,
-        AssetError,
-        DataError,
-        ModelLoadError,
-        AggregationError,
-        FileNotFoundError,
-    ) as err:
+    except _user_errors() as err:
         _fail(str(err))
         return
     console.print(f"results: {result.output_dir / 'results.json'}")
@@ -290,11 +292,7 @@ def serve(
     A data party's step is applied only when its gradients and result are finite and within
     --max-step-grad-norm; the final adapters are written on exit whatever the clients did.
     """
-    from splitfed.assets import AssetError
-    from splitfed.config import ConfigError, load_config
-    from splitfed.data import DataError
-    from splitfed.models.loading import ModelLoadError
-    from splitfed.models.partition import SplitConfigError
+    from splitfed.config import load_config
     from splitfed.runtime import start_server
     from splitfed.transport.grpc_server import ServerLimits
 
@@ -322,14 +320,7 @@ def serve(
             log=lambda s: console.print(s),
             record=record,
         )
-    except (ConfigError, SplitConfigError, AssetError, DataError, ModelLoadError, OSError, ValueError) as err:
-        _fail(str(err))
-        return
-    except RuntimeError as err:  # a recording directory that already holds one
-        from splitfed.privacy.recording import RecordingError
-
-        if not isinstance(err, RecordingError):
-            raise
+    except _user_errors(OSError, ValueError) as err:  # OSError: the port; ValueError: limits
         _fail(str(err))
         return
     console.print(
@@ -386,13 +377,8 @@ def join(
     With --partition/--parties/--party, this party trains on its share of the dataset (a printed
     table shows every party's label counts).
     """
-    from splitfed.assets import AssetError
-    from splitfed.config import ConfigError, load_config
-    from splitfed.data import DataError
-    from splitfed.models.loading import ModelLoadError
-    from splitfed.models.partition import SplitConfigError
+    from splitfed.config import load_config
     from splitfed.runtime import join as join_run
-    from splitfed.transport.grpc_channel import RemoteError, TransportError
     from splitfed.transport.wire import WireCodecs
 
     _quiet_libraries()
@@ -416,16 +402,7 @@ def join(
             log=lambda s: console.print(s),  # type: ignore[arg-type]
             latency_ms=inject_latency_ms,
         )
-    except (
-        ConfigError,
-        SplitConfigError,
-        AssetError,
-        DataError,
-        ModelLoadError,
-        FileNotFoundError,
-        TransportError,
-        RemoteError,
-    ) as err:
+    except _user_errors() as err:
         _fail(str(err))
         return
     wire = result.summary["wire"]
@@ -477,13 +454,9 @@ def generate(
     With --record DIR, what crossed (in process: what the model party received; with --server:
     what this data party sent) and, apart, each prompt's and output's token ids.
     """
-    from splitfed.config import ConfigError, load_config
-    from splitfed.models.loading import ModelLoadError
-    from splitfed.models.partition import SplitConfigError
-    from splitfed.privacy.recording import RecordingError
+    from splitfed.config import load_config
     from splitfed.runtime import open_generator
     from splitfed.split.decoding import DecodingConfig
-    from splitfed.transport.grpc_channel import RemoteError, TransportError
 
     _quiet_libraries()
     if (prompt is None) == (prompts is None):
@@ -534,16 +507,7 @@ def generate(
             else:
                 for text_in, text_out in zip(batch, gen.generate(batch), strict=True):
                     out.print(f"[dim]{text_in}[/]{text_out}", highlight=False)
-    except (
-        ConfigError,
-        SplitConfigError,
-        ModelLoadError,
-        ValueError,
-        FileNotFoundError,
-        TransportError,
-        RemoteError,
-        RecordingError,
-    ) as err:
+    except _user_errors(ValueError) as err:  # ValueError: decoding options
         _fail(str(err))
 
 
