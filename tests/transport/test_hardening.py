@@ -176,7 +176,7 @@ def test_hello_options_are_checked_and_a_reply_that_cannot_be_encoded_applies_no
 
 # ----------------------------------------------------------------------------------- stalls
 def test_a_stalled_step_is_dropped_and_others_do_not_wait_for_it(workspace: Path) -> None:
-    limits = ServerLimits(step_timeout_s=1.0, step_lock_timeout_s=20.0)
+    limits = ServerLimits(step_timeout_s=3.0, step_lock_timeout_s=30.0)
     server = _start(workspace, "stall", limits)
     staller = GrpcChannel(f"127.0.0.1:{server.port}", client_id="staller", timeout_s=20)
     other = GrpcChannel(f"127.0.0.1:{server.port}", client_id="other", timeout_s=20)
@@ -184,10 +184,10 @@ def test_a_stalled_step_is_dropped_and_others_do_not_wait_for_it(workspace: Path
         out = staller.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))  # holds the step
         t0 = time.monotonic()
         other.request(Message("forward", _hidden(), {"train": False}))  # evaluation waits for nobody
-        assert time.monotonic() - t0 < 0.9
+        assert time.monotonic() - t0 < 2.5
         reply = other.request(Message("forward", _hidden(), {"train": True, "batch_id": 1}))
         waited = time.monotonic() - t0
-        assert 0.5 < waited < 5.0, waited  # until the stalled step was dropped
+        assert 1.5 < waited < 15.0, waited  # until the stalled step was dropped
         other.request(
             Message("backward", {"grad": torch.randn_like(reply.tensors["hidden"])}, {"batch_id": 1})
         )
@@ -335,7 +335,7 @@ def test_anonymous_parties_coexist_and_a_session_says_hello_once(workspace: Path
 
 
 def test_waiting_for_another_partys_step_is_not_silence(workspace: Path) -> None:
-    limits = ServerLimits(step_timeout_s=1.0, step_lock_timeout_s=20.0)
+    limits = ServerLimits(step_timeout_s=1.5, step_lock_timeout_s=30.0)
     server = _start(workspace, "waiting", limits)
     first = GrpcChannel(f"127.0.0.1:{server.port}", client_id="first", timeout_s=20)
     second = GrpcChannel(f"127.0.0.1:{server.port}", client_id="second", timeout_s=20)
@@ -344,9 +344,9 @@ def test_waiting_for_another_partys_step_is_not_silence(workspace: Path) -> None
         ticket = second.submit(
             Message("forward", _hidden(), {"train": True, "batch_id": 1})
         )  # waits for first
-        time.sleep(0.7)
+        time.sleep(1.0)
         first.request(Message("forward", _hidden(), {"train": True, "batch_id": 2}))  # first is alive
-        time.sleep(0.7)
+        time.sleep(1.0)
         first.request(
             Message(
                 "backward",
@@ -355,7 +355,7 @@ def test_waiting_for_another_partys_step_is_not_silence(workspace: Path) -> None
             )
         )
         first.request(Message("backward", {"grad": torch.randn_like(out.tensors["hidden"])}, {"batch_id": 2}))
-        reply = second.result(ticket)  # got the step after waiting 1.4 s > step_timeout_s
+        reply = second.result(ticket)  # got the step after waiting 2 s > step_timeout_s
         time.sleep(0.5)
         second.request(
             Message("backward", {"grad": torch.randn_like(reply.tensors["hidden"])}, {"batch_id": 1})
