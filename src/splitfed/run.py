@@ -572,11 +572,11 @@ def write_results(out: Path, summary: dict[str, Any]) -> None:
 def _compute_share(work: Workload, segments: dict[str, Segment]) -> dict[str, Any] | None:
     """Analytical FLOPs per training step on each party (models/flops.py), at batch x max_length."""
     from splitfed.models.flops import split_training_flops
-    from splitfed.models.partition import DEFAULT_LORA_TARGETS, SplitConfigError
+    from splitfed.models.partition import SplitConfigError
 
     cfg = work.cfg
     ft = cfg.segment_finetune()
-    targets = ft["body"].target_modules or DEFAULT_LORA_TARGETS[segments["head"].adapter.name]
+    targets = ft["body"].target_modules or segments["head"].adapter.lora_targets
     try:
         flops = split_training_flops(
             work.model.config,

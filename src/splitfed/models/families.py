@@ -64,6 +64,8 @@ class FamilyAdapter:
     name = "base"
     model_types: tuple[str, ...] = ()
     heads: tuple[str, ...] = HEADS
+    #: Modules LoRA targets by default (attention queries and values, as LoRA's paper does).
+    lora_targets: tuple[str, ...] = ()
     #: attribute of the task model that holds the backbone, per head
     backbone_attr: str = "model"
 
@@ -168,6 +170,7 @@ class DecoderAdapter(FamilyAdapter):
 
     name = "llama"
     model_types: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma", "qwen3")
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     heads: tuple[str, ...] = ("causal_lm", "classification")
 
     def layers(self, model: Any) -> nn.ModuleList:
@@ -257,6 +260,7 @@ class GPT2Adapter(FamilyAdapter):
 
     name = "gpt2"
     model_types: tuple[str, ...] = ("gpt2",)
+    lora_targets: tuple[str, ...] = ("c_attn",)
     heads: tuple[str, ...] = ("causal_lm", "classification")
     backbone_attr = "transformer"
 
@@ -323,6 +327,7 @@ class BertAdapter(FamilyAdapter):
 
     name = "bert"
     model_types: tuple[str, ...] = ("bert", "roberta")
+    lora_targets: tuple[str, ...] = ("query", "value")
     heads: tuple[str, ...] = ("classification", "span_qa")
 
     def backbone(self, model: Any) -> Any:
@@ -395,6 +400,7 @@ class DistilBertAdapter(BertAdapter):
 
     name = "distilbert"
     model_types: tuple[str, ...] = ("distilbert",)
+    lora_targets: tuple[str, ...] = ("q_lin", "v_lin")
 
     def backbone(self, model: Any) -> Any:
         return model.distilbert  # type: ignore[no-any-return]

@@ -23,18 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from splitfed.models.families import FamilyAdapter, check_supported
+from splitfed.models.families import FAMILIES, FamilyAdapter, check_supported
 from splitfed.models.families import SplitConfigError as SplitConfigError  # defined with the families
 
 Setting = Literal["ht", "hbt"]
 FinetuneMode = Literal["frozen", "lora", "full"]
 
-DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",),
-    "bert": ("query", "value"),
-    "distilbert": ("q_lin", "v_lin"),
-}
+#: Each family's default LoRA targets (declared on the family adapter), by family name.
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {a.name: a.lora_targets for a in FAMILIES.values()}
 
 
 #: The auto class that builds the task model each head needs (named in errors).
@@ -360,7 +356,7 @@ def apply_finetune(segment: Segment, spec: FinetuneSpec) -> FinetuneReport:
 def _inject_lora(segment: Segment, spec: FinetuneSpec) -> list[str]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = spec.target_modules or DEFAULT_LORA_TARGETS[segment.adapter.name]
+    targets = spec.target_modules or segment.adapter.lora_targets
     present = {name.rsplit(".", 1)[-1] for name, _ in segment.blocks.named_modules()}
     missing = [t for t in targets if t not in present]
     if missing:
