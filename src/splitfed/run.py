@@ -226,8 +226,16 @@ def save_checkpoint(
         torch.save(party.state_dict(), tmp / name / "state.pt")
     torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history}))
-    final = out / CHECKPOINT
-    old = out / f".{CHECKPOINT}.old"
+    swap_into_place(tmp, out / CHECKPOINT)
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Replace directory ``final`` by the complete directory ``tmp`` with renames only.
+
+    A crash leaves ``final`` as it was or as ``tmp``, or (between the two renames) the previous
+    one as ``.<name>.old`` beside it, which :func:`checkpoint_dir` still finds.
+    """
+    old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)

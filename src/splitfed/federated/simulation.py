@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import statistics
 import time
@@ -60,6 +59,7 @@ from splitfed.run import (
     checkpoint_dir,
     evaluate,
     prepare,
+    swap_into_place,
     write_adapter,
     write_results,
 )
@@ -322,13 +322,7 @@ def save_checkpoint(
     torch.save(sim.strategy.state_dict(), tmp / "strategy.pt")
     progress = {"round": round_id, "history": history, "config": sim.cfg.model_dump(mode="json")}
     (tmp / "progress.json").write_text(json.dumps(progress))
-    final = out / CHECKPOINT
-    old = out / f".{CHECKPOINT}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, out / CHECKPOINT)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -514,12 +514,12 @@ class ModelPartyService:
         if self.on_resume is not None:
             with self._step_lock:
                 if self.on_resume is not None:
-                    self.on_resume(int(meta["resume_step"] or 0))
+                    self.on_resume(int(meta["resume_step"]))  # type: ignore[arg-type]
                     self.on_resume = None  # only once it worked: a failed resume can be retried
         session.codecs = WireCodecs(
             str(meta["activations"]),  # type: ignore[arg-type]
             str(meta["gradients"]),  # type: ignore[arg-type]
-            float(meta["topk_ratio"] or 0.1),
+            float(meta["topk_ratio"]),  # type: ignore[arg-type]
         )
         if self.tokens is None and meta["client"]:
             session.client = str(meta["client"])
