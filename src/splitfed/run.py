@@ -307,6 +307,7 @@ class Workload:
     model: torch.nn.Module
     total_steps: int
     load_s: float
+    tokenizer: Any = None
 
 
 def party_share(cfg: RunConfig, splits: Any, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -374,7 +375,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Workload:
         )
     per_epoch = max(1, len(splits.train) // (batch * cfg.train.grad_accum))
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
-    return Workload(cfg, splits, task, model, total, time.perf_counter() - t0)
+    return Workload(cfg, splits, task, model, total, time.perf_counter() - t0, tokenizer)
 
 
 def trainable_counts(segments: dict[str, Segment]) -> dict[str, int]:
@@ -420,7 +421,7 @@ def train(
         labels_at=cfg.split.labels_at,
         transforms=transforms,
         cache_head=cfg.train.cache_head_outputs,
-        front=build_front(cfg.defenses, work.model, cfg.train.seed),
+        front=build_front(cfg.defenses, work.model, cfg.train.seed, tokenizer=work.tokenizer),
     )
     parties = {"data_party": system.data_party, "model_party": system.model_party}
     if record is None:

@@ -276,7 +276,7 @@ def join(
     """
     work = prepare(cfg, log)
     segments, _ = prepare_segments(work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
-    front = build_front(cfg.defenses, work.model, cfg.train.seed)
+    front = build_front(cfg.defenses, work.model, cfg.train.seed, tokenizer=work.tokenizer)
     if cfg.train.steps is None:
         log(
             f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
@@ -403,7 +403,7 @@ def open_generator(
         )
     seed_everything(cfg.train.seed)
     tokenizer, model = load_run_model(cfg, "causal_lm", None)
-    front = build_front(cfg.defenses, model, cfg.train.seed)
+    front = build_front(cfg.defenses, model, cfg.train.seed, tokenizer=tokenizer)
     channel: Channel
     if target is None:
         system = build_split(

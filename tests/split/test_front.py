@@ -14,7 +14,7 @@ from splitfed.privacy.defenses import DEFENSES, DefenseConfigError, build_defens
 from splitfed.privacy.defenses.gaussian_mixer import GaussianMixer
 from splitfed.run import train
 from splitfed.runtime import join, start_server
-from splitfed.split.front import DataFront, FrontContext
+from splitfed.split.front import DataFront, Defense, FrontContext
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import MicroBatch, OptimSpec
 from splitfed.split.system import build_split
@@ -227,3 +227,45 @@ def test_the_front_calls_only_the_hooks_a_defense_overrides() -> None:
     assert front.text(["a"], ctx) == ["a"]
     grad = torch.randn(2, 3, HIDDEN)
     assert front.gradients(grad, ctx) is grad
+
+
+class _Denoiser(Defense, torch.nn.Module):
+    """A received-side defense: a learned scale on what comes back, noting each phase it saw."""
+
+    name = "denoiser"
+
+    def __init__(self) -> None:
+        torch.nn.Module.__init__(self)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[tuple[str, str]] = []
+
+    def on_received(self, name, tensor, context):  # type: ignore[no-untyped-def]
+        self.seen.append((context.phase, name))
+        return tensor * self.scale, (self.scale - 1.0).pow(2)
+
+
+def test_what_comes_back_passes_the_front_in_training_evaluation_and_generation() -> None:
+    denoiser = _Denoiser()
+    system = _system(SplitSpec("hbt", 1, 1), "frozen", DataFront([denoiser]))
+    batch = tiny_batch("classification")
+    system.data_party.train_step(batch, update=False)
+    assert denoiser.scale.grad is not None and float(denoiser.scale.grad.abs()) > 0  # trains with the task
+    system.data_party.predict(batch)
+    assert denoiser.seen == [("train", "hidden"), ("eval", "hidden")]
+
+    model = tiny_model("llama", "causal_lm")
+    gen_system = build_split(
+        model, SplitSpec("hbt", 1, 1), "causal_lm", {}, simple_loss("causal_lm"), front=DataFront([denoiser])
+    )
+    from splitfed.split.decoding import DecodingConfig
+
+    denoiser.seen.clear()
+    SplitGenerator(
+        gen_system.segments["head"],
+        gen_system.channel,
+        tiny_tokenizer(),
+        tail=gen_system.segments["tail"],
+        decoding=DecodingConfig(max_new_tokens=3, ignore_eos=True),
+        front=gen_system.data_party.front,
+    ).generate(["the captain"])
+    assert denoiser.seen == [("generate", "hidden")] * 3

@@ -15,8 +15,17 @@ Defenses live here, never in party step code. A :class:`Defense` implements any 
     head's single backward pass scaled like the task loss;
 ``on_gradients``
     the gradients the data party returns to the model party (HBT; HT with labels at the data party);
+``on_received``
+    what comes back from the model party before the data party uses it: the body's output before
+    the tail (HBT) or the logits (HT with labels at the data party), in training, evaluation and
+    every decoding step (split-and-denoise's denoiser, MID's bottleneck at the tail's input). It
+    may train and return an auxiliary loss, which joins the task loss;
 ``on_update``
     each optimizer-update boundary of the data party (an adversary's own optimizer step).
+
+A defense that needs the pretrained model (its token embedding matrix, for a text sanitizer or
+dχ-privacy) or the tokenizer overrides :meth:`Defense.setup`, which :func:`build_front` calls
+with a :class:`FrontResources` once the model is loaded (never during config validation).
 
 The data party calls :meth:`DataFront.activations` in every training schedule, evaluation, the
 frozen-head output cache (which keeps outputs from before the front, so noise is fresh each
@@ -54,6 +63,10 @@ class FrontContext:
         far (the tensor holds only the last).
     loss_scale : float
         The micro-batch's gradient scale (``1/grad_accum``): an auxiliary loss is scaled by it too.
+    input_ids : torch.Tensor | None
+        ``[batch, seq]`` token ids the tensor was computed from (private to the data party: an
+        adversarial-training defense trains its inverter on them); in a decoding step, only the
+        newest token's. ``None`` where the head ran on embeddings the caller supplied.
     """
 
     phase: Phase
@@ -61,6 +74,38 @@ class FrontContext:
     batch_id: int = 0
     attention_mask: torch.Tensor | None = None
     loss_scale: float = 1.0
+    input_ids: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FrontResources:
+    """What a defense may read while it sets up: the public pretrained model and its tokenizer.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The whole model the run splits (read-only: a defense must not modify it).
+    tokenizer : Any | None
+        The run's tokenizer (``None`` where the caller has none, e.g. a unit test).
+    seed : int
+        The run's seed (a defense draws from its own stream, seeded from it).
+    """
+
+    model: nn.Module
+    tokenizer: Any = None
+    seed: int = 0
+
+    @property
+    def family(self) -> Any:
+        """The model's family adapter (:mod:`splitfed.models.families`)."""
+        from splitfed.models.families import family_for
+
+        return family_for(self.model.config)
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        """The token embedding matrix ``[vocab, hidden]``, detached (a defense reads, never trains, it)."""
+        return self.family.token_embedding_layer(self.model).weight.detach()
 
 
 class Defense:
@@ -72,6 +117,9 @@ class Defense:
 
     #: Registry name (``defenses: [{name: ...}]`` in a run's YAML).
     name: str = ""
+
+    def setup(self, resources: FrontResources) -> None:
+        """Read what the defense needs from the pretrained model or tokenizer (called once, after loading)."""
 
     def on_text(self, texts: list[str], context: FrontContext) -> list[str]:
         """The texts to tokenize instead of ``texts``."""
@@ -90,6 +138,13 @@ class Defense:
     def on_gradients(self, grad: torch.Tensor, context: FrontContext) -> torch.Tensor:
         """The gradient to return to the model party instead of ``grad`` (of what it sent the data party)."""
         return grad
+
+    def on_received(
+        self, name: str, tensor: torch.Tensor, context: FrontContext
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """What the data party uses instead of the received ``tensor`` (``name``: ``"hidden"`` or
+        ``"logits"``), optionally with an auxiliary loss (a scalar)."""
+        return tensor
 
     def on_update(self, context: FrontContext) -> None:
         """Called after each optimizer update of the data party."""
@@ -209,6 +264,24 @@ class DataFront(nn.Module):
                 hidden = out
         return hidden, aux
 
+    def received(
+        self, name: str, tensor: torch.Tensor, context: FrontContext
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A tensor from the model party (``name``: ``"hidden"`` or ``"logits"``) through every
+        ``on_received`` hook, in reverse order (the last defense out is the first back), and the
+        summed auxiliary loss (or ``None``)."""
+        aux: torch.Tensor | None = None
+        for d in reversed(self.defenses):
+            if not _overrides(d, "on_received"):
+                continue
+            out = d.on_received(name, tensor, context)
+            if isinstance(out, tuple):
+                tensor, loss = out
+                aux = loss if aux is None else aux + loss
+            else:
+                tensor = out
+        return tensor, aux
+
     def gradients(self, grad: torch.Tensor, context: FrontContext) -> torch.Tensor:
         """A returned gradient through every ``on_gradients`` hook."""
         for d in self.defenses:
@@ -224,13 +297,19 @@ class DataFront(nn.Module):
 
 
 def build_front(
-    specs: Sequence[dict[str, Any]] | None, model: Any = None, seed: int = 0, **context: Any
+    specs: Sequence[dict[str, Any]] | None,
+    model: Any = None,
+    seed: int = 0,
+    *,
+    tokenizer: Any = None,
+    **context: Any,
 ) -> DataFront:
     """The front of a run's ``defenses:`` list (each ``{name: ..., <params>}``), validated by the registry.
 
     ``model`` (its config's ``hidden_size``) and ``context`` fill the parameters a defense takes
-    from the model. Defenses initialize from their own random stream (``seed``), so building
-    them never shifts the parties' initialization: every process of a run builds the same.
+    from the model; with a ``model``, each defense's :meth:`Defense.setup` then reads what it needs
+    from it and ``tokenizer``. Defenses initialize from their own random stream (``seed``), so
+    building them never shifts the parties' initialization: every process of a run builds the same.
     """
     from splitfed.privacy.defenses import build_defense
 
@@ -238,4 +317,10 @@ def build_front(
         context.setdefault("hidden_size", int(model.config.hidden_size))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7919)
-        return DataFront([build_defense(dict(spec), **context) for spec in specs or ()])
+        defenses = [build_defense(dict(spec), **context) for spec in specs or ()]
+        if model is not None:
+            resources = FrontResources(model, tokenizer, seed)
+            for d in defenses:
+                if _overrides(d, "setup"):
+                    d.setup(resources)
+        return DataFront(defenses)

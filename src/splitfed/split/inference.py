@@ -313,18 +313,24 @@ class SplitGenerator:
 
     def _through_front(self, step: int, **inputs: Any) -> torch.Tensor:
         """The head's output for new positions, through the data party's defenses (prefill: step 0)."""
-        context = FrontContext("generate", batch_id=step, attention_mask=inputs["attention_mask"])
+        context = FrontContext(
+            "generate",
+            batch_id=step,
+            attention_mask=inputs["attention_mask"],
+            input_ids=inputs.get("input_ids"),
+        )
         hidden = self.front.run_head(self.head, context, **inputs)
         return self.front.activations(hidden, context)[0]
 
     def _choose_here(self, reply: Message, positions: torch.Tensor) -> torch.Tensor:
         if "token" in reply.tensors:
             return reply.tensors["token"].long()
+        context = FrontContext("generate", attention_mask=self._mask)
         if "logits" in reply.tensors:
-            logits = reply.tensors["logits"]
+            logits, _ = self.front.received("logits", reply.tensors["logits"], context)
         else:
             assert self.tail is not None
-            hidden = reply.tensors["hidden"]
+            hidden, _ = self.front.received("hidden", reply.tensors["hidden"], context)
             with torch.no_grad():
                 self.tail.eval()
                 out = self.tail(

@@ -684,7 +684,11 @@ class DataParty:
         if train:
             self.head_tokens["forward"] += tokens
         context = FrontContext(
-            "train" if train else "eval", self.updates, self._batch_id, batch["attention_mask"]
+            "train" if train else "eval",
+            self.updates,
+            self._batch_id,
+            batch["attention_mask"],
+            input_ids=batch.get("input_ids"),
         )
         # A trainable embeddings defense needs the graph through a frozen head too.
         if train and (self.head_trainable or (self.front.trains and self.front.touches_embeddings)):
@@ -799,7 +803,12 @@ class DataParty:
         hidden = self._run_head(batch, train=True, ids=micro.ids, tokens=item.tokens)
         # The front's graph joins the head's: one backward pass through both (and the aux loss).
         context = FrontContext(
-            "train", self.updates, item.batch_id, batch["attention_mask"], micro.loss_scale
+            "train",
+            self.updates,
+            item.batch_id,
+            batch["attention_mask"],
+            micro.loss_scale,
+            input_ids=batch.get("input_ids"),
         )
         item.hidden, item.aux_loss = self.front.activations(hidden, context)
         tensors = {"hidden": item.hidden, "attention_mask": batch["attention_mask"]}
@@ -826,18 +835,24 @@ class DataParty:
             self._finish(item, float(reply.tensors["loss"].item()))
             return
         mask = batch["attention_mask"]
-        _require(reply, "hidden" if self.tail is not None else "logits")
-        received = reply.tensors["hidden" if self.tail is not None else "logits"].requires_grad_(True)
+        name = "hidden" if self.tail is not None else "logits"
+        _require(reply, name)
+        received = reply.tensors[name].requires_grad_(True)
+        context = FrontContext(
+            "train", self.updates, item.batch_id, mask, micro.loss_scale, input_ids=batch.get("input_ids")
+        )
+        used, aux = self.front.received(name, received, context)
         if self.tail is not None:
             self.tail.train()
-            logits = self.tail(hidden=received, attention_mask=mask)
+            logits = self.tail(hidden=used, attention_mask=mask)
         else:
-            logits = received
+            logits = used
         loss = self.loss_fn(logits, batch)
-        (loss * micro.loss_scale).backward()
+        total = loss if aux is None else loss + aux
+        (total * micro.loss_scale).backward()
         item.loss = float(loss.detach().item())
         assert received.grad is not None
-        grad = self.front.gradients(received.grad, FrontContext("train", self.updates, item.batch_id, mask))
+        grad = self.front.gradients(received.grad, context)
         message = Message("backward", {"grad": grad}, self._meta(item.batch_id, update=micro.update))
         if self.needs_input_grad:
             item.stage = "backward"
@@ -941,18 +956,18 @@ class DataParty:
             self.ground_truth(self._batch_id, "eval", batch, ids)
         mask = batch["attention_mask"]
         self.front.train(False)
-        hidden, _ = self.front.activations(
-            self._run_head(batch, train=False), FrontContext("eval", self.updates, self._batch_id, mask)
-        )
+        context = FrontContext("eval", self.updates, self._batch_id, mask, input_ids=batch.get("input_ids"))
+        hidden, _ = self.front.activations(self._run_head(batch, train=False), context)
         reply = self.channel.request(
             Message("forward", {"hidden": hidden, "attention_mask": mask}, self._meta(train=False))
         )
+        name = "hidden" if self.tail is not None else "logits"
+        _require(reply, name)
+        used, _ = self.front.received(name, reply.tensors[name], context)
         if self.tail is None:
-            _require(reply, "logits")
-            return reply.tensors["logits"]
-        _require(reply, "hidden")
+            return used
         self.tail.eval()
-        return self.tail(hidden=reply.tensors["hidden"], attention_mask=mask)  # type: ignore[no-any-return]
+        return self.tail(hidden=used, attention_mask=mask)  # type: ignore[no-any-return]
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer/scheduler state and counters (for checkpoints)."""
