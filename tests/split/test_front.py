@@ -269,3 +269,36 @@ def test_what_comes_back_passes_the_front_in_training_evaluation_and_generation(
         front=gen_system.data_party.front,
     ).generate(["the captain"])
     assert denoiser.seen == [("generate", "hidden")] * 3
+
+
+class _Residual(Defense, torch.nn.Module):
+    """A stateful defense: a buffer and an extra counter that a checkpoint must keep."""
+
+    name = "residual"
+
+    def __init__(self) -> None:
+        torch.nn.Module.__init__(self)
+        self.register_buffer("carry", torch.zeros(3))
+        self.calls = 0
+
+    def on_update(self, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        self.carry += 1.0
+
+    def extra_state(self):  # type: ignore[no-untyped-def]
+        return {"calls": self.calls}
+
+    def load_extra_state(self, state):  # type: ignore[no-untyped-def]
+        self.calls = int(state["calls"])
+
+
+def test_a_defense_s_buffers_and_extra_state_travel_with_the_data_party_s_checkpoint_state() -> None:
+    trained = _Residual()
+    system = _system(SplitSpec("ht", 1), "lora", DataFront([trained]))
+    system.data_party.train_step(tiny_batch("classification"))
+    system.data_party.train_step(tiny_batch("classification"))
+    state = system.data_party.state_dict()
+    fresh = _Residual()
+    restored = _system(SplitSpec("ht", 1), "lora", DataFront([fresh]))
+    restored.data_party.load_state_dict(state)
+    assert fresh.calls == 2 and torch.equal(fresh.carry, torch.full((3,), 2.0))

@@ -149,6 +149,14 @@ class Defense:
     def on_update(self, context: FrontContext) -> None:
         """Called after each optimizer update of the data party."""
 
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond its parameters that a checkpoint must keep (a residual, an own optimizer's
+        state): tensors, numbers, strings and containers of them. Empty by default."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (called on ``--resume``)."""
+
 
 def _overrides(defense: Defense, hook: str) -> bool:
     return getattr(type(defense), hook) is not getattr(Defense, hook)
@@ -294,6 +302,35 @@ class DataFront(nn.Module):
         for d in self.defenses:
             if _overrides(d, "on_update"):
                 d.on_update(context)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beyond the parameters (those go to the adapter files): every
+        defense's buffers and its :meth:`Defense.extra_state`, by position."""
+        state: dict[str, Any] = {}
+        for i, d in enumerate(self.defenses):
+            entry: dict[str, Any] = {}
+            if isinstance(d, nn.Module):
+                entry["buffers"] = {n: b.detach().clone() for n, b in d.named_buffers()}
+            if _overrides(d, "extra_state"):
+                entry["extra"] = d.extra_state()
+            if entry:
+                state[f"{i}_{d.name or type(d).__name__}"] = entry
+        return state
+
+    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` returned (the defenses must be the same, in order)."""
+        for i, d in enumerate(self.defenses):
+            entry = state.get(f"{i}_{d.name or type(d).__name__}")
+            if entry is None:
+                continue
+            if isinstance(d, nn.Module):
+                buffers = dict(d.named_buffers())
+                with torch.no_grad():
+                    for n, saved in entry.get("buffers", {}).items():
+                        if n in buffers:
+                            buffers[n].copy_(saved)
+            if "extra" in entry:
+                d.load_extra_state(entry["extra"])
 
 
 def build_front(

@@ -970,11 +970,14 @@ class DataParty:
         return self.tail(hidden=used, attention_mask=mask)  # type: ignore[no-any-return]
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer/scheduler state and counters (for checkpoints)."""
-        return {"trainer": self.trainer.state_dict(), "updates": self.updates, "batch_id": self._batch_id}
+        """Optimizer/scheduler state, counters and the defenses' state (for checkpoints)."""
+        state = {"trainer": self.trainer.state_dict(), "updates": self.updates, "batch_id": self._batch_id}
+        front = self.front.checkpoint_state()
+        return state | ({"front": front} if front else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.trainer.load_state_dict(state.get("trainer", {}))
         self.updates = int(state.get("updates", 0))
         self._batch_id = int(state.get("batch_id", 0))
+        self.front.load_checkpoint_state(state.get("front", {}))
