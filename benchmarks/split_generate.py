@@ -175,9 +175,10 @@ def _measure(batch, tokenizer, model, local, remote, prompt_len, new_tokens, rep
 
 
 def _data_party(gen):  # type: ignore[no-untyped-def]
-    from splitfed.split.parties import DataParty, OptimSpec
+    from splitfed.split.system import build_data_party
 
-    return DataParty(gen.head, gen.channel, lambda lg, b: lg.sum(), OptimSpec(), tail=gen.tail)
+    segments = {"head": gen.head} | ({"tail": gen.tail} if gen.tail is not None else {})
+    return build_data_party(segments, gen.channel, lambda lg, b: lg.sum())
 
 
 def _per_step_bytes(gen, prompts) -> float:  # type: ignore[no-untyped-def]

@@ -106,7 +106,7 @@ def main() -> None:
     from splitfed.models.loading import load_model, load_tokenizer
     from splitfed.run import seed_everything
     from splitfed.split.parties import DataParty, MicroBatch
-    from splitfed.split.system import prepare_segments
+    from splitfed.split.system import build_data_party, prepare_segments
     from splitfed.transport.grpc_channel import GrpcChannel
 
     netem, why = netem_available()
@@ -141,7 +141,9 @@ def main() -> None:
             for i, head in enumerate(heads):
                 channel = GrpcChannel(f"127.0.0.1:{port}", client_id=f"device-{i}", latency_ms=latency_ms)
                 parties.append(
-                    DataParty(head, channel, task.loss, cfg.optim(cfg.train.steps or 1), labels_at="model")
+                    build_data_party(
+                        {"head": head}, channel, task.loss, cfg.optim(cfg.train.steps or 1), labels_at="model"
+                    )
                 )
             micro = [
                 MicroBatch(data, m == args.accum - 1, 1.0 / args.accum)

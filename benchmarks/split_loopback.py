@@ -56,8 +56,7 @@ def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, flo
     from splitfed.data import get_task
     from splitfed.models.loading import load_model, load_tokenizer
     from splitfed.run import seed_everything
-    from splitfed.split.parties import DataParty
-    from splitfed.split.system import build_split, prepare_segments
+    from splitfed.split.system import build_data_party, build_split, prepare_segments
     from splitfed.transport.grpc_channel import GrpcChannel
 
     raw = _raw_config(labels_at)
@@ -85,8 +84,8 @@ def measure(labels_at: str, batch: int, seq: int, repeats: int) -> dict[str, flo
         remote_model = load_model(MODEL, "causal_lm", None, tokenizer.pad_token_id)
         segments, _ = prepare_segments(remote_model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
         channel = GrpcChannel(f"127.0.0.1:{port}")
-        remote = DataParty(
-            segments["head"],
+        remote = build_data_party(
+            segments,
             channel,
             task.loss,
             cfg.optim(steps),

@@ -52,29 +52,21 @@ def test_resume_continues_exactly(workspace: Path) -> None:
 
 
 def _stop_after(cfg, steps: int) -> int:
-    """Run ``cfg`` but raise after ``steps`` optimizer steps, as a crash would."""
-    import splitfed.run as run_module
+    """Run ``cfg`` but raise after ``steps`` optimizer steps (after that step's checkpoint), as a crash would."""
+    from splitfed.run import Callback, checkpoint_step
 
     class Crash(Exception):
         pass
 
-    original = run_module.save_checkpoint
-    saved = {}
+    class CrashAt(Callback):
+        every = steps  # runs after the built-in callbacks, so the step's checkpoint is written
 
-    def save_then_maybe_crash(out, segments, parties, step, history):  # type: ignore[no-untyped-def]
-        original(out, segments, parties, step, history)
-        saved["step"] = step
-        if step >= steps:
+        def on_sync(self, state):  # type: ignore[no-untyped-def]
             raise Crash
 
-    run_module.save_checkpoint = save_then_maybe_crash
-    try:
-        train(cfg, progress=False, log=lambda s: None)
-    except Crash:
-        pass
-    finally:
-        run_module.save_checkpoint = original
-    return saved["step"]
+    with pytest.raises(Crash):
+        train(cfg, progress=False, log=lambda s: None, callbacks=[CrashAt()])
+    return checkpoint_step(Path(cfg.output_dir))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(workspace: Path) -> None:

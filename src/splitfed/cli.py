@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -112,8 +112,12 @@ def _run(
         return
     console.print(f"results: {result.output_dir / 'results.json'}")
     console.print(f"adapters: {result.output_dir / 'data_party'} and {result.output_dir / 'model_party'}")
-    if "recording" in result.summary:
-        rec = result.summary["recording"]
+    _print_recording(result.summary)
+
+
+def _print_recording(summary: dict[str, Any]) -> None:
+    if "recording" in summary:
+        rec = summary["recording"]
         console.print(
             f"recording: {rec['directory']} ({rec['records']} crossings, {rec['stored_bytes'] / 1e6:.1f} MB "
             f"in {rec['shards']} shards); ground truth: {rec['ground_truth']}"
@@ -371,11 +375,14 @@ def join(
         float,
         typer.Option(min=0, help="Add this much round-trip latency to the link (to study a distant server)."),
     ] = 0.0,
+    record: RecordOption = None,
 ) -> None:
     """Run a data party against a model party served by `splitfed serve`; same outputs as `train`.
 
     With --partition/--parties/--party, this party trains on its share of the dataset (a printed
-    table shows every party's label counts).
+    table shows every party's label counts). With --record DIR, what this party sent and got back
+    (before the codec) and, apart, its ground truth (what each batch held), which scores an attack
+    on what `splitfed serve --record` kept.
     """
     from splitfed.config import load_config
     from splitfed.runtime import join as join_run
@@ -401,6 +408,7 @@ def join(
             progress,
             log=lambda s: console.print(s),  # type: ignore[arg-type]
             latency_ms=inject_latency_ms,
+            record=record,
         )
     except _user_errors() as err:
         _fail(str(err))
@@ -411,6 +419,7 @@ def join(
         f"{wire['bytes_to_data'] / 1e6:.2f} MB back"
     )
     console.print(f"results: {result.output_dir / 'results.json'}")
+    _print_recording(result.summary)
 
 
 @app.command()

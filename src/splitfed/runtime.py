@@ -23,6 +23,7 @@ from splitfed.config import ConfigError, RunConfig
 from splitfed.models.partition import Segment
 from splitfed.run import (
     PARTY_ROLES,
+    Callback,
     RunResult,
     checkpoint_dir,
     checkpoint_step,
@@ -41,7 +42,13 @@ from splitfed.split.decoding import DecodingConfig
 from splitfed.split.front import build_front
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import DataParty, ModelParty, StepGuard
-from splitfed.split.system import build_model_party, build_split, prepare_segments, with_front
+from splitfed.split.system import (
+    build_data_party,
+    build_model_party,
+    build_split,
+    prepare_segments,
+    with_front,
+)
 from splitfed.transport.channel import Channel, ChannelTransform, Message
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.grpc_server import ModelPartyService, ServerLimits, TlsFiles, serve
@@ -267,13 +274,28 @@ def join(
     log: Callable[[str], None] = print,
     latency_ms: float = 0.0,
     transforms: Sequence[ChannelTransform] = (),
+    callbacks: Sequence[Callback] = (),
+    record: str | Path | None = None,
 ) -> RunResult:
     """Train ``cfg``'s data party against the model party served at ``target``.
 
     ``latency_ms`` injects that much round-trip latency into the link (emulating a distant server);
     ``transforms`` are stateless channel transforms, as :func:`splitfed.run.train` takes them
-    (defenses belong in ``cfg.defenses``).
+    (defenses belong in ``cfg.defenses``); ``callbacks`` join the training loop's. ``record``
+    names a new directory that receives what this data party sent and got back (before the
+    codec: ``splitfed serve --record`` keeps what the model party decoded) and, in its
+    ``ground_truth/``, what each batch held, under this party's client id, so that a server-side
+    recording can be scored against it.
     """
+    from splitfed.privacy.recording import (
+        GroundTruthWriter,
+        RecordingWriter,
+        check_new_recording,
+        ground_truth_dir,
+    )
+
+    if record is not None:
+        check_new_recording(record)  # before minutes of loading, not after
     work = prepare(cfg, log)
     segments, _ = prepare_segments(work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
     front = build_front(cfg.defenses, work.model, cfg.train.seed, tokenizer=work.tokenizer)
@@ -282,6 +304,9 @@ def join(
             f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
         )
     resume_step = checkpoint_step(Path(cfg.output_dir)) if resume else 0
+    recording = (
+        RecordingWriter(record, start_step=resume_step, tap="data_party_grpc") if record is not None else None
+    )
     channel = GrpcChannel(
         target,
         client_id=client_id,
@@ -291,19 +316,23 @@ def join(
         hello={"resume_step": resume_step},
         latency_ms=latency_ms,
         transforms=transforms,
+        recorder=recording,  # type: ignore[arg-type]
     )
+    truth = None
     try:
-        party = DataParty(
-            segments["head"],
+        party = build_data_party(
+            segments,
             channel,
             work.task.loss,
             cfg.optim(work.total_steps),
-            tail=segments.get("tail"),
             labels_at=cfg.split.labels_at,
-            client_id=channel.client_id,
             cache_head=cfg.train.cache_head_outputs,
             front=front,
+            client_id=channel.client_id,
         )
+        if record is not None:
+            truth = GroundTruthWriter(ground_truth_dir(record), client=channel.client_id)
+            party.ground_truth = truth
         log(f"joined the model party at {target} as {channel.client_id or '(anonymous)'}")
         result = train_loop(
             work,
@@ -314,6 +343,7 @@ def join(
             progress,
             log,
             check_resume=lambda step: _check_in_step(step, channel, cfg, party, log),
+            callbacks=callbacks,
         )
         stats = channel.request(Message("stats")).meta  # a stats_result
         result.summary["timings"] |= {
@@ -326,10 +356,17 @@ def join(
             "payload_to_model": channel.payload_to_model,
             "payload_to_data": channel.payload_to_data,
         }
+        if recording is not None and truth is not None:
+            recording.close()
+            truth.close()
+            result.summary["recording"] = recording.summary() | {"ground_truth": str(truth.directory)}
         write_results(result.output_dir, result.summary)  # with what only the remote run knows
         return result
     finally:
         channel.close()
+        for writer in (recording, truth):
+            if writer is not None:
+                writer.close()
 
 
 def _check_in_step(

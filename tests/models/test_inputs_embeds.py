@@ -21,11 +21,11 @@ def test_head_output_from_embeddings_and_soft_tokens_equals_from_ids(family: str
     ids = batch["input_ids"]
     with torch.no_grad():
         from_ids = segment(input_ids=ids, **kwargs)
-        embeds = segment.adapter.token_embeddings(model, ids)
+        embeds = segment.family.token_embeddings(model, ids)
         from_embeds = segment(inputs_embeds=embeds, **kwargs)
-        vocab = segment.adapter.token_embedding_layer(model).num_embeddings
+        vocab = segment.family.token_embedding_layer(model).num_embeddings
         one_hot = torch.nn.functional.one_hot(ids, vocab).float()
-        from_soft = segment(inputs_embeds=segment.adapter.soft_embeddings(model, one_hot), **kwargs)
+        from_soft = segment(inputs_embeds=segment.family.soft_embeddings(model, one_hot), **kwargs)
         shifted = segment(inputs_embeds=embeds + 0.5, **kwargs)
     torch.testing.assert_close(from_embeds, from_ids, atol=1e-6, rtol=0)
     torch.testing.assert_close(from_soft, from_ids, atol=1e-5, rtol=0)
@@ -35,8 +35,8 @@ def test_head_output_from_embeddings_and_soft_tokens_equals_from_ids(family: str
 def test_soft_tokens_carry_gradients_to_their_weights() -> None:
     model = tiny_model("llama", "causal_lm")
     segment = partition(model, SplitSpec("ht", 1), "causal_lm")["head"]
-    vocab = segment.adapter.token_embedding_layer(model).num_embeddings
+    vocab = segment.family.token_embedding_layer(model).num_embeddings
     logits = torch.zeros(1, 4, vocab, requires_grad=True)
-    out = segment(inputs_embeds=segment.adapter.soft_embeddings(model, logits.softmax(-1)))
+    out = segment(inputs_embeds=segment.family.soft_embeddings(model, logits.softmax(-1)))
     out.pow(2).sum().backward()
     assert logits.grad is not None and bool(logits.grad.abs().sum() > 0)

@@ -60,3 +60,41 @@ def test_the_model_party_records_what_it_decoded_bit_for_bit(
     assert torch.equal(backward[0].tensor("grad"), grad)
     assert forward[0].client == "hospital" and forward[0].phase == "train"
     assert {r.direction for r in reader} == {"to_model"}
+
+
+def test_a_server_recording_lines_up_with_the_joined_party_s_ground_truth(
+    workspace: Path, tmp_path: Path
+) -> None:
+    from splitfed.privacy.recording import GroundTruthReader, ground_truth_dir
+    from splitfed.runtime import join
+
+    raw = run_config(workspace, "rec-join")
+    raw["model"]["num_labels"] = 3
+    raw["train"] |= {"steps": 3, "eval_before": False}
+    cfg = parse_config(raw)
+    server = start_server(cfg, port=0, record=tmp_path / "server")
+    try:
+        result = join(
+            cfg,
+            f"127.0.0.1:{server.port}",
+            client_id="clinic",
+            progress=False,
+            log=lambda s: None,
+            record=tmp_path / "party",
+        )
+    finally:
+        server.stop()
+    assert result.summary["recording"]["records"] > 0
+    truth = GroundTruthReader(ground_truth_dir(tmp_path / "party"))
+    forwards = list(RecordingReader(tmp_path / "server").records(kinds="forward"))
+    assert {f.phase for f in forwards} == {"train", "eval"}
+    for record in forwards:
+        batch = truth.batch(record.batch_id, record.client)  # the pairing an attack scores by
+        assert record.client == "clinic" and batch.phase == record.phase
+        assert tuple(batch.tensor("attention_mask").shape) == tuple(record.tensor("hidden").shape[:2])
+    # The party's own tap saw what it sent (before the codec), the same number of forwards.
+    sent = list(RecordingReader(tmp_path / "party").records(kinds="forward"))
+    assert len(sent) == len(forwards) and {r.direction for r in RecordingReader(tmp_path / "party")} == {
+        "to_model",
+        "to_data",
+    }

@@ -201,7 +201,7 @@ def test_defense_configs_are_validated_with_the_key_and_the_range() -> None:
     assert "gaussian_mixer" in DEFENSES
     with pytest.raises(DefenseConfigError, match="sigma: Input should be greater than or equal to 0"):
         build_defense({"name": "gaussian_mixer", "sigma": -1}, hidden_size=4)
-    with pytest.raises(DefenseConfigError, match="unknown defense 'nope'; available: gaussian_mixer"):
+    with pytest.raises(DefenseConfigError, match=r"unknown defense 'nope'; available: .*gaussian_mixer"):
         build_defense({"name": "nope"})
     with pytest.raises(DefenseConfigError, match="colour: Extra inputs are not permitted"):
         build_defense({"name": "gaussian_mixer", "colour": "red"}, hidden_size=4)

@@ -385,7 +385,7 @@ def test_three_data_parties_train_concurrently_and_survive_a_dying_one(workspace
 
 
 def test_both_sides_killed_and_resumed_lose_no_checkpointed_step(workspace: Path) -> None:
-    import splitfed.run as run_module
+    import splitfed.run.callbacks as run_module  # where Checkpointing looks save_checkpoint up
     from splitfed.config import ConfigError
 
     straight = train(_cfg(workspace, "straight-6"), progress=False, log=lambda s: None)
@@ -570,7 +570,7 @@ def test_per_party_model_adapters_make_each_party_train_as_if_alone(workspace: P
 
 
 def test_several_data_parties_resume_with_the_model_party(workspace: Path) -> None:
-    import splitfed.run as run_module
+    import splitfed.run.callbacks as run_module  # where Checkpointing looks save_checkpoint up
 
     cfg = _cfg(
         workspace,

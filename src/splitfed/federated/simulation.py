@@ -54,11 +54,11 @@ from splitfed.run import (
     CHECKPOINT,
     RunResult,
     Workload,
-    _fmt,
-    _progress,
     checkpoint_dir,
     evaluate,
+    format_metrics,
     prepare,
+    progress_bars,
     swap_into_place,
     write_adapter,
     write_results,
@@ -96,8 +96,10 @@ def whole_model(model: nn.Module, head: str) -> Segment:
     A client of federated fine-tuning holds all of it; the segment gives the logits in the layout
     the tasks' losses and metrics expect, as the split engine does.
     """
-    adapter = check_supported(model.config, head)
-    return Segment("model", model, adapter, 0, adapter.num_layers(model), embed=True, finish=True, head=head)
+    family = check_supported(model.config, head)
+    return Segment(
+        "model", model, family, 0, family.num_layers(model), embed=True, finish=True, task_head=head
+    )
 
 
 class _GlobalModel:
@@ -142,15 +144,15 @@ class _GlobalModel:
         """A :class:`~splitfed.split.parties.DataParty` over the same modules, joined in process."""
         if self._split is None:
             from splitfed.models.partition import SplitSpec, partition
-            from splitfed.split.parties import DataParty, ModelParty, OptimSpec
+            from splitfed.split.parties import ModelParty, OptimSpec
+            from splitfed.split.system import build_data_party
             from splitfed.transport.channel import InProcessChannel
 
             model: nn.Module = self.segment.model  # type: ignore[assignment]
-            segments = partition(model, SplitSpec("ht", 1), self.segment.head)
+            # Cut without touching fine-tuning: the segments share the client's modules and adapters.
+            segments = partition(model, SplitSpec("ht", 1), self.segment.task_head)
             body = ModelParty(segments["body"], OptimSpec(), head_trainable=False)
-            self._split = DataParty(
-                segments["head"], InProcessChannel(body.handle), self.loss_fn, OptimSpec()
-            )
+            self._split = build_data_party(segments, InProcessChannel(body.handle), self.loss_fn)
         return self._split
 
 
@@ -424,12 +426,12 @@ def fedtrain(
         history = [h for h in history if h["round"] <= start]
         log(f"resumed from {out / CHECKPOINT} at round {start}/{fed.rounds}")
     metrics_before = None
-    with _progress(progress) as bar:
+    with progress_bars(progress) as bar:
         if cfg.train.eval_before and start == 0:
             t = time.perf_counter()
             metrics_before = sim.evaluate(bar, "eval (before)", final=True)
             timings["eval_before_s"] = time.perf_counter() - t
-            log(f"{cfg.data.eval_split} before federated fine-tuning: {_fmt(metrics_before)}")
+            log(f"{cfg.data.eval_split} before federated fine-tuning: {format_metrics(metrics_before)}")
         rounds_bar = bar.add_task("rounds", total=fed.rounds, completed=start, info="") if bar else None
         t_train = time.perf_counter()
         for round_id in range(start + 1, fed.rounds + 1):
@@ -449,7 +451,7 @@ def fedtrain(
         t = time.perf_counter()
         metrics_after = sim.evaluate(bar, "eval (after)", final=True)
         timings["eval_after_s"] = time.perf_counter() - t
-    log(f"{cfg.data.eval_split} after federated fine-tuning:  {_fmt(metrics_after)}")
+    log(f"{cfg.data.eval_split} after federated fine-tuning:  {format_metrics(metrics_after)}")
     summary = _summary(sim, out, metrics_before, metrics_after, history, timings, start)
     log(
         f"{len(history) - sum(1 for h in history if h['round'] <= start)} round(s) in {timings['train_s']:.1f} s; per round "

@@ -20,6 +20,8 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 
+from splitfed.models.shapes import LayerShape
+
 HEADS = ("causal_lm", "classification", "span_qa")
 
 
@@ -68,6 +70,14 @@ class FamilyAdapter:
     lora_targets: tuple[str, ...] = ()
     #: attribute of the task model that holds the backbone, per head
     backbone_attr: str = "model"
+    #: The family's module name of each projection (for FLOP counts of LoRA targets).
+    projections: tuple[tuple[str, str], ...] = ()
+    #: LoRA must transpose: the family's linear layers store ``[in, out]`` (GPT-2's Conv1D).
+    lora_fan_in_fan_out: bool = False
+
+    def layer_shape(self, config: Any) -> LayerShape:
+        """The block dimensions FLOP counts need, read from ``config``."""
+        raise NotImplementedError
 
     def backbone(self, model: Any) -> Any:
         """The backbone inside a task model (``model.model``, ``model.transformer``, ...)."""
@@ -172,6 +182,23 @@ class DecoderAdapter(FamilyAdapter):
     model_types: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma", "qwen3")
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     heads: tuple[str, ...] = ("causal_lm", "classification")
+    projections: tuple[tuple[str, str], ...] = tuple(
+        (f"{n}_proj", n) for n in ("q", "k", "v", "o", "gate", "up", "down")
+    )
+
+    def layer_shape(self, config: Any) -> LayerShape:
+        heads = config.num_attention_heads
+        return LayerShape(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab=config.vocab_size,
+            gated_mlp=True,
+            num_layers=config.num_hidden_layers,
+            projections=self.projections,
+        )
 
     def layers(self, model: Any) -> nn.ModuleList:
         return self.backbone(model).layers  # type: ignore[no-any-return]
@@ -263,6 +290,21 @@ class GPT2Adapter(FamilyAdapter):
     lora_targets: tuple[str, ...] = ("c_attn",)
     heads: tuple[str, ...] = ("causal_lm", "classification")
     backbone_attr = "transformer"
+    projections: tuple[tuple[str, str], ...] = (("c_attn", "qkv"),)
+    lora_fan_in_fan_out = True
+
+    def layer_shape(self, config: Any) -> LayerShape:
+        return LayerShape(
+            hidden=config.n_embd,
+            intermediate=getattr(config, "n_inner", None) or 4 * config.n_embd,
+            heads=config.n_head,
+            kv_heads=config.n_head,
+            head_dim=config.n_embd // config.n_head,
+            vocab=config.vocab_size,
+            gated_mlp=False,
+            num_layers=config.n_layer,
+            projections=self.projections,
+        )
 
     def layers(self, model: Any) -> nn.ModuleList:
         return self.backbone(model).h  # type: ignore[no-any-return]
@@ -329,6 +371,22 @@ class BertAdapter(FamilyAdapter):
     model_types: tuple[str, ...] = ("bert", "roberta")
     lora_targets: tuple[str, ...] = ("query", "value")
     heads: tuple[str, ...] = ("classification", "span_qa")
+    projections: tuple[tuple[str, str], ...] = (("query", "q"), ("key", "k"), ("value", "v"))
+
+    def layer_shape(self, config: Any) -> LayerShape:
+        heads = config.num_attention_heads
+        return LayerShape(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=heads,
+            head_dim=config.hidden_size // heads,
+            vocab=config.vocab_size,
+            gated_mlp=False,
+            num_layers=config.num_hidden_layers,
+            pooler=True,
+            projections=self.projections,
+        )
 
     def backbone(self, model: Any) -> Any:
         return getattr(model, model.config.model_type)  # type: ignore[no-any-return]
@@ -401,6 +459,26 @@ class DistilBertAdapter(BertAdapter):
     name = "distilbert"
     model_types: tuple[str, ...] = ("distilbert",)
     lora_targets: tuple[str, ...] = ("q_lin", "v_lin")
+    projections: tuple[tuple[str, str], ...] = (
+        ("q_lin", "q"),
+        ("k_lin", "k"),
+        ("v_lin", "v"),
+        ("out_lin", "o"),
+    )
+
+    def layer_shape(self, config: Any) -> LayerShape:
+        return LayerShape(
+            hidden=config.dim,
+            intermediate=config.hidden_dim,
+            heads=config.n_heads,
+            kv_heads=config.n_heads,
+            head_dim=config.dim // config.n_heads,
+            vocab=config.vocab_size,
+            gated_mlp=False,
+            num_layers=config.n_layers,
+            pooler=True,
+            projections=self.projections,
+        )
 
     def backbone(self, model: Any) -> Any:
         return model.distilbert  # type: ignore[no-any-return]

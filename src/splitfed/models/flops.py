@@ -52,150 +52,27 @@ from typing import Any
 
 from splitfed.models.families import HEADS
 from splitfed.models.partition import SplitConfigError, SplitSpec
+from splitfed.models.shapes import LayerShape
 
 MODES = ("frozen", "lora", "full")
 
-# LoRA target names -> generic projection. Family module names are accepted so that a
-# FinetuneSpec's target_modules can be passed as they are.
-_PROJECTION_ALIASES: dict[str, str] = {
-    **{name: name for name in ("q", "k", "v", "o", "qkv", "gate", "up", "down")},
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "gate_proj": "gate",
-    "up_proj": "up",
-    "down_proj": "down",
-    "query": "q",
-    "key": "k",
-    "value": "v",
-    "q_lin": "q",
-    "k_lin": "k",
-    "v_lin": "v",
-    "out_lin": "o",
-    "c_attn": "qkv",  # GPT-2's fused q, k, v projection
-}
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """The dimensions of a transformer that FLOP counts need.
-
-    Parameters
-    ----------
-    hidden : int
-        Residual stream width.
-    intermediate : int
-        MLP inner width.
-    heads, kv_heads : int
-        Query heads and key/value heads (equal unless grouped-query attention).
-    head_dim : int
-        Width of one head (``heads * head_dim`` is usually ``hidden``, not always: Gemma).
-    vocab : int
-        Vocabulary size (LM head width).
-    gated_mlp : bool
-        Three MLP matrices (gate, up, down) instead of two.
-    num_layers : int
-        Number of blocks.
-    pooler : bool, default False
-        The classification head starts with an ``hidden x hidden`` dense layer (BERT's pooler,
-        DistilBERT's ``pre_classifier``).
-    """
-
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    gated_mlp: bool
-    num_layers: int
-    pooler: bool = False
-
-    def projection_dims(self, name: str) -> tuple[int, int]:
-        """``(d_in, d_out)`` of a generic projection name (``q``, ``k``, ``v``, ``o``, ``qkv``,
-        ``gate``, ``up``, ``down``) or of a family module name such as ``q_proj`` or ``c_attn``."""
-        key = _PROJECTION_ALIASES.get(name)
-        if key is None or (key == "gate" and not self.gated_mlp):
-            known = sorted(n for n in _PROJECTION_ALIASES if self.gated_mlp or "gate" not in n)
-            raise SplitConfigError(f"unknown LoRA target {name!r} for FLOP counting; known: {known}")
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "q": (self.hidden, q),
-            "k": (self.hidden, kv),
-            "v": (self.hidden, kv),
-            "o": (q, self.hidden),
-            "qkv": (self.hidden, q + 2 * kv),
-            "gate": (self.hidden, self.intermediate),
-            "up": (self.hidden, self.intermediate),
-            "down": (self.intermediate, self.hidden),
-        }[key]
-
 
 def layer_shape(config: Any) -> LayerShape:
-    """Read a :class:`LayerShape` from a transformers config.
-
-    Supports Llama-style decoders (llama, qwen2, qwen3, mistral, gemma: gated MLP, GQA),
-    gpt2, and the encoders bert, roberta and distilbert.
+    """Read a :class:`LayerShape` from a transformers config (through its family adapter).
 
     Raises
     ------
     SplitConfigError
-        For any other ``model_type``.
+        For a model type no family adapter supports.
     """
+    from splitfed.models.families import FAMILIES
+
     model_type = getattr(config, "model_type", None)
-    if model_type in ("llama", "qwen2", "qwen3", "mistral", "gemma"):
-        heads = config.num_attention_heads
-        return LayerShape(
-            hidden=config.hidden_size,
-            intermediate=config.intermediate_size,
-            heads=heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab=config.vocab_size,
-            gated_mlp=True,
-            num_layers=config.num_hidden_layers,
+    if model_type not in FAMILIES:
+        raise SplitConfigError(
+            f"cannot count FLOPs for model type {model_type!r}; supported: {', '.join(FAMILIES)}"
         )
-    if model_type == "gpt2":
-        return LayerShape(
-            hidden=config.n_embd,
-            intermediate=getattr(config, "n_inner", None) or 4 * config.n_embd,
-            heads=config.n_head,
-            kv_heads=config.n_head,
-            head_dim=config.n_embd // config.n_head,
-            vocab=config.vocab_size,
-            gated_mlp=False,
-            num_layers=config.n_layer,
-        )
-    if model_type in ("bert", "roberta"):
-        heads = config.num_attention_heads
-        return LayerShape(
-            hidden=config.hidden_size,
-            intermediate=config.intermediate_size,
-            heads=heads,
-            kv_heads=heads,
-            head_dim=config.hidden_size // heads,
-            vocab=config.vocab_size,
-            gated_mlp=False,
-            num_layers=config.num_hidden_layers,
-            pooler=True,
-        )
-    if model_type == "distilbert":
-        return LayerShape(
-            hidden=config.dim,
-            intermediate=config.hidden_dim,
-            heads=config.n_heads,
-            kv_heads=config.n_heads,
-            head_dim=config.dim // config.n_heads,
-            vocab=config.vocab_size,
-            gated_mlp=False,
-            num_layers=config.n_layers,
-            pooler=True,
-        )
-    raise SplitConfigError(
-        f"cannot count FLOPs for model type {model_type!r}; supported: "
-        "llama, qwen2, qwen3, mistral, gemma, gpt2, bert, roberta, distilbert"
-    )
+    return FAMILIES[model_type].layer_shape(config)
 
 
 def block_forward_flops(shape: LayerShape, batch: int, seq: int) -> int:

@@ -142,46 +142,48 @@ class Segment(nn.Module):
         ``"head"``, ``"body"`` or ``"tail"``.
     model : nn.Module
         The whole task model the segment is cut from (not registered as a submodule).
-    adapter : FamilyAdapter
+    family : FamilyAdapter
+        The model family's adapter (how to embed, run blocks and finish; not LoRA adapters).
     start, end : int
         Block range.
     embed, finish : bool
         Whether the segment starts with the embeddings / ends with final norm + task head.
-    head : str
-        Task head: ``"causal_lm"``, ``"classification"`` or ``"span_qa"``.
+    task_head : str
+        The model's task head (its output layer: ``"causal_lm"``, ``"classification"`` or
+        ``"span_qa"``); not to be confused with the head *segment* (``role="head"``).
     """
 
     def __init__(
         self,
         role: str,
         model: nn.Module,
-        adapter: FamilyAdapter,
+        family: FamilyAdapter,
         start: int,
         end: int,
         embed: bool,
         finish: bool,
-        head: str,
+        task_head: str,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # a plain reference: parameters stay the segment's own
         self.role = role
-        self.adapter = adapter
+        self.family = family
         self.start, self.end = start, end
-        self.has_embed, self.has_finish, self.head = embed, finish, head
+        self.has_embed, self.has_finish, self.task_head = embed, finish, task_head
         self.config = model.config
         self.parts = nn.ModuleDict()
         if embed:
-            for name, module in adapter.embedding_modules(model).items():
+            for name, module in family.embedding_modules(model).items():
                 self.parts[name] = module
-        self.blocks = nn.ModuleList(adapter.layers(model)[start:end])
+        self.blocks = nn.ModuleList(family.layers(model)[start:end])
         if finish:
-            for name, module in adapter.finish_modules(model, head).items():
+            for name, module in family.finish_modules(model, task_head).items():
                 self.parts[name] = module
 
     def extra_repr(self) -> str:
         return (
             f"role={self.role}, embed={self.has_embed}, blocks=[{self.start}, {self.end}), "
-            f"finish={self.has_finish}, head={self.head}"
+            f"finish={self.has_finish}, task_head={self.task_head}"
         )
 
     def forward(
@@ -202,18 +204,18 @@ class Segment(nn.Module):
                 raise SplitConfigError(
                     f"segment {self.role!r} holds the embeddings and needs input_ids or inputs_embeds"
                 )
-            hidden = self.adapter.embed(
+            hidden = self.family.embed(
                 model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=inputs_embeds
             )
         elif hidden is None:
             raise ValueError(f"segment {self.role!r} needs hidden states from the previous segment")
         if self.end > self.start:
             blocks = range(self.start, self.end)
-            ctx = self.adapter.context(model, hidden, attention_mask, position_ids, past_key_values, blocks)
+            ctx = self.family.context(model, hidden, attention_mask, position_ids, past_key_values, blocks)
             for index in range(self.start, self.end):
-                hidden = self.adapter.run_layer(model, index, hidden, ctx)
+                hidden = self.family.run_layer(model, index, hidden, ctx)
         if self.has_finish:
-            return self.adapter.finish(model, hidden, attention_mask, self.head)
+            return self.family.finish(model, hidden, attention_mask, self.task_head)
         return hidden
 
     def starting_at(self, start: int) -> Segment:
@@ -230,7 +232,7 @@ class Segment(nn.Module):
                 f"[{self.start}, {self.end}), so head_layers must be between {self.start} and {self.end - 1}"
             )
         model: nn.Module = self.model  # type: ignore[assignment]
-        return Segment(self.role, model, self.adapter, start, self.end, False, self.has_finish, self.head)
+        return Segment(self.role, model, self.family, start, self.end, False, self.has_finish, self.task_head)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that receive gradients."""
@@ -282,9 +284,9 @@ def partition(model: nn.Module, spec: SplitSpec, head: str) -> dict[str, Segment
         If the family is not supported, the family or ``model`` lacks ``head``, the split points do
         not fit the model, or ``head_layers=0`` is not opted in.
     """
-    adapter = check_supported(model.config, head)
-    _check_task_model(model, adapter, head)
-    n = adapter.num_layers(model)
+    family = check_supported(model.config, head)
+    _check_task_model(model, family, head)
+    n = family.num_layers(model)
     spec.check(n)
     if spec.head_layers == 0:
         warnings.warn(
@@ -296,28 +298,28 @@ def partition(model: nn.Module, spec: SplitSpec, head: str) -> dict[str, Segment
     h = spec.head_layers
     if spec.setting == "ht":
         segments = {
-            "head": Segment("head", model, adapter, 0, h, embed=True, finish=False, head=head),
-            "body": Segment("body", model, adapter, h, n, embed=False, finish=True, head=head),
+            "head": Segment("head", model, family, 0, h, embed=True, finish=False, task_head=head),
+            "body": Segment("body", model, family, h, n, embed=False, finish=True, task_head=head),
         }
         owner = {"head": "data", "body": "model"}
     else:
         t = n - spec.tail_layers
         segments = {
-            "head": Segment("head", model, adapter, 0, h, embed=True, finish=False, head=head),
-            "body": Segment("body", model, adapter, h, t, embed=False, finish=False, head=head),
-            "tail": Segment("tail", model, adapter, t, n, embed=False, finish=True, head=head),
+            "head": Segment("head", model, family, 0, h, embed=True, finish=False, task_head=head),
+            "body": Segment("body", model, family, h, t, embed=False, finish=False, task_head=head),
+            "tail": Segment("tail", model, family, t, n, embed=False, finish=True, task_head=head),
         }
         owner = {"head": "data", "body": "model", "tail": "data"}
     _untie_across(segments, owner)
     return segments
 
 
-def _check_task_model(model: nn.Module, adapter: FamilyAdapter, head: str) -> None:
+def _check_task_model(model: nn.Module, family: FamilyAdapter, head: str) -> None:
     """Refuse a model that lacks the modules a ``head`` split cuts (a base model, another task's head)."""
     try:
-        adapter.layers(model)
-        adapter.embedding_modules(model)
-        adapter.finish_modules(model, head)
+        family.layers(model)
+        family.embedding_modules(model)
+        family.finish_modules(model, head)
     except AttributeError as err:
         raise SplitConfigError(
             f"a {head} split needs a task model with the {head} head, as "
@@ -344,7 +346,7 @@ def apply_finetune(segment: Segment, spec: FinetuneSpec) -> FinetuneReport:
     if spec.mode == "lora" and len(segment.blocks) > 0:
         report.lora_modules = _inject_lora(segment, spec)
     if spec.mode == "lora" and spec.train_task_head and segment.has_finish:
-        for name in segment.adapter.task_head_names(segment.head):
+        for name in segment.family.task_head_names(segment.task_head):
             for p in segment.parts[name].parameters():
                 p.requires_grad_(True)
     params = list(segment.parameters())
@@ -356,7 +358,7 @@ def apply_finetune(segment: Segment, spec: FinetuneSpec) -> FinetuneReport:
 def _inject_lora(segment: Segment, spec: FinetuneSpec) -> list[str]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = spec.target_modules or segment.adapter.lora_targets
+    targets = spec.target_modules or segment.family.lora_targets
     present = {name.rsplit(".", 1)[-1] for name, _ in segment.blocks.named_modules()}
     missing = [t for t in targets if t not in present]
     if missing:
@@ -371,7 +373,7 @@ def _inject_lora(segment: Segment, spec: FinetuneSpec) -> list[str]:
         lora_dropout=spec.dropout,
         target_modules=pattern,
         init_lora_weights=spec.init_lora_weights,
-        fan_in_fan_out=segment.adapter.name == "gpt2",
+        fan_in_fan_out=segment.family.lora_fan_in_fan_out,
     )
     # Inject into the blocks only: they are shared with the model, so the model sees the adapters.
     inject_adapter_in_model(config, segment.blocks)

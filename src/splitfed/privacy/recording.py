@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import torch
 
-from splitfed.protocol import GEN_KINDS, KINDS, finishes_step, in_step
+from splitfed.protocol import KINDS, finishes_step, in_step
+from splitfed.protocol import phase_of as protocol_phase_of
 from splitfed.transport.channel import Direction, Message, MetaValue
 
 Phase = Literal["train", "eval", "generate", "other"]
@@ -43,7 +44,6 @@ FORMAT = "splitfed-recording"
 VERSION = 1
 DEFAULT_SHARD_BYTES = 64 * 2**20
 _ALIGN = 8  # every tensor starts at a multiple of 8 bytes in its shard, so views of any dtype work
-_GENERATION_REPLY = "gen_result"
 # The reply kind of each request kind (a reply inherits its request's phase, step and client).
 _REPLY_OF = {
     kind.name: kind.replies[0] for kind in KINDS.values() if kind.direction == "to_model" and kind.replies
@@ -92,13 +92,10 @@ def phase_of(kind: str, meta: Mapping[str, MetaValue]) -> Phase:
     explicit = meta.get("phase")
     if isinstance(explicit, str) and explicit in PHASES:
         return explicit  # type: ignore[return-value]
-    if kind == "forward":
-        return "train" if meta.get("train") else "eval"
-    if kind in ("backward", "backward_result"):
-        return "train"
-    if kind in GEN_KINDS or kind == _GENERATION_REPLY:
-        return "generate"
-    return "other"
+    if kind == _REPLY_OF["forward"]:
+        return "other"  # answers a training or an evaluation forward: the request says which
+    phase = protocol_phase_of(kind, meta)  # the protocol's declaration, read in one place
+    return "other" if phase == "control" else phase
 
 
 def ground_truth_dir(directory: str | Path) -> Path:
@@ -830,10 +827,22 @@ class GroundTruthWriter:
         self.directory = self._shards.directory
 
     def __call__(
-        self, batch_id: int, phase: str, batch: Mapping[str, Any], ids: Sequence[int] | None = None
+        self,
+        batch_id: int,
+        phase: str,
+        batch: Mapping[str, Any],
+        ids: Sequence[int] | None = None,
+        original: Mapping[str, Any] | None = None,
     ) -> None:
-        """Keep one batch: its id, phase, example ids and every tensor in it."""
+        """Keep one batch: its id, phase, example ids and every tensor in it.
+
+        ``original`` is the batch before a text defense rewrote it; its tensors are kept as
+        ``original_<name>`` (``original_input_ids``: what an attack should recover), while
+        ``input_ids`` stays what the head ran on (it lines up with the recorded activations).
+        """
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if original is not None:
+            tensors |= {f"original_{k}": v for k, v in original.items() if isinstance(v, torch.Tensor)}
         mask = tensors.get("attention_mask", tensors.get("input_ids"))
         with self._lock:
             record = {
@@ -854,8 +863,10 @@ class GroundTruthWriter:
         prompt_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         generated: Sequence[Sequence[int]],
+        prompts: Sequence[str] | None = None,
     ) -> None:
-        """Keep one generation session: prompt ids, their mask (left-padded) and each row's generated ids."""
+        """Keep one generation session: prompt ids, their mask (left-padded) and each row's generated
+        ids; ``prompts``: the prompt texts before text defenses (kept only when given)."""
         with self._lock:
             record = {
                 "index": self._shards.count,
@@ -865,6 +876,8 @@ class GroundTruthWriter:
                 "phase": "generate",
                 "generated_ids": [[int(t) for t in row] for row in generated],
             }
+            if prompts is not None:
+                record["prompts"] = [str(p) for p in prompts]
             self._shards.add(record, {"prompt_ids": prompt_ids, "attention_mask": attention_mask})
 
     def close(self) -> None:
@@ -908,6 +921,8 @@ class GenerationTruth:
     generated_ids: list[list[int]]
     tensor_info: dict[str, TensorInfo]
     _shards: _ShardSet = field(repr=False, compare=False)
+    #: The prompt texts before text defenses (``None`` unless the generator kept them).
+    prompts: list[str] | None = None
 
     def tensor(self, name: str) -> torch.Tensor:
         """``prompt_ids`` or ``attention_mask`` (left-padded, as sent to the head)."""
@@ -986,4 +1001,5 @@ class GroundTruthReader:
             [list(row) for row in raw.get("generated_ids", [])],
             self._shards.info(raw),
             self._shards,
+            list(raw["prompts"]) if raw.get("prompts") is not None else None,
         )

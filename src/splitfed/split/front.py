@@ -232,7 +232,7 @@ class DataFront(nn.Module):
         if not self.touches_embeddings or "input_ids" not in inputs:
             return head(**inputs)  # type: ignore[no-any-return]
         ids = inputs.pop("input_ids")
-        embeds = self.embeddings(head.adapter.token_embeddings(head.model, ids), context)
+        embeds = self.embeddings(head.family.token_embeddings(head.model, ids), context)
         return head(inputs_embeds=embeds, **inputs)  # type: ignore[no-any-return]
 
     # Segment-like access, so that adapter files and checkpoints carry the defenses' parameters

@@ -216,7 +216,7 @@ class StreamEvent:
 
 
 #: ``(session, prompt_ids, attention_mask, generated)``: what a generator tells its ground-truth observer.
-GenerationObserver = Callable[[str, torch.Tensor, torch.Tensor, list[list[int]]], None]
+GenerationObserver = Callable[..., None]  # (session, prompt_ids, attention_mask, generated, prompts=)
 
 
 class SplitGenerator:
@@ -239,8 +239,9 @@ class SplitGenerator:
     chat : bool, default False
         Wrap each prompt in the tokenizer's chat template (as a user turn) when it has one.
     ground_truth : GenerationObserver | None, default None
-        Called as ``ground_truth(session, prompt_ids, attention_mask, generated)`` when a
-        generation finishes: the data party's private record of each session, for scoring attacks
+        Called as ``ground_truth(session, prompt_ids, attention_mask, generated, prompts=...)`` when
+        a generation finishes (``prompts``: the texts as given, before text defenses): the data
+        party's private record of each session, for scoring attacks
         (e.g. :meth:`~splitfed.privacy.recording.GroundTruthWriter.generation`). Nothing it sees crosses.
 
     Examples
@@ -265,6 +266,7 @@ class SplitGenerator:
         #: The data party's defenses: prompts, embeddings and every position's activations pass them.
         self.front = front if front is not None else DataFront()
         self.ground_truth = ground_truth
+        self._prompts: list[str] = []
         self.decoding = decoding or DecodingConfig()
         self.return_logits = return_logits and tail is None
         self.chat = chat
@@ -289,6 +291,7 @@ class SplitGenerator:
     def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompts:
             raise ValueError("no prompts given")
+        self._prompts = list(prompts)  # as given, before text defenses (for the ground truth)
         texts = self.front.text(list(prompts), FrontContext("generate"))
         if self.chat and getattr(self.tokenizer, "chat_template", None):
             texts = [
@@ -432,7 +435,7 @@ class SplitGenerator:
             token = self._choose_here(reply, step_positions)
         self.generated = generated
         if self.ground_truth is not None:
-            self.ground_truth(self.session_id, ids, mask, generated)
+            self.ground_truth(self.session_id, ids, mask, generated, prompts=self._prompts)
         self.close()
 
     def _hit_stop(self, tokens: list[int]) -> bool:

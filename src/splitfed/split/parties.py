@@ -557,6 +557,8 @@ class MicroBatch:
     loss_scale: float = 1.0
     #: The examples' indices in the training set (lets a frozen head reuse its outputs).
     ids: Sequence[int] | None = None
+    #: The batch as collated before a text defense rewrote it (only for the ground truth; never sent).
+    original: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -578,7 +580,9 @@ class _InFlight:
 
 
 #: ``(batch_id, phase, batch, ids)``: what a data party tells its ground-truth observer per batch.
-BatchObserver = Callable[[int, str, Mapping[str, torch.Tensor], Sequence[int] | None], None]
+BatchObserver = Callable[
+    [int, str, Mapping[str, torch.Tensor], Sequence[int] | None, Mapping[str, torch.Tensor] | None], None
+]
 
 
 class DataParty:
@@ -606,9 +610,10 @@ class DataParty:
         time. Micro-batches must carry their examples' ``ids``; batches must be right-padded.
         Costs the memory of one hidden state per training token.
     ground_truth : BatchObserver | None, default None
-        Called as ``ground_truth(batch_id, phase, batch, ids)`` for every training micro-batch
-        (``"train"``) and evaluation batch (``"eval"``) before it leaves: the data party's private
-        record of what each batch id held, for scoring attacks (e.g.
+        Called as ``ground_truth(batch_id, phase, batch, ids, original)`` for every training
+        micro-batch (``"train"``) and evaluation batch (``"eval"``) before it leaves (``original``:
+        the batch before text defenses, or ``None``): the data party's private record of what
+        each batch id held, for scoring attacks (e.g.
         :class:`~splitfed.privacy.recording.GroundTruthWriter`). Nothing it sees crosses.
     """
 
@@ -797,7 +802,7 @@ class DataParty:
         item = _InFlight(micro, self._batch_id)
         batch = micro.batch
         if self.ground_truth is not None:
-            self.ground_truth(item.batch_id, "train", batch, micro.ids)
+            self.ground_truth(item.batch_id, "train", batch, micro.ids, micro.original)
         item.tokens = int(batch["attention_mask"].sum())
         self.front.train(True)
         hidden = self._run_head(batch, train=True, ids=micro.ids, tokens=item.tokens)
@@ -946,14 +951,20 @@ class DataParty:
             self.head_tokens["backward"] += int(item.tokens)
 
     @torch.no_grad()
-    def predict(self, batch: Mapping[str, torch.Tensor], ids: Sequence[int] | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        ids: Sequence[int] | None = None,
+        original: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits for a batch across the split (evaluation; nothing is trained, no labels cross).
 
-        ``ids`` (the examples' indices in the evaluated split) only reach the ground-truth observer.
+        ``ids`` (the examples' indices in the evaluated split) and ``original`` (the batch before
+        text defenses) only reach the ground-truth observer.
         """
         self._batch_id += 1
         if self.ground_truth is not None:
-            self.ground_truth(self._batch_id, "eval", batch, ids)
+            self.ground_truth(self._batch_id, "eval", batch, ids, original)
         mask = batch["attention_mask"]
         self.front.train(False)
         context = FrontContext("eval", self.updates, self._batch_id, mask, input_ids=batch.get("input_ids"))

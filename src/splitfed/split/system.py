@@ -17,7 +17,7 @@ from splitfed.models.partition import (
 )
 from splitfed.split.front import DataFront
 from splitfed.split.parties import DataParty, LabelsAt, LossFn, ModelParty, OptimSpec
-from splitfed.transport.channel import ChannelTransform, CrossingRecorder, InProcessChannel
+from splitfed.transport.channel import Channel, ChannelTransform, CrossingRecorder, InProcessChannel
 
 
 @dataclass
@@ -110,17 +110,39 @@ def build_split(
     optim = optim or OptimSpec()
     model_party, segments, reports = build_model_party(model, split, head, finetune, optim, loss_fn)
     channel = InProcessChannel(model_party.handle, transforms=transforms, recorder=recorder)
-    data_party = DataParty(
+    data_party = build_data_party(
+        segments, channel, loss_fn, optim, labels_at=labels_at, cache_head=cache_head, front=front
+    )
+    return SplitSystem(data_party, model_party, channel, with_front(segments, data_party.front), reports)
+
+
+def build_data_party(
+    segments: Mapping[str, Segment],
+    channel: Channel,
+    loss_fn: LossFn,
+    optim: OptimSpec | None = None,
+    *,
+    labels_at: LabelsAt = "data",
+    cache_head: bool = False,
+    front: DataFront | None = None,
+    client_id: str = "",
+) -> DataParty:
+    """The data party over ``segments`` (its head, and its tail in HBT) talking through ``channel``.
+
+    The one way every caller builds it: :func:`build_split` (in process), ``splitfed join`` and
+    ``splitfed generate`` over gRPC, and the benchmarks. See :class:`DataParty` for the arguments.
+    """
+    return DataParty(
         segments["head"],
         channel,
         loss_fn,
-        optim,
+        optim or OptimSpec(),
         tail=segments.get("tail"),
         labels_at=labels_at,
+        client_id=client_id,
         cache_head=cache_head,
         front=front,
     )
-    return SplitSystem(data_party, model_party, channel, with_front(segments, data_party.front), reports)
 
 
 def with_front(segments: dict[str, Segment], front: DataFront) -> dict[str, Segment]:
