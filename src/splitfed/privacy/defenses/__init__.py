@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import pydantic
-
+from splitfed.privacy.defenses.activation_dp import ActivationDP
+from splitfed.privacy.defenses.adversarial import AdversarialTraining
+from splitfed.privacy.defenses.custext import CusText
+from splitfed.privacy.defenses.dchi_privacy import DChiPrivacy
 from splitfed.privacy.defenses.gaussian_mixer import GaussianMixer
+from splitfed.privacy.defenses.grad_dp import GradientDP
+from splitfed.privacy.defenses.grad_topk import GradientSparsification
+from splitfed.privacy.defenses.mid import MID
+from splitfed.privacy.defenses.nopeek import NoPeek
+from splitfed.privacy.defenses.rantext import RanText
+from splitfed.privacy.defenses.santext import SanText
+from splitfed.privacy.defenses.snd import SplitAndDenoise
+from splitfed.privacy.defenses.textobfuscator import TextObfuscator
+from splitfed.privacy.registry import build_entry, describe
 from splitfed.split.front import Defense
 
 
@@ -21,6 +32,18 @@ class DefenseConfigError(ValueError):
 
 DEFENSES: dict[str, type[Defense]] = {
     GaussianMixer.name: GaussianMixer,
+    SanText.name: SanText,
+    CusText.name: CusText,
+    RanText.name: RanText,
+    SplitAndDenoise.name: SplitAndDenoise,
+    TextObfuscator.name: TextObfuscator,
+    ActivationDP.name: ActivationDP,
+    AdversarialTraining.name: AdversarialTraining,
+    DChiPrivacy.name: DChiPrivacy,
+    GradientDP.name: GradientDP,
+    GradientSparsification.name: GradientSparsification,
+    MID.name: MID,
+    NoPeek.name: NoPeek,
 }
 
 
@@ -28,49 +51,26 @@ def build_defense(spec: dict[str, Any], **context: Any) -> Defense:
     """The defense a config entry ``{name: ..., <params>}`` describes.
 
     ``context`` (e.g. ``hidden_size``) fills parameters the defense declares and the entry omits.
+
+    Raises
+    ------
+    DefenseConfigError
+        For an unknown name, an unknown parameter or a value out of range, naming it.
     """
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name not in DEFENSES:
-        raise DefenseConfigError(
-            f"defenses: unknown defense {name!r}; available: {', '.join(sorted(DEFENSES))} "
-            "(`splitfed defenses` lists them with their parameters)"
-        )
-    cls = DEFENSES[name]
-    params_model = getattr(cls, "Params", None)
-    if params_model is None:
-        if spec:
-            raise DefenseConfigError(f"defenses: {name} takes no parameters; got {sorted(spec)}")
-        return cls()
-    fields = params_model.model_fields
-    spec = {k: v for k, v in context.items() if k in fields and k not in spec} | spec
-    try:
-        params = params_model(**spec)
-    except pydantic.ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or name}: {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()
-        )
-        raise DefenseConfigError(f"defenses: {name}: {problems}") from None
-    return cls(**params.model_dump())  # type: ignore[call-arg]
+    return build_entry(
+        DEFENSES,
+        spec,
+        section="defenses",
+        what="defense",
+        error=DefenseConfigError,
+        command="splitfed defenses",
+        context=context,
+    )
 
 
 def describe_defenses() -> list[tuple[str, str, list[tuple[str, str, Any]]]]:
     """``(name, summary, [(param, description, default), ...])`` of every registered defense."""
-    rows = []
-    for name, cls in sorted(DEFENSES.items()):
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        fields = getattr(cls, "Params", None)
-        params = (
-            [
-                (f, info.description or "", None if info.is_required() else info.default)
-                for f, info in fields.model_fields.items()
-            ]
-            if fields
-            else []
-        )
-        rows.append((name, summary, params))
-    return rows
+    return describe(DEFENSES)
 
 
 __all__ = ["DEFENSES", "Defense", "DefenseConfigError", "build_defense", "describe_defenses"]

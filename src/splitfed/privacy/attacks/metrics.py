@@ -1,0 +1,133 @@
+"""Scores of reconstructed tokens and inferred labels against the data party's ground truth.
+
+Token scores follow the text-reconstruction literature (VFLAIR-LLM, BiSR): per sequence, the
+precision, recall and F1 of the recovered tokens as a multiset over the real (attended) positions,
+averaged over sequences; and the position-wise exact-token accuracy over all real positions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE = -100
+
+
+def token_scores(
+    predicted: Sequence[torch.Tensor], truth: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+) -> dict[str, float]:
+    """Token precision, recall, F1 (per sequence, averaged) and exact-token accuracy.
+
+    Parameters
+    ----------
+    predicted, truth : sequences of LongTensor ``[batch, seq]``
+        Recovered and true token ids, one pair per batch.
+    masks : sequence of Tensor ``[batch, seq]``
+        1 at real tokens; only these are scored.
+
+    Returns
+    -------
+    dict
+        ``token_precision``, ``token_recall``, ``token_f1``, ``token_accuracy`` and ``sequences``.
+    """
+    precision, recall, f1 = [], [], []
+    hits = total = 0
+    for pred, true, mask in zip(predicted, truth, masks, strict=True):
+        if pred.shape != true.shape:
+            raise ValueError(
+                f"predicted tokens {tuple(pred.shape)} do not match the truth {tuple(true.shape)}"
+            )
+        real = mask.bool()
+        hits += int(((pred == true) & real).sum())
+        total += int(real.sum())
+        for p_row, t_row, m_row in zip(pred, true, real, strict=True):
+            p_tokens, t_tokens = p_row[m_row].tolist(), t_row[m_row].tolist()
+            if not t_tokens:
+                continue
+            common = sum((Counter(p_tokens) & Counter(t_tokens)).values())
+            p = common / len(p_tokens) if p_tokens else 0.0
+            r = common / len(t_tokens)
+            precision.append(p)
+            recall.append(r)
+            f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    n = max(len(f1), 1)
+    return {
+        "token_precision": sum(precision) / n,
+        "token_recall": sum(recall) / n,
+        "token_f1": sum(f1) / n,
+        "token_accuracy": hits / max(total, 1),
+        "sequences": float(len(f1)),
+    }
+
+
+def majority_token_share(truth: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> float:
+    """Chance level of token recovery: the accuracy of always guessing the most frequent true token."""
+    counts: Counter[int] = Counter()
+    for true, mask in zip(truth, masks, strict=True):
+        counts.update(true[mask.bool()].tolist())
+    total = sum(counts.values())
+    return counts.most_common(1)[0][1] / total if total else 0.0
+
+
+def label_scores(predicted: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Label accuracy over every true label (``-100`` in the truth is skipped; a guess of ``-100`` is wrong).
+
+    Returns
+    -------
+    dict
+        ``label_accuracy`` and ``labels`` (how many were scored).
+    """
+    hits = total = 0
+    for pred, true in zip(predicted, truth, strict=True):
+        if pred.shape != true.shape:
+            raise ValueError(
+                f"predicted labels {tuple(pred.shape)} do not match the truth {tuple(true.shape)}"
+            )
+        scored = true != IGNORE
+        hits += int(((pred == true) & scored).sum())
+        total += int(scored.sum())
+    return {"label_accuracy": hits / max(total, 1), "labels": float(total)}
+
+
+def majority_label_share(truth: Sequence[torch.Tensor]) -> float:
+    """Chance level of label inference: the share of the most frequent true label."""
+    counts: Counter[int] = Counter()
+    for true in truth:
+        counts.update(true[true != IGNORE].tolist())
+    total = sum(counts.values())
+    return counts.most_common(1)[0][1] / total if total else 0.0
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for ``labels`` in {0, 1} (ties count half)."""
+    scores, labels = scores.float().flatten(), labels.flatten()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float().sum()
+    ties = (pos[:, None] == neg[None, :]).float().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def decode_examples(
+    tokenizer: Any,
+    predicted: Sequence[torch.Tensor],
+    truth: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    count: int = 3,
+) -> list[tuple[str, str]]:
+    """The first ``count`` sequences as ``(original, reconstructed)`` text over their real tokens."""
+    out: list[tuple[str, str]] = []
+    for pred, true, mask in zip(predicted, truth, masks, strict=True):
+        for p_row, t_row, m_row in zip(pred, true, mask.bool(), strict=True):
+            if len(out) >= count:
+                return out
+            original, guess = t_row[m_row].tolist(), p_row[m_row].tolist()
+            if tokenizer is None:
+                out.append((" ".join(map(str, original)), " ".join(map(str, guess))))
+            else:
+                out.append((tokenizer.decode(original), tokenizer.decode(guess)))
+    return out

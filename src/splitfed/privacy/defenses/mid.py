@@ -1,0 +1,136 @@
+"""MID: the Mutual Information regularization Defense, a variational information bottleneck.
+
+Zou et al. 2023, "Mutual Information Regularization for Vertical Federated Learning" (the MID of
+VFLAIR and VFLAIR-LLM), built on the variational information bottleneck of Alemi et al. 2017
+("Deep Variational Information Bottleneck", ICLR). The activations pass through a stochastic
+bottleneck whose KL divergence to a standard normal, an upper bound on the mutual information
+between what enters and what leaves it, is penalized with the task loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from splitfed.privacy.defenses._tokens import real_token_mask
+from splitfed.split.front import Defense, FrontContext
+
+
+class Bottleneck(nn.Module):
+    """``hidden -> (mu, logvar) -> sample -> hidden``: one variational bottleneck.
+
+    Parameters
+    ----------
+    hidden_size : int
+    bottleneck : int
+        Width of the stochastic code.
+    """
+
+    def __init__(self, hidden_size: int, bottleneck: int) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(hidden_size, 2 * bottleneck)
+        self.decoder = nn.Linear(bottleneck, hidden_size)
+
+    def forward(self, x: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded code (``x``'s shape and dtype) and each token's ``KL(N(mu, σ²) || N(0, I))``."""
+        dtype = self.encoder.weight.dtype
+        mu, logvar = self.encoder(x.to(dtype)).chunk(2, dim=-1)
+        # Bounded so that exp() stays finite; the bound is far outside what training reaches.
+        logvar = logvar.clamp(-30.0, 20.0)
+        code = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+        return self.decoder(code).to(x.dtype), kl
+
+
+class MID(Defense, nn.Module):
+    """A variational information bottleneck on the outgoing activations (and/or the tail's input).
+
+    Every token's vector ``h`` is encoded to ``(mu, log σ²)`` of width ``bottleneck``; in training a
+    code ``mu + σ ε`` (``ε ~ N(0, I)``, reparameterized so the head trains through it) is decoded
+    back to ``hidden_size``, and the auxiliary loss ``weight · KL(N(mu, σ²) || N(0, I))``, averaged
+    over real tokens (``FrontContext.attention_mask``), joins the task loss. In evaluation and
+    generation the code is ``mu`` unless ``sample_at_eval``. The bottleneck's parameters join the
+    data party's optimizer, checkpoints and adapter files.
+
+    ``where: tail`` puts a second, separate bottleneck at the tail's input (HBT: the body's output
+    as received, :meth:`on_received` of ``"hidden"``), which limits what the data party's tail,
+    and so the returned gradient, depends on; ``both`` uses both. Received logits (HT) pass unchanged.
+
+    Privacy: no formal guarantee; the KL term bounds the mutual information between a token's
+    activation and what crosses (Alemi et al. 2017), traded against the task loss by ``weight``.
+
+    Parameters
+    ----------
+    hidden_size : int
+        Width of the activations (the run fills it in from the model).
+    bottleneck : int, default 64
+        Width of the stochastic code.
+    weight : float, default 1e-3
+        λ, the weight of the KL term.
+    where : {"head", "tail", "both"}, default "head"
+    sample_at_eval : bool, default False
+        Also sample the code in evaluation and generation (otherwise its mean).
+    """
+
+    name = "mid"
+
+    class Params(BaseModel):
+        """Parameters of :class:`MID` (validated from the YAML)."""
+
+        model_config = ConfigDict(extra="forbid")
+        hidden_size: int = Field(gt=0, description="width of the activations (filled in by the run)")
+        bottleneck: int = Field(64, gt=0, le=65536, description="width of the stochastic code")
+        weight: float = Field(1e-3, ge=0.0, description="lambda, weight of the KL term")
+        where: Literal["head", "tail", "both"] = Field(
+            "head", description="outgoing activations, the tail's input (HBT), or both"
+        )
+        sample_at_eval: bool = Field(
+            False, description="sample the code in eval/generate too (else its mean)"
+        )
+
+    def __init__(
+        self,
+        hidden_size: int,
+        bottleneck: int = 64,
+        weight: float = 1e-3,
+        where: Literal["head", "tail", "both"] = "head",
+        sample_at_eval: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        params = self.Params(
+            hidden_size=hidden_size,
+            bottleneck=bottleneck,
+            weight=weight,
+            where=where,
+            sample_at_eval=sample_at_eval,
+        )
+        self.weight, self.where, self.sample_at_eval = params.weight, params.where, params.sample_at_eval
+        self.head_bottleneck = Bottleneck(hidden_size, bottleneck) if where != "tail" else None
+        self.tail_bottleneck = Bottleneck(hidden_size, bottleneck) if where != "head" else None
+
+    def _through(
+        self, bottleneck: Bottleneck, x: torch.Tensor, context: FrontContext
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        train = context.phase == "train"
+        out, kl = bottleneck(x, sample=train or self.sample_at_eval)
+        if not train:
+            return out
+        mask = real_token_mask(context, kl)
+        return out, self.weight * (kl * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def on_activations(
+        self, hidden: torch.Tensor, context: FrontContext
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.head_bottleneck is None:
+            return hidden
+        return self._through(self.head_bottleneck, hidden, context)
+
+    def on_received(
+        self, name: str, tensor: torch.Tensor, context: FrontContext
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.tail_bottleneck is None or name != "hidden":
+            return tensor
+        return self._through(self.tail_bottleneck, tensor, context)

@@ -1,0 +1,47 @@
+"""The scores of reconstructions and inferred labels, on hand-made examples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from splitfed.privacy.attacks.metrics import (
+    binary_auc,
+    label_scores,
+    majority_label_share,
+    majority_token_share,
+    token_scores,
+)
+
+
+def test_token_scores_count_tokens_as_a_multiset_over_real_positions() -> None:
+    truth = torch.tensor([[5, 6, 7, 0], [8, 8, 9, 9]])
+    guess = torch.tensor([[7, 6, 5, 3], [8, 9, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    scores = token_scores([guess], [truth], [mask])
+    # row 0: same bag {5,6,7}, one position right; row 1: bag overlap {8,9,9} = 3 of 4, three positions right
+    assert scores["token_f1"] == pytest.approx((1.0 + 0.75) / 2)
+    assert scores["token_precision"] == scores["token_recall"] == pytest.approx(0.875)
+    assert scores["token_accuracy"] == pytest.approx(4 / 7)
+    assert scores["sequences"] == 2
+    assert majority_token_share([truth], [mask]) == pytest.approx(2 / 7)
+    with pytest.raises(ValueError, match="do not match"):
+        token_scores([guess[:, :2]], [truth], [mask])
+
+
+def test_label_scores_skip_ignored_truth_and_count_no_guess_as_wrong() -> None:
+    truth = [torch.tensor([1, 0, -100, 1]), torch.tensor([[0, 2, -100]])]
+    guess = [torch.tensor([1, 1, 0, -100]), torch.tensor([[0, 2, 2]])]
+    scores = label_scores(guess, truth)
+    assert scores["labels"] == 5 and scores["label_accuracy"] == pytest.approx(3 / 5)
+    assert majority_label_share(truth) == pytest.approx(2 / 5)
+
+
+def test_binary_auc() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    assert binary_auc(torch.tensor([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
+    assert binary_auc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
+    assert binary_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+    assert math.isnan(binary_auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1])))

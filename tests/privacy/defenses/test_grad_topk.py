@@ -1,0 +1,83 @@
+"""Gradient sparsification: exactly k entries leave per gradient, and what stays behind is carried."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from splitfed.privacy.defenses import DefenseConfigError, build_defense
+from splitfed.privacy.defenses.grad_topk import GradientSparsification
+from splitfed.split.front import FrontContext
+from tiny import tiny_batch
+
+TRAIN = FrontContext("train")
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.37, 1.0])
+def test_exactly_the_k_largest_entries_are_sent(fraction: float) -> None:
+    torch.manual_seed(0)
+    topk = GradientSparsification(fraction=fraction, error_feedback=False)
+    grad = torch.randn(3, 9, 32)
+    sent = topk.on_gradients(grad, TRAIN)
+    k = math.ceil(fraction * grad.numel())
+    assert int((sent != 0).sum()) == k
+    kept = sent != 0
+    torch.testing.assert_close(sent[kept], grad[kept])  # sent entries are unchanged
+    if k < grad.numel():
+        assert float(grad[kept].abs().min()) >= float(grad[~kept].abs().max())  # and the largest
+    assert topk.residual is None
+
+
+def test_the_residual_carries_so_that_nothing_is_lost_over_steps() -> None:
+    torch.manual_seed(0)
+    topk = build_defense({"name": "grad_topk", "fraction": 0.05})
+    assert isinstance(topk, GradientSparsification)
+    raw = [torch.randn(3, 9, 32) for _ in range(6)]
+    sent = [topk.on_gradients(g, TRAIN) for g in raw]
+    assert topk.residual is not None and float(topk.residual.abs().sum()) > 0
+    torch.testing.assert_close(sum(sent) + topk.residual, sum(raw), atol=1e-5, rtol=0)
+    # The second step sends the largest entries of its gradient plus the first step's residual.
+    first_residual = raw[0] - sent[0]
+    again = GradientSparsification(fraction=0.05)
+    again.on_gradients(raw[0], TRAIN)
+    expected = raw[1] + first_residual
+    kept = again.on_gradients(raw[1], TRAIN) != 0
+    assert float(expected[kept].abs().min()) >= float(expected[~kept].abs().max())
+
+
+def test_a_residual_of_another_shape_is_carried_where_it_overlaps() -> None:
+    topk = GradientSparsification(fraction=0.5)
+    topk.residual = torch.ones(2, 4, 3)  # left by a batch of 2 rows, 4 positions
+    sent = topk.on_gradients(torch.zeros(3, 2, 3), TRAIN)  # 3 rows, 2 positions: 12 entries overlap
+    assert float(sent.sum()) == 9.0  # k = 9 of 18 entries, all from the carried residual
+    assert topk.residual is not None and topk.residual.shape == (3, 2, 3)
+    assert float(topk.residual.sum()) == 3.0  # the other 3 carried ones wait; positions 2-3 are dropped
+    assert float(sent[2].abs().sum() + topk.residual[2].abs().sum()) == 0.0  # row 2 had no residual
+
+
+def test_keeps_the_dtype_and_sparsifies_what_the_data_party_returns(split_system) -> None:  # type: ignore[no-untyped-def]
+    topk = GradientSparsification(fraction=0.2)
+    grad = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    assert topk.on_gradients(grad, TRAIN).dtype == torch.bfloat16
+    system = split_system([{"name": "grad_topk", "fraction": 0.1}])
+    returned: list[torch.Tensor] = []
+    send = system.channel.submit
+
+    def spy(message):  # type: ignore[no-untyped-def]
+        if message.kind == "backward":
+            returned.append(message.tensors["grad"])
+        return send(message)
+
+    system.channel.submit = spy  # type: ignore[method-assign]
+    system.data_party.train_step(tiny_batch("classification"))
+    assert len(returned) == 1
+    assert int((returned[0] != 0).sum()) == math.ceil(0.1 * returned[0].numel())
+
+
+def test_bad_parameters_name_the_key_and_the_range() -> None:
+    with pytest.raises(DefenseConfigError, match="fraction: Input should be greater than 0"):
+        build_defense({"name": "grad_topk", "fraction": 0})
+    with pytest.raises(DefenseConfigError, match="fraction: Input should be less than or equal to 1"):
+        build_defense({"name": "grad_topk", "fraction": 2})

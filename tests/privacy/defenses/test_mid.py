@@ -1,0 +1,87 @@
+"""MID: a variational bottleneck whose KL term trains the head (and itself) with the task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitfed.privacy.defenses import DefenseConfigError, build_defense
+from splitfed.privacy.defenses.mid import MID
+from splitfed.split.front import FrontContext
+from tiny import tiny_batch
+
+
+def _head_grads(split_system, weight: float, where: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    system = split_system([{"name": "mid", "bottleneck": 8, "weight": weight, "where": where}])
+    torch.manual_seed(1)  # the same bottleneck samples for every weight
+    system.data_party.train_step(tiny_batch("classification"), update=False)
+    params = system.segments["head"].trainable_parameters()
+    assert params
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
+@pytest.mark.parametrize("where", ["head", "tail"])
+def test_the_kl_term_reaches_the_head_in_proportion_to_its_weight(split_system, where: str) -> None:  # type: ignore[no-untyped-def]
+    g0, g1, g2 = (_head_grads(split_system, w, where) for w in (0.0, 1.0, 2.0))
+    assert float((g1 - g0).abs().max()) > 1e-6  # the KL term moves the head's LoRA
+    torch.testing.assert_close(g2 - g1, g1 - g0, atol=1e-6, rtol=1e-3)  # linearly in lambda
+
+
+def test_its_parameters_join_the_data_party_optimizer_and_train(split_system) -> None:  # type: ignore[no-untyped-def]
+    system = split_system([{"name": "mid", "bottleneck": 8, "weight": 0.1, "where": "both"}])
+    (mid,) = system.data_party.front.defenses
+    assert isinstance(mid, MID)
+    own = list(mid.parameters())
+    assert len(own) == 8  # two bottlenecks of encoder + decoder
+    trained = {id(p) for p in system.data_party.trainer.params}
+    assert all(id(p) in trained for p in own)
+    before = [p.detach().clone() for p in own]
+    system.data_party.train_step(tiny_batch("classification"))
+    assert all(not torch.equal(p, b) for p, b in zip(own, before, strict=True))
+
+
+def test_the_kl_is_averaged_over_real_tokens_only() -> None:
+    torch.manual_seed(0)
+    mid = MID(hidden_size=6, bottleneck=3, weight=0.5)
+    hidden = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    _, aux = mid.on_activations(hidden, FrontContext("train", attention_mask=mask))
+    assert mid.head_bottleneck is not None
+    mu, logvar = mid.head_bottleneck.encoder(hidden).chunk(2, dim=-1)
+    per_token = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)
+    expected = 0.5 * per_token[mask.bool()].mean()
+    torch.testing.assert_close(aux, expected)
+    assert not torch.allclose(aux, 0.5 * per_token.mean())  # padding would change it
+
+
+def test_it_samples_in_training_and_uses_the_mean_elsewhere() -> None:
+    mid = MID(hidden_size=6, bottleneck=3)
+    x = torch.randn(2, 4, 6, dtype=torch.bfloat16)
+    train = [mid.on_activations(x, FrontContext("train"))[0] for _ in range(2)]
+    assert train[0].dtype == torch.bfloat16 and not torch.equal(train[0], train[1])
+    evals = [mid.on_activations(x, FrontContext(phase)) for phase in ("eval", "eval", "generate")]
+    assert all(isinstance(e, torch.Tensor) for e in evals)  # no aux loss outside training
+    assert torch.equal(evals[0], evals[1]) and torch.equal(evals[0], evals[2])  # type: ignore[arg-type]
+    sampling = MID(hidden_size=6, bottleneck=3, sample_at_eval=True)
+    assert not torch.equal(
+        sampling.on_activations(x, FrontContext("eval")), sampling.on_activations(x, FrontContext("eval"))
+    )  # type: ignore[arg-type]
+
+
+def test_where_tail_bottlenecks_only_the_received_hidden_state() -> None:
+    mid = MID(hidden_size=6, bottleneck=3, where="tail")
+    assert mid.head_bottleneck is None and mid.tail_bottleneck is not None
+    x = torch.randn(2, 4, 6)
+    ctx = FrontContext("eval")
+    assert mid.on_activations(x, ctx) is x
+    assert mid.on_received("logits", x, ctx) is x
+    torch.testing.assert_close(mid.on_received("hidden", x, ctx), mid.tail_bottleneck(x, sample=False)[0])
+
+
+def test_bad_parameters_name_the_key() -> None:
+    with pytest.raises(DefenseConfigError, match="where: Input should be 'head', 'tail' or 'both'"):
+        build_defense({"name": "mid", "where": "body"}, hidden_size=8)
+    with pytest.raises(DefenseConfigError, match="bottleneck: Input should be greater than 0"):
+        build_defense({"name": "mid", "bottleneck": 0}, hidden_size=8)
+    with pytest.raises(DefenseConfigError, match="weight: Input should be greater than or equal to 0"):
+        build_defense({"name": "mid", "weight": -1}, hidden_size=8)
