@@ -302,3 +302,35 @@ def test_a_defense_s_buffers_and_extra_state_travel_with_the_data_party_s_checkp
     restored = _system(SplitSpec("ht", 1), "lora", DataFront([fresh]))
     restored.data_party.load_state_dict(state)
     assert fresh.calls == 2 and torch.equal(fresh.carry, torch.full((3,), 2.0))
+
+
+class _Boundaries(Defense):
+    """Notes the segments it was given and the gradients it saw just before each update."""
+
+    name = "boundaries"
+
+    def __init__(self) -> None:
+        self.attached: tuple[object, object] | None = None
+        self.grads_before: list[float] = []
+
+    def attach(self, head, tail):  # type: ignore[no-untyped-def]
+        self.attached = (head, tail)
+
+    def before_update(self, context):  # type: ignore[no-untyped-def]
+        head = self.attached[0]  # type: ignore[index]
+        grads = [p.grad for p in head.trainable_parameters() if p.grad is not None]
+        self.grads_before.append(float(sum(g.abs().sum() for g in grads)))
+        for p in head.trainable_parameters():  # a defense may rewrite the gradients here
+            p.grad = None
+
+
+def test_a_defense_sees_its_segments_and_rewrites_gradients_before_the_update() -> None:
+    boundaries = _Boundaries()
+    system = _system(SplitSpec("hbt", 1, 1), "lora", DataFront([boundaries]))
+    assert boundaries.attached == (system.segments["head"], system.segments["tail"])
+    head = system.segments["head"]
+    before = {n: p.detach().clone() for n, p in head.named_model_parameters(trainable_only=True).items()}
+    system.data_party.train_step(tiny_batch("classification"))
+    assert len(boundaries.grads_before) == 1 and boundaries.grads_before[0] > 0  # gradients were final
+    after = head.named_model_parameters(trainable_only=True)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # cleared gradients: no update

@@ -20,8 +20,13 @@ Defenses live here, never in party step code. A :class:`Defense` implements any 
     the tail (HBT) or the logits (HT with labels at the data party), in training, evaluation and
     every decoding step (split-and-denoise's denoiser, MID's bottleneck at the tail's input). It
     may train and return an auxiliary loss, which joins the task loss;
-``on_update``
-    each optimizer-update boundary of the data party (an adversary's own optimizer step).
+``before_update`` / ``on_update``
+    each optimizer-update boundary of the data party, before the optimizer steps (DP-SGD replaces
+    the accumulated gradients by clipped per-example ones plus noise) and after it (an
+    adversary's own optimizer step);
+``attach``
+    once, when a data party takes the front: the head (and tail) segments whose modules a
+    defense may hook (per-example gradients for DP-SGD).
 
 A defense that needs the pretrained model (its token embedding matrix, for a text sanitizer or
 dχ-privacy) or the tokenizer overrides :meth:`Defense.setup`, which :func:`build_front` calls
@@ -145,6 +150,12 @@ class Defense:
         """What the data party uses instead of the received ``tensor`` (``name``: ``"hidden"`` or
         ``"logits"``), optionally with an auxiliary loss (a scalar)."""
         return tensor
+
+    def attach(self, head: Segment, tail: Segment | None) -> None:
+        """The data party's segments (called once, when a data party takes the front)."""
+
+    def before_update(self, context: FrontContext) -> None:
+        """Called before each optimizer update of the data party (its parameters' ``.grad`` are final)."""
 
     def on_update(self, context: FrontContext) -> None:
         """Called after each optimizer update of the data party."""
@@ -296,6 +307,18 @@ class DataFront(nn.Module):
             if _overrides(d, "on_gradients"):
                 grad = d.on_gradients(grad, context)
         return grad
+
+    def attach(self, head: Segment, tail: Segment | None = None) -> None:
+        """Give every defense the data party's segments."""
+        for d in self.defenses:
+            if _overrides(d, "attach"):
+                d.attach(head, tail)
+
+    def before_update(self, context: FrontContext) -> None:
+        """Tell every defense an optimizer update is about to happen."""
+        for d in self.defenses:
+            if _overrides(d, "before_update"):
+                d.before_update(context)
 
     def update(self, context: FrontContext) -> None:
         """Tell every defense an optimizer update happened."""

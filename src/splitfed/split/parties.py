@@ -641,6 +641,7 @@ class DataParty:
         self.labels_at = labels_at
         self.client_id = client_id
         self.front = front if front is not None else DataFront()
+        self.front.attach(head, tail)
         segments = {"head": head} | ({"tail": tail} if tail is not None else {})
         self.trainer = _Trainer(_params(segments) + self.front.trainable_parameters(), optim)
         self.head_trainable = head.is_trainable
@@ -791,6 +792,7 @@ class DataParty:
                 continue
             flight.popleft()
             if item.micro.update:
+                self.front.before_update(FrontContext("train", self.updates, item.batch_id))
                 self.trainer.update()
                 self.updates += 1
                 self.front.update(FrontContext("train", self.updates, item.batch_id))
