@@ -538,6 +538,119 @@ def defenses() -> None:
 
 
 @app.command()
+def attacks() -> None:
+    """List the attacks `splitfed attack --attack NAME` runs, with their parameters and defaults."""
+    from splitfed.privacy.attacks import describe_attacks
+
+    table = Table(title="attacks (splitfed attack RECORDING --config CONFIG --attack NAME --param KEY=VALUE)")
+    table.add_column("name")
+    table.add_column("what it does")
+    table.add_column("parameters (default)")
+    for name, summary, params in describe_attacks():
+        table.add_row(name, summary, "\n".join(f"{p} ({d}): {text}" for p, text, d in params))
+    Console().print(table)
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, values read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--param {item!r}: expected KEY=VALUE, e.g. --param steps=200")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+@app.command()
+def attack(
+    recording: Annotated[Path, typer.Argument(help="A recording (`train`/`serve`/`join` --record DIR).")],
+    config: Annotated[Path, typer.Option(help="The recorded run's config (its public model and data).")],
+    attack_name: Annotated[
+        list[str], typer.Option("--attack", help="Attack to run (repeatable; `splitfed attacks` lists them).")
+    ],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE parameter of the attacks (repeatable; applies to each that has KEY)."),
+    ] = None,
+    aux: Annotated[
+        str | None,
+        typer.Option(help="Auxiliary text: a file of one example per line, or a split of the run's dataset."),
+    ] = None,
+    phase: Annotated[
+        str, typer.Option(help="Crossings to attack: train, eval or both (train,eval).")
+    ] = "train",
+    max_examples: Annotated[
+        int | None, typer.Option(min=1, help="Attack at most this many recorded sequences.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Attack a recording as the honest-but-curious model party and score it against the ground truth.
+
+    The attacker knows the public pretrained model of the config (no fine-tuned adapters), the
+    recording and auxiliary text of the same domain (default: the dataset's test split, while only
+    training crossings are attacked). Each attack prints its score beside the linear baseline and
+    the chance level.
+    """
+    import json
+
+    from splitfed.config import load_config
+    from splitfed.privacy.attack_runs import attack_context, attack_recording, auxiliary_texts
+    from splitfed.privacy.attacks import ATTACKS, AttackConfigError, AttackError
+
+    _quiet_libraries()
+    try:
+        cfg = load_config(config, [])
+        params = _parse_params(param or [])
+        specs = []
+        for name in attack_name:
+            declared = getattr(ATTACKS.get(name), "Params", None)
+            own = {k: v for k, v in params.items() if declared is not None and k in declared.model_fields}
+            specs.append({"name": name} | own)
+        unused = set(params) - {k for spec in specs for k in spec}
+        if unused:
+            raise AttackConfigError(f"--param {sorted(unused)}: no chosen attack takes it")
+        needs_aux = any(getattr(ATTACKS.get(n), "needs_auxiliary", False) for n in attack_name)
+        texts = auxiliary_texts(cfg, aux) if needs_aux or aux is not None else []
+        context = attack_context(cfg, texts, max_examples=max_examples, progress=progress)
+        phases = [p.strip() for p in phase.split(",") if p.strip()]
+        results = attack_recording(recording, specs, context, phases=phases)
+    except _user_errors(AttackConfigError, AttackError) as err:
+        _fail(str(err))
+        return
+    table = Table(
+        title=f"attacks on {recording} ({', '.join(phases)} crossings; baseline: a linear inverter fit on the auxiliary text)"
+    )
+    for column in ("attack", "metric", "score", "baseline", "chance", "examples", "seconds"):
+        table.add_column(column)
+    for result in results:
+        for metric, value in result.metrics.items():
+            base = result.baseline.get(metric)
+            table.add_row(
+                result.attack,
+                metric,
+                f"{value:.4f}",
+                "" if base is None else f"{base:.4f}",
+                f"{result.chance:.4f}",
+                str(result.n_examples),
+                f"{result.seconds:.1f}",
+            )
+    Console().print(table)
+    for result in results:
+        for example in result.examples[:2]:
+            console.print(f"[bold]{result.attack}[/bold] original:      {example.original}")
+            console.print(f"[bold]{result.attack}[/bold] reconstructed: {example.reconstructed}")
+    if json_out is not None:
+        json_out.write_text(json.dumps([r.summary() for r in results], indent=2))
+        console.print(f"results: {json_out}")
+
+
+@app.command()
 def certs(
     directory: Annotated[
         Path, typer.Argument(help="Where to write ca.pem, server.pem/.key and client certificates.")
