@@ -651,6 +651,64 @@ def attack(
 
 
 @app.command()
+def bench(
+    sweep_file: Annotated[Path, typer.Argument(help="The sweep's YAML (grid, defenses, attacks).")],
+    store: Annotated[
+        Path | None,
+        typer.Option(help="The results database (default: the sweep's store or <out>/results.sqlite)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the runs and stop.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run a privacy–utility sweep: every run × defense × strength, each attacked, results in SQLite.
+
+    Runs already in the store are skipped, so an interrupted sweep resumes where it stopped; a
+    failed run records its error and the sweep goes on. `splitfed report STORE` draws the results.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from splitfed.bench.store import ResultStore, StoreError
+    from splitfed.bench.sweep import load_sweep, plan, run_sweep, sweep_paths
+    from splitfed.privacy.attacks import AttackConfigError
+
+    _quiet_libraries()
+    try:
+        sweep, root = load_sweep(sweep_file)
+        if dry_run:
+            _, default_store = sweep_paths(sweep, root)
+            with ResultStore(store or default_store) as db:
+                the_plan = plan(sweep, root, db)
+            for run in the_plan.runs:
+                mark = "stored" if run.key in the_plan.stored else "to run"
+                console.print(f"{run.key}  {mark:7}  {run.spec}")
+            console.print(
+                f"{len(the_plan.runs)} runs x {len(the_plan.attacks)} attacks; {len(the_plan.todo)} to run"
+            )
+            return
+        if not progress:
+            run_sweep(sweep, root, store_path=store, log=lambda s: console.print(s))
+            return
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+        ) as bar:
+            task = bar.add_task(f"sweep {sweep.name}", total=None, info="")
+
+            def advance(done: int, total: int, message: str) -> None:
+                bar.update(task, completed=done, total=total, info=message)
+                if message:
+                    bar.console.print(f"[{done}/{total}] {message}")
+
+            run_sweep(sweep, root, store_path=store, progress=advance, log=lambda s: bar.console.print(s))
+    except _user_errors(AttackConfigError, StoreError) as err:
+        _fail(str(err))
+
+
+@app.command()
 def certs(
     directory: Annotated[
         Path, typer.Argument(help="Where to write ca.pem, server.pem/.key and client certificates.")

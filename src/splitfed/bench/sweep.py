@@ -1,0 +1,473 @@
+"""A sweep: a grid of split runs × defenses × strengths, each attacked, every result in one SQLite store.
+
+A sweep's YAML names a base run config and the axes to vary::
+
+    name: smoke
+    base: ../ht_splitlora_classification.yaml   # a run config, relative to this file (or `run:` inline)
+    set: {train.steps: 4}                       # overrides of the base, as `--set` takes them
+    grid:
+      setting: [ht, hbt]                        # split.setting
+      head_layers: [1, 2]                       # split.head_layers
+      tail_layers: [1]                          # split.tail_layers (HBT only; HT runs use 0)
+      mode: [splitlora]                         # fine-tuning mode
+      model: [smollm2-135m]                     # model.name
+      seed: [0]                                 # train.seed
+    defenses:
+      - none                                    # the undefended run of each setting (always added)
+      - {name: activation_dp, epsilon: [1, 8], clip: 1.0}   # a list value: one run per strength
+    attacks: [{name: vmi, steps: 100}, bisr, bli]
+    aux: test                                   # the attacker's auxiliary text (split or file)
+    max_examples: 32                            # sequences attacked per run
+    workers: 1                                  # runs in parallel (local processes)
+
+Each run is identified by the hash of what determines it, so a rerun skips the runs already in
+the store (an interrupted sweep resumes where it stopped); a failed run records its error and the
+sweep goes on. One recording of a run feeds all of its attacks and is deleted afterwards unless
+``keep_recordings`` is set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from splitfed.bench.scores import NO_DEFENSE
+from splitfed.bench.store import ResultStore, spec_key
+from splitfed.config import ConfigError, RunConfig, parse_config
+
+#: Metrics a run's MP is read from when the sweep does not name one, in this order.
+MP_METRICS = ("accuracy", "f1", "exact_match", "macro_f1")
+#: What each grid axis sets in the run config.
+AXES = {
+    "model": "model.name",
+    "setting": "split.setting",
+    "head_layers": "split.head_layers",
+    "tail_layers": "split.tail_layers",
+    "mode": "mode",
+    "seed": "train.seed",
+}
+
+
+class SweepConfig(BaseModel):
+    """A sweep's YAML (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    base: str | None = Field(None, description="a run config file, relative to the sweep file")
+    run: dict[str, Any] | None = Field(None, description="the base run config inline")
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides of the base (key.path: value)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    defenses: list[str | dict[str, Any]] = Field(default_factory=lambda: [NO_DEFENSE])  # type: ignore[arg-type]
+    attacks: list[str | dict[str, Any]] = Field(min_length=1)
+    aux: str = "test"
+    phases: list[str] = Field(default_factory=lambda: ["train"])
+    max_examples: int | None = Field(32, ge=1)
+    mp_metric: str | None = None
+    workers: int = Field(1, ge=1, le=64)
+    out: str | None = Field(None, description="where run directories go (default runs/bench/<name>)")
+    store: str | None = Field(None, description="the results database (default <out>/results.sqlite)")
+    keep_recordings: bool = False
+
+    @field_validator("grid")
+    @classmethod
+    def _known_axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        unknown = sorted(set(grid) - set(AXES))
+        if unknown:
+            raise ValueError(f"unknown grid axes {unknown}; axes: {sorted(AXES)}")
+        empty = sorted(k for k, v in grid.items() if not isinstance(v, list) or not v)
+        if empty:
+            raise ValueError(f"grid axes {empty} need a non-empty list of values")
+        return grid
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its axes, its defense and strength, and the run config they make."""
+
+    key: str
+    spec: dict[str, Any]
+    config: dict[str, Any] = field(repr=False)
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
+    """The sweep in ``path`` and the directory its relative paths start from.
+
+    Raises
+    ------
+    ConfigError
+        For a missing file, bad YAML or a field out of range, naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"sweep {path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep {path}: expected a mapping of name, base, grid, defenses, attacks")
+    try:
+        return SweepConfig(**raw), path.parent
+    except ValueError as err:
+        raise ConfigError(f"sweep {path}: {err}") from None
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"sweep: cannot set {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def _base_config(sweep: SweepConfig, root: Path) -> dict[str, Any]:
+    if (sweep.base is None) == (sweep.run is None):
+        raise ConfigError(
+            f"sweep {sweep.name}: give exactly one of base: (a run config file) or run: (inline)"
+        )
+    if sweep.run is not None:
+        base = dict(sweep.run)
+    else:
+        path = root / str(sweep.base)
+        if not path.is_file():
+            raise ConfigError(f"sweep {sweep.name}: base config {path} does not exist")
+        base = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in sweep.set.items():
+        _set(base, dotted, value)
+    return base
+
+
+def _strengths(entry: str | dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, params)`` of each strength of a ``defenses:`` entry (list values multiply)."""
+    if isinstance(entry, str):
+        return [(entry, {})]
+    spec = dict(entry)
+    name = str(spec.pop("name", ""))
+    if not name:
+        raise ConfigError(f"sweep defenses: an entry needs a name; got {entry}")
+    keys = sorted(spec)
+    values = [v if isinstance(v, list) else [v] for v in (spec[k] for k in keys)]
+    return [(name, dict(zip(keys, combo, strict=True))) for combo in itertools.product(*values)]
+
+
+def expand(sweep: SweepConfig, root: Path) -> list[RunSpec]:
+    """Every run of the sweep, the undefended run of each setting first, duplicates removed.
+
+    Each run config is validated (``parse_config``) here, so a sweep with a bad combination
+    fails before the first run starts.
+    """
+    base = _base_config(sweep, root)
+    axes = sorted(sweep.grid)
+    combos = [
+        dict(zip(axes, values, strict=True)) for values in itertools.product(*(sweep.grid[a] for a in axes))
+    ]
+    strengths: list[tuple[str, dict[str, Any]]] = [(NO_DEFENSE, {})] + [
+        s for entry in sweep.defenses for s in _strengths(entry) if s[0] != NO_DEFENSE
+    ]
+    out: dict[str, RunSpec] = {}
+    for combo in combos or [{}]:
+        for defense, params in strengths:
+            config = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
+            for axis, value in combo.items():
+                _set(config, AXES[axis], value)
+            if str(config.get("split", {}).get("setting", "ht")) == "ht":
+                config.setdefault("split", {})["tail_layers"] = 0
+            config["defenses"] = [] if defense == NO_DEFENSE else [{"name": defense} | params]
+            try:
+                cfg = parse_config(config)
+            except ConfigError as err:
+                raise ConfigError(
+                    f"sweep {sweep.name}: run {combo} with defense {defense} {params}: {err}"
+                ) from None
+            spec = {
+                "model": cfg.model.name,
+                "task": cfg.task,
+                "setting": cfg.split.setting,
+                "head_layers": cfg.split.head_layers,
+                "tail_layers": cfg.split.tail_layers,
+                "mode": cfg.mode,
+                "seed": cfg.train.seed,
+                "defense": defense,
+                "strength": params,
+            }
+            identity = cfg.model_dump(mode="json")
+            identity.pop("output_dir", None)
+            key = spec_key(identity)
+            out.setdefault(key, RunSpec(key, spec, config))
+    return list(out.values())
+
+
+def attack_specs(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """The sweep's attacks as validated specs, each with the attack's type (for T-DCS)."""
+    from splitfed.privacy.attacks import ATTACKS, build_attack
+
+    specs = []
+    for entry in sweep.attacks:
+        spec = {"name": entry} if isinstance(entry, str) else dict(entry)
+        attack = build_attack(spec)  # validates name and parameters now, not after hours of runs
+        target = getattr(ATTACKS[spec["name"]], "target", "tokens")
+        specs.append(
+            spec
+            | {"type": "inversion" if target == "tokens" else "label inference"}
+            | {"_params": attack.params()}
+        )
+    return specs
+
+
+def _mp(metrics: Mapping[str, float], wanted: str | None) -> tuple[str, float]:
+    if wanted is not None:
+        if wanted not in metrics:
+            raise ConfigError(f"mp_metric {wanted!r} is not among the run's metrics {sorted(metrics)}")
+        return wanted, float(metrics[wanted])
+    for name in MP_METRICS:
+        if name in metrics:
+            return name, float(metrics[name])
+    raise ConfigError(f"no main-task metric among {sorted(metrics)}; set mp_metric in the sweep")
+
+
+@dataclass
+class RunOutcome:
+    """What one worker sends back: the run's row and its attacks' rows (the main process stores them)."""
+
+    key: str
+    run: dict[str, Any]
+    attacks: list[tuple[str, dict[str, Any]]]
+    seconds: float
+
+
+def _applicable(spec: Mapping[str, Any], recording: Path) -> str | None:
+    """Why attack ``spec`` cannot run on ``recording`` (``None`` if it can)."""
+    from splitfed.privacy.attacks import ATTACKS
+    from splitfed.privacy.recording import RecordingReader
+
+    needs = [n for n in getattr(ATTACKS[spec["name"]], "needs", ()) if n.required]
+    kinds = {r.kind for r in RecordingReader(recording)}
+    missing = sorted({n.kind for n in needs if n.kind not in kinds})
+    return f"the run sent no {', '.join(missing)} messages" if missing else None
+
+
+def run_one(
+    run: RunSpec,
+    attacks: Sequence[dict[str, Any]],
+    *,
+    out: Path,
+    aux: str,
+    phases: Sequence[str],
+    max_examples: int | None,
+    mp_metric: str | None,
+    keep_recording: bool,
+    threads: int | None = None,
+) -> RunOutcome:
+    """Train ``run`` with a recording, attack the recording, and return the rows to store.
+
+    Never raises for a failing run or attack: the error goes into the row.
+    """
+    import torch
+
+    from splitfed.privacy.attack_runs import attack_context, auxiliary_texts
+    from splitfed.privacy.attacks import build_attack, run_attack
+    from splitfed.run import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    run_dir = out / run.key
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short earlier starts again
+    config = dict(run.config) | {"output_dir": str(run_dir)}
+    recording = run_dir / "recording"
+    rows: list[tuple[str, dict[str, Any]]] = []
+    try:
+        cfg: RunConfig = parse_config(config)
+        result = train(cfg, progress=False, log=lambda s: None, record=recording)
+        metric, mp = _mp(result.metrics_after, mp_metric)
+        summary = result.summary
+        share = summary.get("compute_share") or {}
+        run_row = {
+            "status": "done",
+            "mp": mp,
+            "mp_metric": metric,
+            "metrics": result.metrics_after,
+            "seconds": summary["timings"].get("train_s"),
+            "bytes_to_model": summary["bytes_per_step"]["to_model"],
+            "bytes_to_data": summary["bytes_per_step"]["to_data"],
+            "data_party_flops": share.get("data_party_flops"),
+        }
+    except Exception as err:  # a failed run is a result too; the sweep goes on
+        return RunOutcome(
+            run.key, {"status": "failed", "error": _error(err)}, [], time.perf_counter() - start
+        )
+    context = None
+    for spec in attacks:
+        name = spec["name"]
+        attack_key = spec_key({k: v for k, v in spec.items() if not k.startswith("_")})
+        params = {k: v for k, v in spec.items() if k not in ("type",) and not k.startswith("_")}
+        row: dict[str, Any] = {
+            "attack": name,
+            "spec": {k: v for k, v in spec.items() if not k.startswith("_")},
+        }
+        try:
+            reason = _applicable(spec, recording)
+            if reason is not None:
+                rows.append((attack_key, row | {"status": "not_applicable", "error": reason}))
+                continue
+            if context is None:
+                context = attack_context(cfg, auxiliary_texts(cfg, aux), max_examples=max_examples)
+            res = run_attack(build_attack(params), recording, context, phases=list(phases))
+            ap_metric = next(
+                (m for m in ("token_f1", "label_accuracy", "accuracy", "auc") if m in res.metrics), None
+            )
+            row |= {
+                "status": "done",
+                "ap": res.metrics.get(ap_metric) if ap_metric else None,
+                "ap_metric": ap_metric,
+                "metrics": res.metrics,
+                "baseline": res.baseline,
+                "chance": res.chance,
+                "seconds": res.seconds,
+                "examples": [
+                    {"original": e.original, "reconstructed": e.reconstructed} for e in res.examples
+                ],
+            }
+        except Exception as err:  # one failing attack does not lose the run or the others
+            row |= {"status": "failed", "error": _error(err)}
+        rows.append((attack_key, row))
+    if not keep_recording:
+        shutil.rmtree(recording, ignore_errors=True)
+    return RunOutcome(run.key, run_row, rows, time.perf_counter() - start)
+
+
+def _error(err: BaseException) -> str:
+    last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+    where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
+    return f"{type(err).__name__}: {err}{where}"
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep will do: every run, those already stored, and an estimate of the time left."""
+
+    runs: list[RunSpec]
+    stored: set[str]
+    attacks: list[dict[str, Any]]
+    estimate_s: float | None
+
+    @property
+    def todo(self) -> list[RunSpec]:
+        """The runs not stored yet."""
+        return [r for r in self.runs if r.key not in self.stored]
+
+
+def plan(sweep: SweepConfig, root: Path, store: ResultStore) -> SweepPlan:
+    """Expand ``sweep`` and compare it with ``store``; estimate the time left from stored runs' times."""
+    runs = expand(sweep, root)
+    attacks = attack_specs(sweep)
+    stored = {r.key for r in runs if store.has_run(r.key)}
+    done = [r for r in store.runs(sweep.name) if r.status == "done" and r.seconds]
+    estimate = None
+    if done:
+        per_run = sum(float(r.seconds or 0.0) for r in done) / len(done)
+        estimate = per_run * (len(runs) - len(stored)) / sweep.workers
+    return SweepPlan(runs, stored, attacks, estimate)
+
+
+def sweep_paths(sweep: SweepConfig, root: Path) -> tuple[Path, Path]:
+    """The run directory and the store of ``sweep`` (relative to the working directory unless given)."""
+    out = Path(sweep.out) if sweep.out else Path("runs") / "bench" / sweep.name
+    store = Path(sweep.store) if sweep.store else out / "results.sqlite"
+    return out, store
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    root: Path,
+    *,
+    store_path: Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> SweepPlan:
+    """Run every run of ``sweep`` not stored yet, attacks included; store each as it finishes.
+
+    ``progress(done, total, message)`` is called after each run.
+    """
+    out, default_store = sweep_paths(sweep, root)
+    with ResultStore(store_path or default_store) as store:
+        the_plan = plan(sweep, root, store)
+        todo = the_plan.todo
+        total, done = len(the_plan.runs), len(the_plan.stored)
+        eta = f", about {the_plan.estimate_s / 60:.1f} min left" if the_plan.estimate_s else ""
+        log(
+            f"sweep {sweep.name}: {total} runs x {len(the_plan.attacks)} attacks; {done} stored, {len(todo)} to run{eta} "
+            f"({sweep.workers} worker{'s' if sweep.workers > 1 else ''}); results in {store.path}"
+        )
+        if not todo:
+            return the_plan
+        if progress is not None:
+            progress(done, total, "")
+        threads = max(1, (os.cpu_count() or 1) // sweep.workers)
+        kwargs = {
+            "out": out,
+            "aux": sweep.aux,
+            "phases": sweep.phases,
+            "max_examples": sweep.max_examples,
+            "mp_metric": sweep.mp_metric,
+            "keep_recording": sweep.keep_recordings,
+            "threads": threads,
+        }
+        by_key = {r.key: r for r in todo}
+        started = time.perf_counter()
+
+        def finish(outcome: RunOutcome) -> None:
+            nonlocal done
+            run = by_key[outcome.key]
+            store.put_run(outcome.key, sweep=sweep.name, spec=run.spec, **outcome.run)
+            for attack_key, row in outcome.attacks:
+                store.put_attack(outcome.key, attack_key, **row)
+            done += 1
+            status = outcome.run["status"]
+            left = (
+                (time.perf_counter() - started)
+                / (done - len(the_plan.stored))
+                * (total - done)
+                / sweep.workers
+            )
+            message = (
+                f"{run.spec['defense']} {run.spec['strength'] or ''} {run.spec['setting']} "
+                f"head={run.spec['head_layers']}: {status} in {outcome.seconds:.0f} s"
+                + (f" ({outcome.run.get('error')})" if status != "done" else "")
+                + f"; about {left / 60:.1f} min left"
+            )
+            if progress is not None:
+                progress(done, total, message)
+            else:
+                log(f"[{done}/{total}] {message}")
+
+        if sweep.workers == 1:
+            for run in todo:
+                finish(run_one(run, the_plan.attacks, **kwargs))  # type: ignore[arg-type]
+        else:
+            with ProcessPoolExecutor(sweep.workers, mp_context=get_context("spawn")) as pool:
+                pending: set[Future[RunOutcome]] = {
+                    pool.submit(run_one, run, the_plan.attacks, **kwargs)  # type: ignore[arg-type]
+                    for run in todo
+                }
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        finish(future.result())
+        the_plan.stored = {r.key for r in the_plan.runs if store.has_run(r.key)}
+        return the_plan

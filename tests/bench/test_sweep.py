@@ -1,0 +1,104 @@
+"""Sweeps: a grid of runs x defenses x strengths, attacked, stored, resumed, failures recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from splitfed.bench.store import ResultStore
+from splitfed.bench.sweep import expand, load_sweep, run_sweep
+from splitfed.cli import app
+from splitfed.config import ConfigError
+from splitfed.privacy import defenses
+from splitfed.split.front import Defense
+from tiny import run_config, save_tiny_pretrained, write_topic_csv
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    save_tiny_pretrained(root / "model")
+    write_topic_csv(root / "data.csv")
+    return root
+
+
+def _sweep(root: Path, name: str, **extra: object) -> Path:
+    run = run_config(root, "unused", split={"setting": "ht", "head_layers": 1, "tail_layers": 0})
+    run["model"]["num_labels"] = 3
+    run["train"] |= {"steps": 2, "eval_before": False}
+    sweep = {
+        "name": name,
+        "run": run,
+        "grid": {"setting": ["ht", "hbt"], "tail_layers": [1]},
+        "defenses": ["none", {"name": "gaussian_mixer", "sigma": [0.5, 2.0]}],
+        "attacks": [{"name": "vmi", "steps": 10}, "bli"],
+        "aux": "validation",
+        "max_examples": 8,
+        "out": str(root / name),
+    } | extra
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_the_grid_expands_to_each_setting_s_undefended_run_and_every_strength(workspace: Path) -> None:
+    sweep, root = load_sweep(_sweep(workspace, "grid"))
+    runs = expand(sweep, root)
+    assert len(runs) == 2 * 3  # (ht, hbt) x (none, sigma 0.5, sigma 2.0)
+    assert {r.spec["tail_layers"] for r in runs if r.spec["setting"] == "ht"} == {0}  # HT has no tail
+    assert [r.spec["defense"] for r in runs[:3]] == ["none", "gaussian_mixer", "gaussian_mixer"]
+    assert len({r.key for r in runs}) == len(runs)
+    with pytest.raises(ConfigError, match="unknown grid axes"):
+        load_sweep(_sweep(workspace, "bad", grid={"colour": ["red"]}))
+
+
+class Explodes(Defense):
+    """Fails in training (a run that fails must not stop the sweep)."""
+
+    name = "explodes"
+
+    def on_activations(self, hidden, context):  # type: ignore[no-untyped-def]
+        raise RuntimeError("this defense always fails")
+
+
+def test_a_sweep_stores_every_run_and_attack_resumes_and_records_failures(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(defenses.DEFENSES, Explodes.name, Explodes)
+    path = _sweep(
+        workspace,
+        "small",
+        grid={"setting": ["ht"]},
+        defenses=["none", {"name": "gaussian_mixer", "sigma": 2.0}, "explodes"],
+    )
+    sweep, root = load_sweep(path)
+    lines: list[str] = []
+    first = run_sweep(sweep, root, log=lines.append)
+    assert len(first.runs) == 3 and "3 runs x 2 attacks; 0 stored, 3 to run" in lines[0]
+    with ResultStore(Path(sweep.out) / "results.sqlite") as store:  # type: ignore[arg-type]
+        runs = {r.spec["defense"]: r for r in store.runs()}
+        assert runs["none"].status == "done" and runs["none"].mp is not None
+        assert runs["explodes"].status == "failed" and "this defense always fails" in (
+            runs["explodes"].error or ""
+        )
+        attacks = store.attacks(runs["none"].key)
+        assert {a.attack: a.status for a in attacks} == {"vmi": "done", "bli": "done"}
+        undefended_f1 = next(a.ap for a in attacks if a.attack == "vmi")
+        noisy_f1 = next(a.ap for a in store.attacks(runs["gaussian_mixer"].key) if a.attack == "vmi")
+        assert undefended_f1 is not None and noisy_f1 is not None and noisy_f1 < undefended_f1
+        assert not (Path(sweep.out) / runs["none"].key / "recording").exists()  # type: ignore[arg-type]
+    lines.clear()
+    again = run_sweep(sweep, root, log=lines.append)  # resumes: only the failed run runs again
+    assert "2 stored, 1 to run" in lines[0] and len(again.stored) == 2
+
+
+def test_cli_bench_dry_run_lists_the_runs(workspace: Path) -> None:
+    path = _sweep(workspace, "dry")
+    result = CliRunner().invoke(app, ["bench", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "6 runs x 2 attacks; 6 to run" in result.output
+    bad = CliRunner().invoke(app, ["bench", str(workspace / "missing.yaml")])
+    assert bad.exit_code != 0 and "no such file" in bad.output
