@@ -56,7 +56,7 @@ def test_scores_rank_and_recommend_against_the_undefended_setting(tmp_path: Path
     assert strong.mp_star == 0.90 and strong.ap_undefended == 0.95
     assert strong.dcs == pytest.approx(dcs(0.70, 0.10, 0.90))
     ranking = rank(all_scores)
-    assert [r.strength for r in ranking][0] == "activation_dp(epsilon=1)"
+    assert ranking[0].strength == "activation_dp(epsilon=1)"
     top = ranking[0]
     assert top.t_dcs["inversion"] == pytest.approx(dcs(0.7, 0.1, 0.9))
     assert top.c_dcs == pytest.approx((dcs(0.7, 0.1, 0.9) + dcs(0.7, 0.6, 0.9)) / 2)
