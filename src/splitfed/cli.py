@@ -709,6 +709,71 @@ def bench(
 
 
 @app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's output_dir, recorded with --record.")],
+    attack_name: Annotated[
+        list[str] | None,
+        typer.Option("--attack", help="Only these attacks (default: every one that applies)."),
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="A sweep's results store: suggest the best defense per attack.")
+    ] = None,
+    aux: Annotated[
+        str | None, typer.Option(help="Auxiliary text: a file or a split of the run's dataset.")
+    ] = None,
+    max_examples: Annotated[int, typer.Option(min=1, help="Sequences attacked per attack.")] = 32,
+    max_mp_drop: Annotated[
+        float, typer.Option(min=0, help="Largest task drop a suggested defense may cost.")
+    ] = 0.05,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the audit as JSON here.")
+    ] = None,
+) -> None:
+    """How much does this run leak? Every attack that applies to what crossed, with a verdict against chance."""
+    import json
+
+    from splitfed.bench.audit import audit_run
+    from splitfed.bench.store import StoreError
+    from splitfed.privacy.attacks import AttackConfigError, AttackError
+
+    _quiet_libraries()
+    try:
+        report = audit_run(
+            run_dir,
+            attacks=attack_name,
+            store=store,
+            aux=aux,
+            max_examples=max_examples,
+            max_mp_drop=max_mp_drop,
+        )
+    except _user_errors(AttackConfigError, AttackError, StoreError) as err:
+        _fail(str(err))
+        return
+    table = Table(title=f"leakage of {run_dir} (what an honest-but-curious model party recovers)")
+    for column in ("attack", "reads", "metric", "score", "baseline", "verdict"):
+        table.add_column(column)
+    for f in report.findings:
+        table.add_row(
+            f.attack,
+            f.crossing,
+            f.metric or "",
+            "" if f.score is None else f"{f.score:.3f}",
+            "" if f.baseline is None else f"{f.baseline:.3f}",
+            f.verdict,
+        )
+    Console().print(table)
+    for f in report.findings:
+        for example in f.examples[:1]:
+            console.print(f"[bold]{f.attack}[/bold] original:      {example['original']}")
+            console.print(f"[bold]{f.attack}[/bold] reconstructed: {example['reconstructed']}")
+        if f.suggestion:
+            console.print(f"[bold]{f.attack}[/bold] best defense in {store}: {f.suggestion}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.summary(), indent=2, default=str))
+        console.print(f"audit: {json_out}")
+
+
+@app.command()
 def certs(
     directory: Annotated[
         Path, typer.Argument(help="Where to write ca.pem, server.pem/.key and client certificates.")

@@ -152,17 +152,22 @@ def _base_config(sweep: SweepConfig, root: Path) -> dict[str, Any]:
     return base
 
 
-def _strengths(entry: str | dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``(name, params)`` of each strength of a ``defenses:`` entry (list values multiply)."""
+def _strengths(entry: str | dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(name, params, strength)`` of each strength of a ``defenses:`` entry: a list value
+    multiplies the runs, and ``strength`` holds the values that vary (what tables label)."""
     if isinstance(entry, str):
-        return [(entry, {})]
+        return [(entry, {}, {})]
     spec = dict(entry)
     name = str(spec.pop("name", ""))
     if not name:
         raise ConfigError(f"sweep defenses: an entry needs a name; got {entry}")
-    keys = sorted(spec)
-    values = [v if isinstance(v, list) else [v] for v in (spec[k] for k in keys)]
-    return [(name, dict(zip(keys, combo, strict=True))) for combo in itertools.product(*values)]
+    varying = sorted(k for k, v in spec.items() if isinstance(v, list))
+    fixed = {k: v for k, v in spec.items() if k not in varying}
+    out = []
+    for combo in itertools.product(*(spec[k] for k in varying)):
+        strength = dict(zip(varying, combo, strict=True))
+        out.append((name, fixed | strength, strength))
+    return out
 
 
 def expand(sweep: SweepConfig, root: Path) -> list[RunSpec]:
@@ -176,12 +181,12 @@ def expand(sweep: SweepConfig, root: Path) -> list[RunSpec]:
     combos = [
         dict(zip(axes, values, strict=True)) for values in itertools.product(*(sweep.grid[a] for a in axes))
     ]
-    strengths: list[tuple[str, dict[str, Any]]] = [(NO_DEFENSE, {})] + [
+    strengths: list[tuple[str, dict[str, Any], dict[str, Any]]] = [(NO_DEFENSE, {}, {})] + [
         s for entry in sweep.defenses for s in _strengths(entry) if s[0] != NO_DEFENSE
     ]
     out: dict[str, RunSpec] = {}
     for combo in combos or [{}]:
-        for defense, params in strengths:
+        for defense, params, strength in strengths:
             config = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
             for axis, value in combo.items():
                 _set(config, AXES[axis], value)
@@ -203,7 +208,8 @@ def expand(sweep: SweepConfig, root: Path) -> list[RunSpec]:
                 "mode": cfg.mode,
                 "seed": cfg.train.seed,
                 "defense": defense,
-                "strength": params,
+                "strength": strength,
+                "params": params,
             }
             identity = cfg.model_dump(mode="json")
             identity.pop("output_dir", None)
@@ -250,7 +256,7 @@ class RunOutcome:
     seconds: float
 
 
-def _applicable(spec: Mapping[str, Any], recording: Path) -> str | None:
+def why_not_applicable(spec: Mapping[str, Any], recording: Path) -> str | None:
     """Why attack ``spec`` cannot run on ``recording`` (``None`` if it can)."""
     from splitfed.privacy.attacks import ATTACKS
     from splitfed.privacy.recording import RecordingReader
@@ -321,7 +327,7 @@ def run_one(
             "spec": {k: v for k, v in spec.items() if not k.startswith("_")},
         }
         try:
-            reason = _applicable(spec, recording)
+            reason = why_not_applicable(spec, recording)
             if reason is not None:
                 rows.append((attack_key, row | {"status": "not_applicable", "error": reason}))
                 continue
