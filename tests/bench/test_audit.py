@@ -21,7 +21,6 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_tiny_pretrained(root / "model")
     write_topic_csv(root / "data.csv")
     raw = run_config(root, "run", split={"setting": "ht", "head_layers": 1, "tail_layers": 0})
-    raw["model"]["num_labels"] = 3
     raw["train"] |= {"steps": 2, "eval_before": False}
     result = train(parse_config(raw), progress=False, log=lambda s: None, record=root / "rec")
     (root / "run.yaml").write_text(yaml.safe_dump(raw))

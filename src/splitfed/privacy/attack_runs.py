@@ -80,7 +80,10 @@ def attack_context(
     """An :class:`AttackContext` with the run's public pretrained model and tokenizer (no adapters)."""
     from splitfed.run import load_run_model
 
-    tokenizer, model = load_run_model(cfg, cfg.head, cfg.model.num_labels)
+    # The attacker's public model is the pretrained one; a classifier's new head (its width is the
+    # run's class count, unknown to the model party) plays no part in attacking the head segment.
+    num_labels = cfg.model.num_labels or (2 if cfg.head == "classification" else None)
+    tokenizer, model = load_run_model(cfg, cfg.head, num_labels)
     return AttackContext(
         model=model,
         tokenizer=tokenizer,
