@@ -96,3 +96,49 @@ def test_sequence_label_attacks_refuse_per_position_gradients(recordings: dict[s
     for name in ("ns", "ds"):
         with pytest.raises(AttackError, match="use the bli attack"):
             run_attack(build_attack(name), recordings["ht_lm"], AttackContext())
+
+
+@pytest.fixture(scope="module")
+def long_recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """30 steps: the trained model fits most examples, and a few misfits dominate the gradient norms."""
+    root = tmp_path_factory.mktemp("labels-long")
+    save_tiny_pretrained(root / "model")
+    _write_binary_csv(root / "data.csv")
+    out = {}
+    for name, split in SPLITS.items():
+        raw = run_config(
+            root, f"run-{name}", split=split, train={"steps": 30, "batch_size": 8, "eval_before": False}
+        )
+        train(parse_config(raw), progress=False, log=lambda s: None, record=root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("setting", list(SPLITS))
+def test_norm_scoring_keeps_its_orientation_after_longer_training(
+    long_recordings: dict[str, Path], setting: str
+) -> None:
+    minority = run_attack(build_attack("ns"), long_recordings[setting], AttackContext())
+    known = run_attack(
+        build_attack({"name": "ns", "orient": "known"}), long_recordings[setting], AttackContext()
+    )
+    # measured at 30 steps: AUC 0.71 oriented by the minority class (Li et al.), 0.29 oriented by the
+    # five known labels per class (one misfit negative outweighs them); chance 0.70
+    assert minority.metrics["auc"] >= 0.65
+    assert known.metrics["auc"] < 0.5  # the failure the minority rule fixes
+
+
+@pytest.mark.parametrize("recording", ["short", "long"])
+def test_model_completion_labels_examples_from_the_body_outputs(
+    recordings: dict[str, Path], long_recordings: dict[str, Path], recording: str
+) -> None:
+    path = recordings["hbt"] if recording == "short" else long_recordings["hbt"]
+    result = run_attack(build_attack("model_completion"), path, AttackContext())
+    # measured (5 known labels per class, linear classifier): 0.79 after 12 steps, 0.91 after 30;
+    # chance 0.72 / 0.70
+    assert result.metrics["label_accuracy"] >= result.chance + (0.05 if recording == "short" else 0.15)
+
+
+def test_model_completion_needs_the_body_outputs_of_hbt(recordings: dict[str, Path]) -> None:
+    with pytest.raises(AttackError, match=r"forward_result\.hidden"):
+        run_attack(build_attack("model_completion"), recordings["ht"], AttackContext())

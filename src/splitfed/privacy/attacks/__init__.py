@@ -27,8 +27,14 @@ from splitfed.privacy.attacks.label_inference import (
     NormScoring,
 )
 from splitfed.privacy.attacks.linear_baseline import LinearBaseline
+from splitfed.privacy.attacks.model_completion import ModelCompletion
 from splitfed.privacy.attacks.relaxation import RelaxationInversion
-from splitfed.privacy.attacks.runner import load_observations, run_attack
+from splitfed.privacy.attacks.runner import (
+    load_generations,
+    load_observations,
+    run_attack,
+    run_generation_attack,
+)
 from splitfed.privacy.attacks.vmi import WhiteBoxInversion
 from splitfed.privacy.registry import build_entry, describe
 
@@ -45,6 +51,7 @@ ATTACKS: dict[str, type[Attack]] = {
     NormScoring.name: NormScoring,
     DirectionScoring.name: DirectionScoring,
     BatchLabelInference.name: BatchLabelInference,
+    ModelCompletion.name: ModelCompletion,
 }
 
 
@@ -82,6 +89,7 @@ __all__ = [
     "DirectionScoring",
     "LearnedInversion",
     "LinearBaseline",
+    "ModelCompletion",
     "Need",
     "NormScoring",
     "Observation",
@@ -90,6 +98,8 @@ __all__ = [
     "WhiteBoxInversion",
     "build_attack",
     "describe_attacks",
+    "load_generations",
     "load_observations",
     "run_attack",
+    "run_generation_attack",
 ]

@@ -5,7 +5,9 @@ it sends its body's output and receives that gradient (both in ``backward.grad``
 
 * :class:`NormScoring` ("NS", Li et al., "Label Leakage and Protection in Two-party Split
   Learning", ICLR 2022): a binary label from each example's gradient norm. A trained model is
-  less sure of the minority class, so its examples' gradients are larger.
+  less sure of the minority class, so its examples' gradients are larger; Li et al. (and VFLAIR)
+  orient the score by that assumption (the positive, minority class has the larger norms), which
+  stays right late in training, when a few known labels' means are swayed by one misfit example.
 * :class:`DirectionScoring` ("DS", same paper): examples of one class have gradients pointing the
   same way; each example takes the class whose known reference gradients (a few examples whose
   labels the attacker knows) it is most cosine-similar to, refined by spherical k-means.
@@ -22,6 +24,7 @@ it sends its body's output and receives that gradient (both in ``backward.grad``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,14 +73,27 @@ def _known_classes(known: Mapping[int, torch.Tensor] | None, attack: str) -> dic
     return classes
 
 
+Orient = Literal["minority", "known"]
+
+
 class NormScoring(Attack):
-    """Binary labels from per-example gradient norms, oriented and thresholded by a few known labels.
+    """Binary labels from per-example gradient norms: larger norm, the minority (positive) class.
+
+    Each example's score is its log gradient norm less its batch's median (norms shrink as training
+    goes on; a batch is one moment of it).
 
     Parameters
     ----------
     known_per_class : int, default 5
-        Examples per class whose labels the attacker knows (not scored): they say which class has
-        the larger gradients and where the threshold lies (midway between the classes' mean log-norms).
+        Examples per class whose labels the attacker knows (not scored): the threshold lies midway
+        between the classes' median scores.
+    orient : {"minority", "known"}, default "minority"
+        Which class has the larger gradients. ``"minority"``: class ``positive`` does, as Li et al.
+        assume (the rare class is the one a trained model is least sure of); ``"known"``: the class
+        whose known examples have the larger median score (a handful of examples can point the
+        wrong way late in training: one misfit example outweighs them, measured AUC 0.29 at 30 steps).
+    positive : int, default 1
+        The minority class (``orient="minority"``).
     """
 
     name = "ns"
@@ -89,9 +105,13 @@ class NormScoring(Attack):
 
         model_config = ConfigDict(extra="forbid")
         known_per_class: int = Field(5, ge=1, le=10_000, description="known labels per class (not scored)")
+        orient: Orient = Field(
+            "minority", description="which class has larger norms: minority (class positive) or known"
+        )
+        positive: int = Field(1, ge=0, le=1, description="the minority class (orient: minority)")
 
-    def __init__(self, known_per_class: int = 5) -> None:
-        self.known_per_class = known_per_class
+    def __init__(self, known_per_class: int = 5, orient: Orient = "minority", positive: int = 1) -> None:
+        self.known_per_class, self.orient, self.positive = known_per_class, orient, positive
         self.known_labels_per_class = known_per_class
 
     def run(
@@ -100,8 +120,7 @@ class NormScoring(Attack):
         context: AttackContext,
         known: Mapping[int, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Threshold every example's log gradient norm."""
-        # Centred per batch: norms shrink as training goes on, and a batch is one moment of it.
+        """Threshold every example's centred log gradient norm."""
         norms = []
         for obs in observations:
             log_norm = example_gradients(obs).norm(dim=-1).clamp(min=1e-30).log()
@@ -111,12 +130,17 @@ class NormScoring(Attack):
             raise AttackError(
                 f"norm scoring infers binary labels; the known examples have classes {sorted(classes)}"
             )
-        means = {c: sum(float(norms[i][r]) for i, r in where) / len(where) for c, where in classes.items()}
-        low, high = sorted(means, key=means.__getitem__)
-        threshold = (means[low] + means[high]) / 2
+        # Medians, not means: one misfit example's norm is orders of magnitude above the rest.
+        medians = {
+            c: float(torch.tensor([float(norms[i][r]) for i, r in where]).median())
+            for c, where in classes.items()
+        }
+        high = max(medians, key=medians.__getitem__) if self.orient == "known" else self.positive
+        low = 1 - high
+        threshold = (medians[low] + medians[high]) / 2
         oriented = 1.0 if high == 1 else -1.0
         self.positive_scores = [oriented * n for n in norms]
-        return [torch.where(n > threshold, high, low).long() for n in norms]
+        return [torch.where(oriented * n > oriented * threshold, 1, 0).long() for n in norms]
 
 
 class DirectionScoring(Attack):

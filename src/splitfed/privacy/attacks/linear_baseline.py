@@ -51,6 +51,16 @@ def fit_ridge(context: AttackContext, ridge: float) -> torch.Tensor:
     return weight
 
 
+def ridge_logits(context: AttackContext, hidden: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """The ridge map's token scores ``[..., vocab]`` of activations ``hidden [..., width]``.
+
+    Other attacks use them as a prior (e.g. candidates of a discrete search).
+    """
+    weight = fit_ridge(context, ridge)
+    flat = hidden.reshape(-1, hidden.shape[-1]).float().to(weight.device)
+    return (_with_bias(flat) @ weight).reshape(*hidden.shape[:-1], -1)
+
+
 class LinearBaseline(Attack):
     """Ridge regression from head activations to one-hot tokens, fit on auxiliary text (closed form).
 

@@ -63,6 +63,55 @@ def token_scores(
     }
 
 
+def text_scores(
+    predicted: Sequence[torch.Tensor],
+    predicted_masks: Sequence[torch.Tensor],
+    truth: Sequence[torch.Tensor],
+    truth_masks: Sequence[torch.Tensor],
+) -> dict[str, float]:
+    """Token scores against a text of another length (the original before a text defense rewrote it).
+
+    Precision, recall and F1 are of the bags of tokens (the recovered tokens at ``predicted_masks``,
+    the true ones at ``truth_masks``), per sequence and averaged. ``token_accuracy`` is position-wise
+    over the rows whose real lengths agree (real tokens compared in order); ``aligned_rows`` is the
+    share of such rows (0 when no row's length agrees, and then the accuracy is 0).
+
+    Returns
+    -------
+    dict
+        ``token_precision``, ``token_recall``, ``token_f1``, ``token_accuracy``, ``aligned_rows`` and
+        ``sequences``.
+    """
+    precision, recall, f1 = [], [], []
+    hits = total = aligned = 0
+    for pred, p_mask, true, t_mask in zip(predicted, predicted_masks, truth, truth_masks, strict=True):
+        if pred.shape[0] != true.shape[0]:
+            raise ValueError(f"predicted rows {pred.shape[0]} do not match the truth's {true.shape[0]}")
+        for p_row, pm, t_row, tm in zip(pred, p_mask.bool(), true, t_mask.bool(), strict=True):
+            p_tokens, t_tokens = p_row[pm].tolist(), t_row[tm].tolist()
+            if not t_tokens:
+                continue
+            common = sum((Counter(p_tokens) & Counter(t_tokens)).values())
+            p = common / len(p_tokens) if p_tokens else 0.0
+            r = common / len(t_tokens)
+            precision.append(p)
+            recall.append(r)
+            f1.append(2 * p * r / (p + r) if p + r else 0.0)
+            if len(p_tokens) == len(t_tokens):
+                aligned += 1
+                hits += sum(a == b for a, b in zip(p_tokens, t_tokens, strict=True))
+                total += len(t_tokens)
+    n = max(len(f1), 1)
+    return {
+        "token_precision": sum(precision) / n,
+        "token_recall": sum(recall) / n,
+        "token_f1": sum(f1) / n,
+        "token_accuracy": hits / max(total, 1),
+        "aligned_rows": aligned / n,
+        "sequences": float(len(f1)),
+    }
+
+
 def majority_token_share(truth: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> float:
     """Chance level of token recovery: the accuracy of always guessing the most frequent true token."""
     counts: Counter[int] = Counter()
@@ -118,16 +167,39 @@ def decode_examples(
     truth: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor],
     count: int = 3,
+    truth_masks: Sequence[torch.Tensor] | None = None,
 ) -> list[tuple[str, str]]:
-    """The first ``count`` sequences as ``(original, reconstructed)`` text over their real tokens."""
+    """The first ``count`` sequences as ``(original, reconstructed)`` text over their real tokens.
+
+    ``masks`` select the reconstruction's real tokens, ``truth_masks`` (default: ``masks``) the truth's.
+    """
     out: list[tuple[str, str]] = []
-    for pred, true, mask in zip(predicted, truth, masks, strict=True):
-        for p_row, t_row, m_row in zip(pred, true, mask.bool(), strict=True):
+    truth_masks = masks if truth_masks is None else truth_masks
+    for pred, true, mask, t_mask in zip(predicted, truth, masks, truth_masks, strict=True):
+        for p_row, t_row, m_row, t_row_mask in zip(pred, true, mask.bool(), t_mask.bool(), strict=True):
             if len(out) >= count:
                 return out
-            original, guess = t_row[m_row].tolist(), p_row[m_row].tolist()
+            original, guess = t_row[t_row_mask].tolist(), p_row[m_row].tolist()
             if tokenizer is None:
                 out.append((" ".join(map(str, original)), " ".join(map(str, guess))))
             else:
                 out.append((tokenizer.decode(original), tokenizer.decode(guess)))
     return out
+
+
+def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr: float) -> float:
+    """The highest true-positive rate of a threshold on ``scores`` whose false-positive rate is at most ``fpr``.
+
+    The low-FPR operating point membership inference is judged at (Carlini et al. 2022, "Membership
+    Inference Attacks From First Principles"): an example is called positive when its score is
+    strictly above the threshold; every distinct score (and +inf) is tried.
+    """
+    scores, labels = scores.double().flatten(), labels.flatten()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    thresholds = torch.cat([torch.unique(scores), torch.tensor([float("inf")], dtype=scores.dtype)])
+    neg_sorted, pos_sorted = torch.sort(neg).values, torch.sort(pos).values
+    false_pos = (len(neg) - torch.searchsorted(neg_sorted, thresholds, right=True)).double() / len(neg)
+    true_pos = (len(pos) - torch.searchsorted(pos_sorted, thresholds, right=True)).double() / len(pos)
+    return float(true_pos[false_pos <= fpr + 1e-12].max())

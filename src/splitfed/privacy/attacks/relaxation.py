@@ -4,7 +4,9 @@ A continuous relaxation of the discrete search for the input tokens: free logits
 vocabulary, ``softmax(logits / temperature)`` times the public embedding matrix as the head's
 ``inputs_embeds``, fit to the intercepted activations; each position's token is the argmax.
 Unlike :class:`~splitfed.privacy.attacks.vmi.WhiteBoxInversion`'s free vectors, every candidate
-stays a mixture of real tokens (VFLAIR-LLM's ``RelaxationBasedWhiteBoxInversion``).
+stays a mixture of real tokens (VFLAIR-LLM's ``RelaxationBasedWhiteBoxInversion``). On a causal
+decoder the same left-to-right discrete search as VMI's follows, its candidates the tokens of
+highest logit (:func:`~splitfed.privacy.attacks.vmi.causal_search`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class RelaxationInversion(WhiteBoxInversion):
         Multiplies the cosine similarities of the ``target`` start.
     batch_size : int, default 16
         Sequences optimized together (memory grows with the vocabulary).
+    search : bool, default True
+        Causal decoders: choose tokens left to right by discrete search.
+    candidates : int, default 128
+        Tokens the search tries per position (the whole vocabulary when it is no larger; else the
+        highest logits).
     """
 
     name = "ri"
@@ -49,6 +56,8 @@ class RelaxationInversion(WhiteBoxInversion):
         init: Init = Field("target", description="start point: target, mean (uniform) or random")
         init_scale: float = Field(10.0, ge=0.0, le=1000.0, description="scale of the target start's logits")
         batch_size: int = Field(16, ge=1, le=65_536, description="sequences optimized together")
+        search: bool = Field(True, description="causal decoders: left-to-right discrete token search")
+        candidates: int = Field(128, ge=1, le=1_000_000, description="tokens the search tries per position")
 
     def __init__(
         self,
@@ -59,8 +68,18 @@ class RelaxationInversion(WhiteBoxInversion):
         init: Init = "target",
         init_scale: float = 10.0,
         batch_size: int = 16,
+        search: bool = True,
+        candidates: int = 128,
     ) -> None:
-        super().__init__(steps=steps, lr=lr, cosine=cosine, init=init, batch_size=batch_size)
+        super().__init__(
+            steps=steps,
+            lr=lr,
+            cosine=cosine,
+            init=init,
+            batch_size=batch_size,
+            search=search,
+            candidates=candidates,
+        )
         self.temperature, self.init_scale = temperature, init_scale
 
     def start(self, target: torch.Tensor, context: AttackContext) -> torch.Tensor:
@@ -84,6 +103,10 @@ class RelaxationInversion(WhiteBoxInversion):
     def tokens(self, free: torch.Tensor, context: AttackContext) -> torch.Tensor:
         """The most likely token of every position."""
         return free.argmax(-1)
+
+    def token_scores(self, free: torch.Tensor, context: AttackContext) -> torch.Tensor:
+        """The logits themselves."""
+        return free.detach()
 
     def step_size(self, free: torch.Tensor, context: AttackContext) -> float:
         """``lr`` itself: logits have no embedding scale."""

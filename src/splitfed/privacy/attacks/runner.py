@@ -3,8 +3,11 @@
 :func:`run_attack` reads the recording lazily, pairs every recorded forward that the model party
 received (training or evaluation) with its batch's ground truth by ``(client, batch_id)``, hands
 the attack only what crossed (:class:`~splitfed.privacy.attacks.base.Observation`), and scores
-what it returns: tokens against the batch's ``input_ids``, labels against its ``labels``. Every
-inversion attack is reported beside the linear baseline on the same sequences.
+what it returns: tokens against the batch's ``input_ids`` (against ``original_input_ids`` when a
+text defense rewrote the input: what the attacker should recover is the user's text), labels
+against its ``labels``. Every inversion attack is reported beside the linear baseline on the same
+sequences. :func:`run_generation_attack` does the same for split inference: the prompts and the
+generated tokens of every recorded generation session.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from splitfed.privacy.attacks.metrics import (
     label_scores,
     majority_label_share,
     majority_token_share,
+    text_scores,
     token_scores,
 )
 from splitfed.privacy.recording import GroundTruthReader, Record, RecordingReader, ground_truth_dir
@@ -43,11 +47,32 @@ PHASES = ("train", "eval")
 
 @dataclass
 class Truth:
-    """The ground truth of one observation (rows cut as its tensors were)."""
+    """The ground truth of one observation (rows cut as its tensors were).
+
+    ``input_ids`` is what the head ran on; ``original_input_ids`` (with its mask) the text before a
+    text defense rewrote it, when one did: what a token attack is scored against.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
+    original_input_ids: torch.Tensor | None = None
+    original_attention_mask: torch.Tensor | None = None
+
+    def rows(self, rows: int) -> Truth:
+        """The first ``rows`` rows."""
+        return Truth(
+            *(
+                None if t is None else t[:rows]
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.labels,
+                    self.original_input_ids,
+                    self.original_attention_mask,
+                )
+            )  # type: ignore[arg-type]
+        )
 
 
 def load_observations(
@@ -115,13 +140,18 @@ def load_observations(
             continue
         labels = batch.tensor("labels") if "labels" in batch.tensor_info else None
         truth = Truth(batch.tensor("input_ids"), batch.tensor("attention_mask"), labels)
+        if "original_input_ids" in batch.tensor_info:
+            truth.original_input_ids = batch.tensor("original_input_ids")
+            truth.original_attention_mask = (
+                batch.tensor("original_attention_mask")
+                if "original_attention_mask" in batch.tensor_info
+                else torch.ones_like(truth.original_input_ids)
+            )
         rows = truth.input_ids.shape[0]
         if max_examples is not None and sequences + rows > max_examples:
             rows = max_examples - sequences
             tensors = {key: t[:rows] for key, t in tensors.items()}
-            truth = Truth(
-                truth.input_ids[:rows], truth.attention_mask[:rows], None if labels is None else labels[:rows]
-            )
+            truth = truth.rows(rows)
         sequences += rows
         observations.append(
             Observation(forward.client, forward.batch_id, forward.phase, forward.step, tensors)
@@ -166,9 +196,24 @@ def known_labels(truths: Sequence[Truth], per_class: int, seed: int = 0) -> dict
 def _score_tokens(
     predicted: Sequence[torch.Tensor], truths: Sequence[Truth]
 ) -> tuple[dict[str, float], list[torch.Tensor], list[torch.Tensor]]:
-    ids = [t.input_ids for t in truths]
-    masks = [t.attention_mask for t in truths]
-    return token_scores(predicted, ids, masks), ids, masks
+    """Scores against what the attacker should recover, the ids and masks of that text.
+
+    When a text defense rewrote the input, against the original text (:func:`text_scores`; then
+    ``sent_token_f1`` and ``sent_token_accuracy`` are the scores against what the head ran on).
+    """
+    sent_ids = [t.input_ids for t in truths]
+    sent_masks = [t.attention_mask for t in truths]
+    scores = token_scores(predicted, sent_ids, sent_masks)
+    if all(t.original_input_ids is None for t in truths):
+        return scores, sent_ids, sent_masks
+    ids = [t.input_ids if t.original_input_ids is None else t.original_input_ids for t in truths]
+    masks = [
+        t.attention_mask if t.original_attention_mask is None else t.original_attention_mask for t in truths
+    ]
+    against = text_scores(predicted, sent_masks, ids, masks)
+    against["sent_token_f1"] = scores["token_f1"]
+    against["sent_token_accuracy"] = scores["token_accuracy"]
+    return against, ids, masks
 
 
 def run_attack(
@@ -246,9 +291,10 @@ def run_attack(
         result.metrics, ids, masks = _score_tokens(predicted, truths)
         result.chance = majority_token_share(ids, masks)
         result.n_examples = int(result.metrics.pop("sequences"))
+        sent_masks = [t.attention_mask for t in truths]
         result.examples = [
             Reconstruction(o, r)
-            for o, r in decode_examples(context.tokenizer, predicted, ids, masks, examples)
+            for o, r in decode_examples(context.tokenizer, predicted, ids, sent_masks, examples, masks)
         ]
         if baseline and attack.reports_baseline and context.auxiliary_texts and context.model is not None:
             guessed = LinearBaseline().run(observations, context)
@@ -272,4 +318,165 @@ def run_attack(
         result.metrics["auc"] = binary_auc(flat[keep], scored[keep])
     result.n_examples = int(result.metrics.pop("labels"))
     result.chance = majority_label_share(labels)
+    return result
+
+
+# ---------------------------------------------------------------------- split inference (generation)
+
+
+def load_generations(
+    recording: str | Path,
+    *,
+    clients: str | Iterable[str] | None = None,
+    max_examples: int | None = None,
+) -> tuple[list[Observation], list[Truth], list[torch.Tensor], dict[str, int | None]]:
+    """Every recorded generation session as one sequence of activations, with its ground truth.
+
+    A session's ``gen_start`` (the left-padded prompt's activations) and its ``gen_step``
+    messages (one position per sequence each, the token generated at the step before) are joined
+    into one :class:`Observation` whose ``forward.hidden`` is ``[batch, prompt + steps, width]``
+    and whose ``forward.attention_mask`` is the prompt's mask followed by ones, so that every token
+    attack runs on it unchanged. Its truth's ``input_ids`` are the prompt ids followed by the
+    generated tokens that were fed back.
+
+    Returns
+    -------
+    observations, truths : lists, one entry per session
+    prompt_masks : list of Tensor ``[batch, prompt + steps]``
+        1 at the prompt's real positions (the rest of the scored positions are generated tokens).
+    facts : dict
+        ``head_layers`` (from the ``gen_start`` metadata, ``None`` when absent).
+    """
+    reader = RecordingReader(recording)
+    truth_reader = GroundTruthReader(ground_truth_dir(recording))
+    starts: dict[str, Record] = {}
+    steps: dict[str, list[Record]] = {}
+    for record in reader.records(kinds=["gen_start", "gen_step"], directions="to_model", clients=clients):
+        if record.session is None or not record.stored:
+            continue
+        if record.kind == "gen_start":
+            starts[record.session], steps[record.session] = record, []
+        elif record.session in starts:
+            steps[record.session].append(record)
+    observations: list[Observation] = []
+    truths: list[Truth] = []
+    prompt_masks: list[torch.Tensor] = []
+    facts: dict[str, int | None] = {"head_layers": None}
+    sequences = 0
+    for session, start in starts.items():
+        if max_examples is not None and sequences >= max_examples:
+            break
+        try:
+            truth = truth_reader.generation(session)
+        except KeyError:
+            continue
+        layers = start.meta.get("head_layers")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            facts["head_layers"] = layers
+        hidden = torch.cat([start.tensor("hidden"), *(r.tensor("hidden") for r in steps[session])], dim=1)
+        prompt_mask = start.tensor("attention_mask").long()
+        rows, fed = prompt_mask.shape[0], len(steps[session])
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, fed)], dim=1)
+        generated = torch.zeros(rows, fed, dtype=torch.long)
+        generated_mask = torch.zeros(rows, fed, dtype=torch.long)
+        for row, row_ids in enumerate(truth.generated_ids):
+            fed_ids = row_ids[:fed]  # the last generated token is never fed back
+            generated[row, : len(fed_ids)] = torch.tensor(fed_ids, dtype=torch.long)
+            generated_mask[row, : len(fed_ids)] = 1
+        ids = torch.cat([truth.tensor("prompt_ids").long(), generated], dim=1)
+        scored = torch.cat([prompt_mask, generated_mask], dim=1)
+        if max_examples is not None and sequences + rows > max_examples:
+            rows = max_examples - sequences
+            hidden, mask, ids, scored = hidden[:rows], mask[:rows], ids[:rows], scored[:rows]
+        sequences += rows
+        tensors = {("forward", "hidden"): hidden, ("forward", "attention_mask"): mask}
+        observations.append(Observation(start.client, len(observations), "generate", start.step, tensors))
+        truths.append(Truth(ids, scored, None))
+        prompt_masks.append(torch.cat([prompt_mask[:rows], torch.zeros_like(generated_mask[:rows])], dim=1))
+    if not observations:
+        raise AttackError(
+            f"{recording}: no recorded generation session ({len(starts)} gen_start recorded) has ground "
+            "truth; record a SplitGenerator with a RecordingWriter and a GroundTruthWriter"
+        )
+    return observations, truths, prompt_masks, facts
+
+
+def run_generation_attack(
+    attack: Attack,
+    recording: str | Path,
+    context: AttackContext,
+    *,
+    clients: str | Iterable[str] | None = None,
+    baseline: bool = True,
+    examples: int = 3,
+) -> AttackResult:
+    """Recover the prompts and generated text of split inference from the recorded activations.
+
+    Runs a token attack on every session :func:`load_generations` joins and scores it against the
+    session's ground truth: ``token_*`` over every real position, ``prompt_token_f1`` /
+    ``prompt_token_accuracy`` over the prompts and ``generated_token_f1`` /
+    ``generated_token_accuracy`` over the generated tokens fed back (``gen_step``).
+
+    Parameters
+    ----------
+    attack : Attack
+        A token attack that reads ``forward.hidden`` and ``forward.attention_mask`` (vmi, ri, bisr, linear).
+    recording : str | Path
+    context : AttackContext
+    clients : str | Iterable[str] | None, default None
+    baseline : bool, default True
+        Score the linear baseline beside it (when auxiliary text is given).
+    examples : int, default 3
+
+    Returns
+    -------
+    AttackResult
+    """
+    if attack.target != "tokens" or {(n.kind, n.tensor) for n in attack.needs if n.required} - {
+        ("forward", "hidden"),
+        ("forward", "attention_mask"),
+    }:
+        raise AttackError(
+            f"attack {attack.name!r} does not invert activations; a generation attack needs a token "
+            "attack that reads forward.hidden (vmi, ri, bisr, linear)"
+        )
+    if attack.needs_public_model:
+        context.require_model(attack.name)
+    if attack.needs_auxiliary and not context.auxiliary_texts:
+        raise AttackError(
+            f"attack {attack.name!r} learns from auxiliary text: pass AttackContext(auxiliary_texts=...)"
+        )
+    observations, truths, prompt_masks, facts = load_generations(
+        recording, clients=clients, max_examples=context.max_examples
+    )
+    if context.head_layers is None:
+        context.head_layers = facts["head_layers"]
+    start = time.perf_counter()
+    predicted = attack.run(observations, context)
+    seconds = time.perf_counter() - start
+
+    def score(guess: Sequence[torch.Tensor]) -> dict[str, float]:
+        ids = [t.input_ids for t in truths]
+        masks = [t.attention_mask for t in truths]
+        out = token_scores(guess, ids, masks)
+        prompt = token_scores(guess, ids, [m * p for m, p in zip(masks, prompt_masks, strict=True)])
+        generated = token_scores(guess, ids, [m * (1 - p) for m, p in zip(masks, prompt_masks, strict=True)])
+        out |= {
+            "prompt_token_f1": prompt["token_f1"],
+            "prompt_token_accuracy": prompt["token_accuracy"],
+            "generated_token_f1": generated["token_f1"],
+            "generated_token_accuracy": generated["token_accuracy"],
+        }
+        return out
+
+    result = AttackResult(attack.name, score(predicted), seconds=seconds, params=attack.params())
+    ids, masks = [t.input_ids for t in truths], [t.attention_mask for t in truths]
+    result.chance = majority_token_share(ids, masks)
+    result.n_examples = int(result.metrics.pop("sequences"))
+    result.examples = [
+        Reconstruction(o, r) for o, r in decode_examples(context.tokenizer, predicted, ids, masks, examples)
+    ]
+    if baseline and attack.reports_baseline and context.auxiliary_texts and context.model is not None:
+        result.baseline = score(LinearBaseline().run(observations, context))
+        result.baseline.pop("sequences")
     return result
