@@ -13,6 +13,7 @@ from splitfed.privacy.defenses.activation_dp import ActivationDP
 from splitfed.privacy.defenses.adversarial import AdversarialTraining
 from splitfed.privacy.defenses.custext import CusText
 from splitfed.privacy.defenses.dchi_privacy import DChiPrivacy
+from splitfed.privacy.defenses.dp_sgd import DPSGD
 from splitfed.privacy.defenses.gaussian_mixer import GaussianMixer
 from splitfed.privacy.defenses.grad_dp import GradientDP
 from splitfed.privacy.defenses.grad_topk import GradientSparsification
@@ -20,6 +21,7 @@ from splitfed.privacy.defenses.mid import MID
 from splitfed.privacy.defenses.nopeek import NoPeek
 from splitfed.privacy.defenses.rantext import RanText
 from splitfed.privacy.defenses.santext import SanText
+from splitfed.privacy.defenses.secure_aggregation import CKKSAggregation, SecureAggregation
 from splitfed.privacy.defenses.snd import SplitAndDenoise
 from splitfed.privacy.defenses.textobfuscator import TextObfuscator
 from splitfed.privacy.registry import build_entry, describe
@@ -40,10 +42,13 @@ DEFENSES: dict[str, type[Defense]] = {
     ActivationDP.name: ActivationDP,
     AdversarialTraining.name: AdversarialTraining,
     DChiPrivacy.name: DChiPrivacy,
+    DPSGD.name: DPSGD,
     GradientDP.name: GradientDP,
     GradientSparsification.name: GradientSparsification,
     MID.name: MID,
     NoPeek.name: NoPeek,
+    SecureAggregation.name: SecureAggregation,
+    CKKSAggregation.name: CKKSAggregation,
 }
 
 
