@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit assets bench clean lock
+.PHONY: demo test lint typecheck unit assets bench clean lock browser
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
-test: assets lint typecheck
+# The report's browser test needs Chromium; installed when missing (the test skips without it).
+browser:
+	-bash scripts/ensure_chromium.sh
+
+test: assets lint typecheck browser
 	$(BIN)/python -m pytest -q --durations=15
 
 bench: assets

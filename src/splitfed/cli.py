@@ -709,6 +709,30 @@ def bench(
 
 
 @app.command()
+def report(
+    store: Annotated[Path, typer.Argument(help="A sweep's results store (`splitfed bench`).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for index.html, summary.md and figures/.")],
+    beta: Annotated[
+        float, typer.Option(min=0, max=1, help="DCS weight of the main task against the attack.")
+    ] = 0.5,
+    max_mp_drop: Annotated[
+        float, typer.Option(min=0, help="Largest main-task drop a recommended defense may cost.")
+    ] = 0.05,
+    title: Annotated[str | None, typer.Option(help="The page's title.")] = None,
+) -> None:
+    """Draw a sweep: MP–AP trade-off per attack with its Pareto frontier, DCS ranking, costs, recommendations."""
+    from splitfed.bench.report import write_report
+    from splitfed.bench.store import StoreError
+
+    try:
+        paths = write_report(store, out, beta=beta, max_mp_drop=max_mp_drop, title=title)
+    except (StoreError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+        return
+    console.print(f"report: {paths.index} ({len(paths.figures)} figures); summary: {paths.summary}")
+
+
+@app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="A finished run's output_dir, recorded with --record.")],
     attack_name: Annotated[

@@ -79,3 +79,18 @@ def test_rows_survive_reopening_and_keys_ignore_key_order(tmp_path: Path) -> Non
     with ResultStore(tmp_path / "results.sqlite") as again:
         assert len(again.runs()) == 4 and len(again.attacks()) == 6
         assert again.runs()[0].versions.get("torch")
+
+
+def test_cli_report_writes_the_page_and_refuses_a_missing_store(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from splitfed.cli import app
+
+    _store(tmp_path).close()
+    result = CliRunner().invoke(
+        app, ["report", str(tmp_path / "results.sqlite"), "-o", str(tmp_path / "report")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "summary.md").is_file()
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope.sqlite"), "-o", str(tmp_path / "r2")])
+    assert missing.exit_code != 0 and "nope.sqlite" in missing.output
