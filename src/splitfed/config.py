@@ -398,7 +398,8 @@ class RunConfig(_Strict):
     def _known_defenses(cls, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from splitfed.split.front import build_front
 
-        build_front(specs, hidden_size=8)  # names and parameters (the width comes from the model)
+        # Names and parameters; the width and the sampling rate come from the model and the data.
+        build_front(specs, hidden_size=8, sample_rate=0.01)
         return specs
 
     @model_validator(mode="after")
@@ -419,7 +420,7 @@ class RunConfig(_Strict):
         if self.train.schedule == "forward-only" and self.defenses:
             from splitfed.split.front import build_front
 
-            if build_front(self.defenses, hidden_size=8).trains:
+            if build_front(self.defenses, hidden_size=8, sample_rate=0.01).trains:
                 raise ValueError(
                     "train.schedule: forward-only cannot train a defense (it needs gradients back); "
                     "use train.schedule: pipelined"

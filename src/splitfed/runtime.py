@@ -25,6 +25,7 @@ from splitfed.run import (
     PARTY_ROLES,
     Callback,
     RunResult,
+    build_run_front,
     checkpoint_dir,
     checkpoint_step,
     load_adapters,
@@ -298,7 +299,7 @@ def join(
         check_new_recording(record)  # before minutes of loading, not after
     work = prepare(cfg, log)
     segments, _ = prepare_segments(work.model, cfg.split.spec(), cfg.head, cfg.segment_finetune())
-    front = build_front(cfg.defenses, work.model, cfg.train.seed, tokenizer=work.tokenizer)
+    front = build_run_front(cfg, work)
     if cfg.train.steps is None:
         log(
             f"note: train.steps is unset; this data party runs {work.total_steps} steps (the server needs the same)"
@@ -440,7 +441,8 @@ def open_generator(
         )
     seed_everything(cfg.train.seed)
     tokenizer, model = load_run_model(cfg, "causal_lm", None)
-    front = build_front(cfg.defenses, model, cfg.train.seed, tokenizer=tokenizer)
+    # Nothing trains here: a training defense's sampling rate (DP-SGD) is a placeholder.
+    front = build_front(cfg.defenses, model, cfg.train.seed, tokenizer=tokenizer, sample_rate=1.0)
     channel: Channel
     if target is None:
         system = build_split(

@@ -51,6 +51,7 @@ from splitfed.run.loop import (
 )
 from splitfed.run.workload import (
     Workload,
+    build_run_front,
     load_run_model,
     party_share,
     prepare,
@@ -68,6 +69,7 @@ __all__ = [
     "PeriodicEvaluation",
     "RunResult",
     "Workload",
+    "build_run_front",
     "checkpoint_dir",
     "checkpoint_step",
     "compute_share",

@@ -12,8 +12,7 @@ from splitfed.config import RunConfig
 from splitfed.run.callbacks import Callback
 from splitfed.run.checkpoints import checkpoint_step
 from splitfed.run.loop import RunResult, train_loop, write_results
-from splitfed.run.workload import prepare
-from splitfed.split.front import build_front
+from splitfed.run.workload import build_run_front, prepare
 from splitfed.split.system import build_split
 from splitfed.transport.channel import ChannelTransform
 
@@ -56,7 +55,7 @@ def train(
         labels_at=cfg.split.labels_at,
         transforms=transforms,
         cache_head=cfg.train.cache_head_outputs,
-        front=build_front(cfg.defenses, work.model, cfg.train.seed, tokenizer=work.tokenizer),
+        front=build_run_front(cfg, work),
     )
     parties = {"data_party": system.data_party, "model_party": system.model_party}
     if record is None:

@@ -164,6 +164,7 @@ def train_loop(
                     "bytes_to_model": sum(r.bytes_to_model for r in done),
                     "bytes_to_data": sum(r.bytes_to_data for r in done),
                 }
+                record |= data_party.front.step_metrics()  # e.g. DP-SGD's epsilon so far
                 history.append(record)
                 if bar is not None:
                     bar.update(step_bar, advance=1, info=f"loss {record['loss']:.4f}")

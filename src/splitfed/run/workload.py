@@ -112,3 +112,19 @@ def trainable_counts(segments: dict[str, Segment]) -> dict[str, int]:
         party: sum(p.numel() for r in roles if r in segments for p in segments[r].trainable_parameters())
         for party, roles in PARTY_ROLES.items()
     }
+
+
+def build_run_front(cfg: RunConfig, work: Workload) -> Any:
+    """The data party's front of ``cfg.defenses``, with what a defense may take from the run: the
+    model's width, its tokenizer and the sampling rate of a batch (``batch_size * grad_accum``
+    over this party's training examples, for DP-SGD's accountant)."""
+    from splitfed.split.front import build_front
+
+    per_update = cfg.train.batch_size * cfg.train.grad_accum
+    return build_front(
+        cfg.defenses,
+        work.model,
+        cfg.train.seed,
+        tokenizer=work.tokenizer,
+        sample_rate=min(1.0, per_update / max(1, len(work.splits.train))),
+    )

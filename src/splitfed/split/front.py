@@ -160,6 +160,10 @@ class Defense:
     def on_update(self, context: FrontContext) -> None:
         """Called after each optimizer update of the data party."""
 
+    def step_metrics(self) -> dict[str, float]:
+        """Numbers to log with each training step (e.g. DP-SGD's ε so far). Empty by default."""
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """State beyond its parameters that a checkpoint must keep (a residual, an own optimizer's
         state): tensors, numbers, strings and containers of them. Empty by default."""
@@ -325,6 +329,14 @@ class DataFront(nn.Module):
         for d in self.defenses:
             if _overrides(d, "on_update"):
                 d.on_update(context)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Every defense's :meth:`Defense.step_metrics`, as ``<defense>_<name>``."""
+        out: dict[str, float] = {}
+        for d in self.defenses:
+            if _overrides(d, "step_metrics"):
+                out |= {f"{d.name or type(d).__name__}_{k}": float(v) for k, v in d.step_metrics().items()}
+        return out
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint keeps beyond the parameters (those go to the adapter files): every

@@ -271,3 +271,20 @@ def test_a_run_privatizes_every_update_and_reports_epsilon(tmp_path: Path) -> No
     train(parse_config(raw), progress=False, log=lambda s: None, callbacks=[Epsilon()])
     accountant = RDPAccountant(8 / 96, 1.0)  # batches of 8: 2 micro-batches of 4
     assert reported == pytest.approx([accountant.epsilon(t, 1e-5) for t in (1, 2, 3)])
+
+
+def test_the_run_fills_the_sampling_rate_and_logs_epsilon_with_every_step(tmp_path: Path) -> None:
+    from splitfed.run import train
+    from tiny import save_tiny_pretrained, write_topic_csv
+
+    save_tiny_pretrained(tmp_path / "model")
+    write_topic_csv(tmp_path / "data.csv")
+    spec = {"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}  # no sample_rate
+    raw = run_config(tmp_path, "run", defenses=[spec], train={"steps": 2, "eval_before": False})
+    raw["model"]["num_labels"] = 3
+    result = train(parse_config(raw), progress=False, log=lambda s: None)
+    cfg = parse_config(raw)
+    rate = cfg.train.batch_size * cfg.train.grad_accum / result.summary["examples"]["train"]
+    accountant = RDPAccountant(rate, 1.0)
+    logged = [h["dp_sgd_epsilon"] for h in result.history]
+    assert logged == pytest.approx([accountant.epsilon(t, 1e-5) for t in (1, 2)])

@@ -389,6 +389,10 @@ class DPSGD(Defense):
         self.steps += 1
         self.epsilon = self.epsilon_spent()
 
+    def step_metrics(self) -> dict[str, float]:
+        """ε spent so far at the configured δ (logged with every training step)."""
+        return {"epsilon": float(self.epsilon)}
+
     def epsilon_spent(self, delta: float | None = None) -> float:
         """ε of the updates so far at ``delta`` (default :attr:`delta`); ``inf`` without noise."""
         return self.accountant.epsilon(self.steps, self.delta if delta is None else delta)
