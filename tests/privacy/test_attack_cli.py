@@ -67,3 +67,54 @@ def test_attacks_lists_every_registered_attack() -> None:
 
     result = CliRunner().invoke(app, ["attacks"])
     assert result.exit_code == 0 and all(name in result.output for name in ATTACKS)
+
+
+def test_attack_recovers_prompts_from_a_generate_recording(tmp_path: Path) -> None:
+    save_tiny_pretrained(tmp_path / "model")
+    write_topic_csv(tmp_path / "data.csv")
+    raw = run_config(
+        tmp_path,
+        "gen",
+        task="causal_lm",
+        split={"setting": "hbt", "head_layers": 1, "tail_layers": 1},
+        data={"name": "local", "task": "causal_lm", "columns": {"text": "sentence"}},
+    )
+    config = tmp_path / "gen.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the small tree\nblue moon house\n")
+    runner = CliRunner()
+    generated = runner.invoke(
+        app,
+        [
+            "generate",
+            str(config),
+            "--prompts",
+            str(prompts),
+            "--max-new-tokens",
+            "3",
+            "--record",
+            str(tmp_path / "rec"),
+        ],
+    )
+    assert generated.exit_code == 0, generated.output
+    out = tmp_path / "gen.json"
+    result = runner.invoke(
+        app,
+        [
+            "attack",
+            str(tmp_path / "rec"),
+            "--config",
+            str(config),
+            "--attack",
+            "vmi",
+            "--phase",
+            "generate",
+            "--no-progress",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (summary,) = json.loads(out.read_text())
+    assert summary["metrics"]["prompt_token_f1"] > 0.8  # prompts leak from the prefill activations

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from splitfed.config import ConfigError, RunConfig
-from splitfed.privacy.attacks import AttackContext, AttackResult, build_attack, run_attack
+from splitfed.privacy.attacks import (
+    AttackContext,
+    AttackError,
+    AttackResult,
+    build_attack,
+    run_attack,
+    run_generation_attack,
+)
 
 #: Auxiliary examples read by default (enough for the learning-based attacks, cheap to encode).
 DEFAULT_AUX_EXAMPLES = 512
@@ -105,8 +112,15 @@ def attack_recording(
 ) -> list[AttackResult]:
     """Run each attack of ``specs`` (``{name: ..., <params>}`` or a name) on ``recording``.
 
-    Every spec is validated before the first attack runs, so a typo in the last one does not
-    cost the minutes the first ones take.
+    ``phases`` ``"generate"`` attacks split inference (a ``generate --record`` recording): each
+    session's prefill and decoding steps joined, scored on prompts and generated tokens. Every
+    spec is validated before the first attack runs, so a typo in the last one does not cost the
+    minutes the first ones take.
     """
     attacks = [build_attack(spec) for spec in specs]
+    wanted = [phases] if isinstance(phases, str) else list(phases)
+    if "generate" in wanted:
+        if len(wanted) > 1:
+            raise AttackError("attack generation (phase generate) on its own, not with train or eval")
+        return [run_generation_attack(a, recording, context, baseline=baseline) for a in attacks]
     return [run_attack(a, recording, context, phases=phases, baseline=baseline) for a in attacks]
