@@ -226,6 +226,17 @@ class SecAggOptions(_Strict):
     rounding: Literal["stochastic", "nearest"] | None = None
 
 
+class ClientDPOptions(_Strict):
+    """Client-level DP of ``splitfed fedtrain`` (DP-FedAvg with distributed Gaussian noise; see
+    :mod:`splitfed.federated.client_dp`): each client's update is clipped to L2 norm ``clip``,
+    updates are averaged uniformly, and the round's sum carries ``N(0, (noise_multiplier·clip)²)``
+    noise, added by the clients in shares; ε at ``delta`` is reported every round."""
+
+    clip: float = Field(gt=0, description="L2 bound of one client's whole update")
+    noise_multiplier: float = Field(ge=0, description="noise std on the round's sum, in units of clip")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+
 class FederatedConfig(_Strict):
     """Federated LoRA fine-tuning (``splitfed fedtrain CONFIG.yaml``), simulated in one process.
 
@@ -242,7 +253,8 @@ class FederatedConfig(_Strict):
     The clients train LoRA as ``finetune`` says (on the whole model, plus a fresh task head), with
     ``train.optimizer``, ``train.lr``, ``train.weight_decay``, ``train.max_grad_norm`` and
     ``train.batch_size``; the learning rate is constant within a round. ``eval_every`` and
-    ``checkpoint_every`` count rounds (0: never; the last round is always evaluated).
+    ``checkpoint_every`` count rounds (0: never; the last round is always evaluated). ``dp``
+    (:class:`ClientDPOptions`) makes the rounds client-level differentially private.
     """
 
     clients: int = Field(default=8, ge=1)
@@ -261,6 +273,7 @@ class FederatedConfig(_Strict):
     aggregation: Literal["none", "plain", "ckks", "secagg"] = "plain"
     ckks: CKKSOptions = Field(default_factory=CKKSOptions)
     secagg: SecAggOptions = Field(default_factory=SecAggOptions)
+    dp: ClientDPOptions | None = None
     finetune: SegmentFinetune = Field(default_factory=SegmentFinetune)
     eval_every: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=0, ge=0)

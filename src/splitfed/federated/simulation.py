@@ -46,6 +46,7 @@ from torch import nn
 from splitfed.config import ConfigError, RunConfig
 from splitfed.federated.aggregators import AGGREGATORS, Aggregator, Layout
 from splitfed.federated.client import client_seed, local_update
+from splitfed.federated.client_dp import ClientDP
 from splitfed.federated.rounds import SimulatedAggregation, simulated_aggregation
 from splitfed.federated.strategies import STRATEGIES, FitConfig, Strategy
 from splitfed.models.families import check_supported
@@ -220,6 +221,17 @@ class FederatedSimulation:
             max_grad_norm=t.max_grad_norm,
         )
         self.predictor = _GlobalModel(self.segment, work.task.loss)
+        self.dp = (
+            ClientDP(
+                fed.dp.clip,
+                fed.dp.noise_multiplier,
+                fed.clients_per_round,
+                fed.clients_per_round / fed.clients,
+                fed.dp.delta,
+            )
+            if fed.dp is not None
+            else None
+        )
 
     def _make_aggregator(self) -> Aggregator:
         return AGGREGATORS[self.fed.aggregation](**self.aggregator_kwargs)
@@ -245,6 +257,7 @@ class FederatedSimulation:
         fit = self.strategy.configure_fit(round_id, self.base_fit)
         by_id = {self.client_id(i): i for i in sampled}
         results: dict[int, tuple[float, int, int]] = {}
+        norms: dict[int, float] = {}
 
         def train(client: str) -> tuple[dict[str, torch.Tensor], float]:
             index = by_id[client]
@@ -265,7 +278,12 @@ class FederatedSimulation:
                 seed=client_seed(self.cfg.train.seed, round_id, index),
             )
             results[index] = (update.loss, update.num_examples, update.steps)
-            return update.delta, float(update.num_examples)
+            if self.dp is None:
+                return update.delta, float(update.num_examples)
+            # DP-FedAvg: a clipped update with its noise share, averaged uniformly.
+            noise = torch.Generator().manual_seed(client_seed(self.cfg.train.seed, round_id, index) + 1)
+            private, norms[index] = self.dp.privatize(update.delta, noise)
+            return private, 1.0
 
         outcome = self.aggregation.run(round_id, [self.client_id(i) for i in sampled], train)
         self.global_state = self.strategy.apply(self.global_state, outcome.average, round_id)
@@ -288,7 +306,14 @@ class FederatedSimulation:
             "setup_bytes_up": outcome.setup_bytes_up,
             "setup_bytes_down": outcome.setup_bytes_down,
             "update_bytes": outcome.update_bytes,
-        }
+        } | (
+            {
+                "dp_epsilon": self.dp.epsilon(round_id),
+                "dp_clipped": sum(1 for i in kept if norms[i] > self.dp.clip) / max(1, len(kept)),
+            }
+            if self.dp is not None
+            else {}
+        )
 
     def evaluate(self, progress: Any, desc: str, final: bool = False) -> dict[str, float]:
         """Metrics of the global model on the run's evaluation split (generating only when ``final``)."""

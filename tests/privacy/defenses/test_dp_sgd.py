@@ -11,8 +11,9 @@ from torch import nn
 
 from splitfed.config import ConfigError, parse_config
 from splitfed.models.partition import FinetuneSpec, SplitSpec
+from splitfed.privacy.accounting import RDPAccountant, sampled_gaussian_rdp
 from splitfed.privacy.defenses import DefenseConfigError, build_defense
-from splitfed.privacy.defenses.dp_sgd import DPSGD, RDPAccountant, sampled_gaussian_rdp
+from splitfed.privacy.defenses.dp_sgd import DPSGD
 from splitfed.split.front import FrontContext, build_front
 from splitfed.split.parties import MicroBatch, OptimSpec
 from splitfed.split.system import SplitSystem, build_split
