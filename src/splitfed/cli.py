@@ -798,6 +798,56 @@ def audit(
 
 
 @app.command()
+def membership(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `train` or `fedtrain` run's output_dir.")],
+    references: Annotated[
+        int,
+        typer.Option(min=0, help="Reference models to fine-tune on auxiliary data (0: loss threshold only)."),
+    ] = 2,
+    reference_steps: Annotated[
+        int | None, typer.Option(min=1, help="Steps per reference model (default: the run's).")
+    ] = None,
+    max_examples: Annotated[
+        int | None, typer.Option(min=1, help="Score at most this many members and as many non-members.")
+    ] = 200,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the result as JSON here.")
+    ] = None,
+) -> None:
+    """Membership inference on a run's fine-tuned model: loss threshold, reference model, LiRA offline.
+
+    Members are the run's training examples, non-members its evaluation split; reference models
+    are fine-tuned like the run on the dataset's remaining split. Prints AUC and TPR at low FPR.
+    """
+    import json
+
+    from splitfed.privacy.attacks import AttackError
+    from splitfed.privacy.attacks.membership import membership_from_run
+
+    _quiet_libraries()
+    try:
+        result = membership_from_run(
+            run_dir,
+            references=references,
+            reference_steps=reference_steps,
+            max_examples=max_examples,
+            log=lambda s: console.print(s),
+        )
+    except _user_errors(AttackError, FileNotFoundError) as err:
+        _fail(str(err))
+        return
+    table = Table(title=f"membership inference on {run_dir} ({result.n_examples} examples; chance AUC 0.5)")
+    table.add_column("metric")
+    table.add_column("value")
+    for metric, value in result.metrics.items():
+        table.add_row(metric, f"{value:.4f}")
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.summary(), indent=2))
+        console.print(f"results: {json_out}")
+
+
+@app.command()
 def certs(
     directory: Annotated[
         Path, typer.Argument(help="Where to write ca.pem, server.pem/.key and client certificates.")

@@ -124,3 +124,12 @@ def test_a_finished_split_run_is_attacked_from_its_output_dir(tmp_path: Path) ->
     print({k: round(v, 3) for k, v in attack.metrics.items()})
     assert attack.metrics["loss_auc"] >= 0.8
     assert attack.metrics["reference_auc"] >= attack.metrics["loss_auc"] - 0.1
+    from typer.testing import CliRunner
+
+    from splitfed.cli import app
+
+    cli = CliRunner().invoke(app, ["membership", str(result.output_dir), "--references", "0"])
+    assert cli.exit_code == 0, cli.output
+    assert "loss_auc" in cli.output
+    missing = CliRunner().invoke(app, ["membership", str(tmp_path / "nowhere")])
+    assert missing.exit_code != 0 and "error:" in missing.output
