@@ -588,6 +588,12 @@ def attack(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")
     ] = None,
+    ground_truth: Annotated[
+        Path | None,
+        typer.Option(
+            help="The data party's `join --record` directory, to score a `serve --record` recording."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Attack a recording as the honest-but-curious model party and score it against the ground truth.
@@ -617,7 +623,9 @@ def attack(
             raise AttackConfigError(f"--param {sorted(unused)}: no chosen attack takes it")
         needs_aux = any(getattr(ATTACKS.get(n), "needs_auxiliary", False) for n in attack_name)
         texts = auxiliary_texts(cfg, aux) if needs_aux or aux is not None else []
-        context = attack_context(cfg, texts, max_examples=max_examples, progress=progress)
+        context = attack_context(
+            cfg, texts, max_examples=max_examples, progress=progress, ground_truth=ground_truth
+        )
         phases = [p.strip() for p in phase.split(",") if p.strip()]
         results = attack_recording(recording, specs, context, phases=phases)
     except _user_errors(AttackConfigError, AttackError) as err:

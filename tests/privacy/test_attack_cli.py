@@ -118,3 +118,39 @@ def test_attack_recovers_prompts_from_a_generate_recording(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     (summary,) = json.loads(out.read_text())
     assert summary["metrics"]["prompt_token_f1"] > 0.8  # prompts leak from the prefill activations
+
+
+def test_attack_scores_a_model_party_recording_with_the_joined_party_s_ground_truth(tmp_path: Path) -> None:
+    from splitfed.config import parse_config
+    from splitfed.runtime import join, start_server
+
+    save_tiny_pretrained(tmp_path / "model")
+    write_topic_csv(tmp_path / "data.csv")
+    raw = run_config(tmp_path, "remote", split={"setting": "ht", "head_layers": 1, "tail_layers": 0})
+    raw["model"]["num_labels"] = 3
+    raw["train"] |= {"steps": 2, "eval_before": False}
+    config = tmp_path / "remote.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cfg = parse_config(raw)
+    server = start_server(cfg, port=0, record=tmp_path / "server")
+    try:
+        join(
+            cfg,
+            f"127.0.0.1:{server.port}",
+            client_id="clinic",
+            progress=False,
+            log=lambda s: None,
+            record=tmp_path / "party",
+        )
+    finally:
+        server.stop()
+    out = tmp_path / "remote.json"
+    args = ["attack", str(tmp_path / "server"), "--config", str(config), "--attack", "vmi", "--attack", "bli"]
+    result = CliRunner().invoke(
+        app, [*args, "--ground-truth", str(tmp_path / "party"), "--no-progress", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    vmi, bli = json.loads(out.read_text())
+    assert vmi["metrics"]["token_f1"] > 0.8 and bli["metrics"]["label_accuracy"] == 1.0
+    without = CliRunner().invoke(app, [*args, "--no-progress"])  # the server has no ground truth
+    assert without.exit_code != 0 and "ground" in without.output.lower()

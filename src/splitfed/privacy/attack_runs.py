@@ -83,8 +83,15 @@ def attack_context(
     *,
     max_examples: int | None = None,
     progress: bool = False,
+    ground_truth: str | Path | None = None,
 ) -> AttackContext:
-    """An :class:`AttackContext` with the run's public pretrained model and tokenizer (no adapters)."""
+    """An :class:`AttackContext` with the run's public pretrained model and tokenizer (no adapters).
+
+    ``ground_truth``: a ``join --record`` directory (or its ``ground_truth/``) that scores a
+    recording the model party made (``serve --record``).
+    """
+    if ground_truth is not None and (Path(ground_truth) / "ground_truth").is_dir():
+        ground_truth = Path(ground_truth) / "ground_truth"
     from splitfed.run import load_run_model
 
     # The attacker's public model is the pretrained one; a classifier's new head (its width is the
@@ -99,6 +106,7 @@ def attack_context(
         max_examples=max_examples,
         aux_max_length=cfg.data.max_length,
         progress=progress,
+        ground_truth=ground_truth,
     )
 
 

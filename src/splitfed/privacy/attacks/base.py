@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -113,6 +114,9 @@ class AttackContext:
         End every auxiliary sequence with the EOS token, as splitfed's collators end examples.
     progress : bool, default False
         Show progress bars.
+    ground_truth : str | Path | None, default None
+        Where the data party's ground truth is when it is not the recording's ``ground_truth/``
+        (a ``serve --record`` recording is scored by the ``join --record`` ground truth).
     """
 
     model: nn.Module | None = None
@@ -125,6 +129,7 @@ class AttackContext:
     aux_max_length: int = 64
     aux_eos: bool = True
     progress: bool = False
+    ground_truth: str | Path | None = None
     #: Fitted things several attacks share (public head, auxiliary activations, the linear baseline).
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 

@@ -36,6 +36,7 @@ from splitfed.privacy.attacks.metrics import IGNORE
 _GRAD = Need("backward", "grad")
 _MASK = Need("forward", "attention_mask")
 _LOGITS = Need("forward_result", "logits", required=False)
+_HIDDEN = Need("forward", "hidden", required=False)
 
 
 def example_gradients(observation: Observation) -> torch.Tensor:
@@ -216,7 +217,7 @@ class BatchLabelInference(Attack):
 
     name = "bli"
     target = "labels"
-    needs = (_GRAD, _MASK, _LOGITS)
+    needs = (_GRAD, _MASK, _LOGITS, _HIDDEN)
 
     def run(
         self,
@@ -228,13 +229,17 @@ class BatchLabelInference(Attack):
         out = []
         for obs in observations:
             grad, logits = obs["backward", "grad"], obs.get("forward_result", "logits")
-            if logits is None:
+            hidden = obs.get("forward", "hidden")
+            # A recording of what the model party received (serve --record) holds no reply: the
+            # gradient is of logits when it is not as wide as the activations the model party got.
+            of_logits = logits is not None or (hidden is not None and grad.shape[-1] != hidden.shape[-1])
+            if not of_logits:
                 raise AttackError(
                     f"batch {obs.batch_id}: the model party sent no logits, so the gradient it received is "
                     "not of logits (HBT: it passed through the data party's private tail); bli needs HT "
                     "with labels at the data party; use ns or ds here"
                 )
-            if tuple(grad.shape) != tuple(logits.shape):
+            if logits is not None and tuple(grad.shape) != tuple(logits.shape):
                 raise AttackError(
                     f"batch {obs.batch_id}: the gradient {tuple(grad.shape)} is not of the logits "
                     f"{tuple(logits.shape)} the model party sent"

@@ -83,6 +83,7 @@ def load_observations(
     clients: str | Iterable[str] | None = None,
     max_examples: int | None = None,
     progress: bool = False,
+    ground_truth: str | Path | None = None,
 ) -> tuple[list[Observation], list[Truth], dict[str, int | None]]:
     """What the attacker saw of each batch, its ground truth, and the recording's split facts.
 
@@ -95,9 +96,12 @@ def load_observations(
     observations, truths : lists, one entry per batch
     facts : dict
         ``head_layers`` (from the forwards' metadata, ``None`` when absent).
+
+    ``ground_truth`` is where the data party's ground truth is when it is not inside the
+    recording (a ``serve --record`` recording is scored by the ``join --record`` ground truth).
     """
     reader = RecordingReader(recording)
-    truth_reader = GroundTruthReader(ground_truth_dir(recording))
+    truth_reader = GroundTruthReader(ground_truth or ground_truth_dir(recording))
     kinds = {need.kind for need in needs} - {"forward"}
     by_batch: dict[tuple[str, str, int | None], Record] = {}
     for reply in reader.records(kinds=sorted(kinds)) if kinds else ():
@@ -275,6 +279,7 @@ def run_attack(
         clients=clients,
         max_examples=context.max_examples,
         progress=context.progress,
+        ground_truth=context.ground_truth,
     )
     if context.head_layers is None:
         context.head_layers = facts["head_layers"]
@@ -329,6 +334,7 @@ def load_generations(
     *,
     clients: str | Iterable[str] | None = None,
     max_examples: int | None = None,
+    ground_truth: str | Path | None = None,
 ) -> tuple[list[Observation], list[Truth], list[torch.Tensor], dict[str, int | None]]:
     """Every recorded generation session as one sequence of activations, with its ground truth.
 
@@ -348,7 +354,7 @@ def load_generations(
         ``head_layers`` (from the ``gen_start`` metadata, ``None`` when absent).
     """
     reader = RecordingReader(recording)
-    truth_reader = GroundTruthReader(ground_truth_dir(recording))
+    truth_reader = GroundTruthReader(ground_truth or ground_truth_dir(recording))
     starts: dict[str, Record] = {}
     steps: dict[str, list[Record]] = {}
     for record in reader.records(kinds=["gen_start", "gen_step"], directions="to_model", clients=clients):
@@ -447,7 +453,7 @@ def run_generation_attack(
             f"attack {attack.name!r} learns from auxiliary text: pass AttackContext(auxiliary_texts=...)"
         )
     observations, truths, prompt_masks, facts = load_generations(
-        recording, clients=clients, max_examples=context.max_examples
+        recording, clients=clients, max_examples=context.max_examples, ground_truth=context.ground_truth
     )
     if context.head_layers is None:
         context.head_layers = facts["head_layers"]
