@@ -81,3 +81,14 @@ def test_bad_parameters_name_the_key_and_the_range() -> None:
         build_defense({"name": "grad_topk", "fraction": 0})
     with pytest.raises(DefenseConfigError, match="fraction: Input should be less than or equal to 1"):
         build_defense({"name": "grad_topk", "fraction": 2})
+
+
+def test_the_fast_top_k_of_a_large_tensor_selects_exactly_what_topk_does() -> None:
+    from splitfed.privacy.defenses.grad_topk import top_magnitude_indices
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(2**19, generator=g)
+    for k in (50, 5_000, 100_000):
+        fast = top_magnitude_indices(flat, k)
+        exact = flat.abs().topk(k).indices
+        assert fast.numel() == k and set(fast.tolist()) == set(exact.tolist())

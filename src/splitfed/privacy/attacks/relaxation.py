@@ -39,8 +39,11 @@ class RelaxationInversion(WhiteBoxInversion):
     search : bool, default True
         Causal decoders: choose tokens left to right by discrete search.
     candidates : int, default 128
-        Tokens the search tries per position (the whole vocabulary when it is no larger; else the
-        highest logits).
+    shortlist : int, default 16
+    accept : float, default 0.02
+    search_steps : int, default 0
+        As :class:`~splitfed.privacy.attacks.vmi.WhiteBoxInversion`'s (the shortlist's first
+        source is the highest logits).
     """
 
     name = "ri"
@@ -57,7 +60,16 @@ class RelaxationInversion(WhiteBoxInversion):
         init_scale: float = Field(10.0, ge=0.0, le=1000.0, description="scale of the target start's logits")
         batch_size: int = Field(16, ge=1, le=65_536, description="sequences optimized together")
         search: bool = Field(True, description="causal decoders: left-to-right discrete token search")
-        candidates: int = Field(128, ge=1, le=1_000_000, description="tokens the search tries per position")
+        candidates: int = Field(
+            128, ge=1, le=1_000_000, description="tokens the search proposes per position"
+        )
+        shortlist: int = Field(
+            16, ge=1, le=1_000_000, description="tokens tried first per position (each source)"
+        )
+        accept: float = Field(
+            0.02, ge=0.0, le=100.0, description="distance under which a shortlisted token is kept"
+        )
+        search_steps: int = Field(0, ge=0, le=100_000, description="continuous steps before the search")
 
     def __init__(
         self,
@@ -70,6 +82,9 @@ class RelaxationInversion(WhiteBoxInversion):
         batch_size: int = 16,
         search: bool = True,
         candidates: int = 128,
+        shortlist: int = 16,
+        accept: float = 0.02,
+        search_steps: int = 0,
     ) -> None:
         super().__init__(
             steps=steps,
@@ -79,6 +94,9 @@ class RelaxationInversion(WhiteBoxInversion):
             batch_size=batch_size,
             search=search,
             candidates=candidates,
+            shortlist=shortlist,
+            accept=accept,
+            search_steps=search_steps,
         )
         self.temperature, self.init_scale = temperature, init_scale
 

@@ -1,0 +1,183 @@
+"""Whether each defense's attack performance (AP) falls as its strength rises, with the MP it costs.
+
+Runs the sweep ``examples/bench/monotonicity.yaml`` (smollm2-135m, fortunes-topic, HT split after
+2 blocks, three strengths per defense; runs already in its store are skipped), then reads the
+SQLite store and prints, per defense, strength and targeted attack, the main-task performance
+(MP) and the AP, weakest to strongest with the undefended run first.
+
+AP counts as monotone when, along that order, it never rises by more than the tolerance: the
+larger of ``--tol`` and the spread of AP over the sweep's seeds at any one point (with one seed,
+``--tol`` alone). Which parameter is the strength, and which way it grows, is
+:data:`STRENGTH`; which attacks a defense is meant to stop is :data:`TARGETED`.
+
+    python benchmarks/defense_monotonicity.py                 # the whole sweep (~20-40 min on 2 cores)
+    python benchmarks/defense_monotonicity.py --table-only    # print the table of a stored sweep
+    python benchmarks/defense_monotonicity.py --quick         # grad_topk at 2 strengths, 2 steps,
+                                                              # bli label inference (< 1 minute)
+
+Ends with one line per defense: ``BENCH <defense>_ap_monotone <1 or 0> >= 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from transformers.utils import logging as hf_logging
+
+from splitfed.bench.scores import NO_DEFENSE
+from splitfed.bench.store import ResultStore
+from splitfed.bench.sweep import SweepConfig, load_sweep, run_sweep, sweep_paths
+
+SWEEP = Path(__file__).parents[1] / "examples" / "bench" / "monotonicity.yaml"
+
+#: Each defense's strength parameter and its direction: +1 when a larger value protects more,
+#: -1 when a smaller one does (a privacy budget, a fraction sent).
+STRENGTH: dict[str, tuple[str, int]] = {
+    "activation_dp": ("epsilon", -1),
+    "dchi_privacy": ("epsilon", -1),
+    "santext": ("epsilon", -1),
+    "custext": ("epsilon", -1),
+    "rantext": ("epsilon", -1),
+    "snd": ("epsilon", -1),
+    "grad_topk": ("fraction", -1),
+    "grad_dp": ("noise_multiplier", 1),
+    "dp_sgd": ("noise_multiplier", 1),
+    "nopeek": ("weight", 1),
+    "mid": ("weight", 1),
+    "adversarial": ("weight", 1),
+}
+
+#: The attacks each defense is meant to stop (the table shows only these).
+TARGETED: dict[str, tuple[str, ...]] = {
+    "activation_dp": ("vmi", "linear"),
+    "dchi_privacy": ("vmi", "linear"),
+    "santext": ("vmi", "linear"),
+    "custext": ("vmi", "linear"),
+    "rantext": ("vmi", "linear"),
+    "snd": ("vmi", "linear"),
+    "nopeek": ("vmi", "linear"),
+    "mid": ("vmi", "linear"),
+    "adversarial": ("vmi", "linear"),
+    "grad_topk": ("bli",),
+    "grad_dp": ("bli",),
+    "dp_sgd": ("bli",),
+}
+
+#: ``(MP values, AP values)`` over seeds, keyed by (defense, strength value, attack).
+Cells = dict[tuple[str, float | None, str], tuple[list[float], list[float]]]
+
+
+def quick_sweep(sweep: SweepConfig, out: Path) -> SweepConfig:
+    """A tiny subset of ``sweep``: gradient sparsification at two strengths, two training steps, bli.
+
+    Label inference reads the recorded gradients and costs next to nothing; the inverters fit or
+    optimize for tens of seconds each, too long for a check under a minute.
+    """
+    return sweep.model_copy(
+        update={
+            "name": f"{sweep.name}-quick",
+            "set": sweep.set
+            | {"train.steps": 2, "data.max_train": 16, "data.max_eval": 8, "data.max_length": 16},
+            "defenses": [NO_DEFENSE, {"name": "grad_topk", "fraction": [0.01, 0.5]}],
+            "attacks": ["bli"],
+            "max_examples": 4,
+            "out": str(out),
+            "store": None,
+        }
+    )
+
+
+def collect(store: ResultStore, sweep: str) -> Cells:
+    """MP and AP of every done run and attack of ``sweep`` in ``store``, grouped over seeds."""
+    cells: Cells = defaultdict(lambda: ([], []))
+    for run in store.runs(sweep):
+        if run.status != "done" or run.mp is None:
+            continue
+        defense = str(run.spec.get("defense", NO_DEFENSE))
+        param = STRENGTH.get(defense, ("", 1))[0]
+        value = run.spec.get("strength", {}).get(param) if defense != NO_DEFENSE else None
+        for attack in store.attacks(run.key):
+            if attack.status == "done" and attack.ap is not None:
+                mp, ap = cells[(defense, value, attack.attack)]
+                mp.append(float(run.mp))
+                ap.append(float(attack.ap))
+    return cells
+
+
+def monotone(aps: list[list[float]], tol: float) -> bool:
+    """Whether the mean APs (weakest strength first) never rise by more than ``tol`` or the seed spread."""
+    spread = max((max(a) - min(a) for a in aps), default=0.0)
+    allowed = max(tol, spread)
+    means = [statistics.fmean(a) for a in aps]
+    return all(later <= earlier + allowed for earlier, later in itertools.pairwise(means))
+
+
+def report(cells: Cells, tol: float) -> dict[str, bool]:
+    """Print the defense x strength x attack table; return whether AP is monotone for each defense."""
+    defenses = sorted({d for d, _, _ in cells if d != NO_DEFENSE})
+    verdicts: dict[str, bool] = {}
+    print(f"{'defense':14s} {'strength':>22s} {'attack':8s} {'MP':>6s} {'AP':>6s} {'seeds':>5s}")
+    for defense in defenses:
+        param, direction = STRENGTH.get(defense, ("", 1))
+        values = sorted({v for d, v, _ in cells if d == defense}, key=lambda v: direction * float(v or 0))
+        ok = True
+        for attack in TARGETED.get(defense, ()):
+            points = [(None, cells.get((NO_DEFENSE, None, attack)))] + [
+                (v, cells.get((defense, v, attack))) for v in values
+            ]
+            points = [(v, c) for v, c in points if c is not None]
+            if len(points) < 2:
+                continue
+            for v, (mp, ap) in points:
+                label = "none" if v is None else f"{param}={v}"
+                print(
+                    f"{defense:14s} {label:>22s} {attack:8s} {statistics.fmean(mp):6.3f} "
+                    f"{statistics.fmean(ap):6.3f} {len(ap):5d}"
+                )
+            attack_ok = monotone([c[1] for _, c in points], tol)
+            print(f"{'':14s} {'':>22s} {attack:8s} AP monotone: {'yes' if attack_ok else 'NO'}")
+            ok = ok and attack_ok
+        verdicts[defense] = ok
+    return verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sweep", type=Path, default=SWEEP, help="the sweep YAML (default: monotonicity.yaml)"
+    )
+    parser.add_argument("--tol", type=float, default=0.02, help="AP rise tolerated between strengths")
+    parser.add_argument(
+        "--table-only", action="store_true", help="print the table of what is stored; run nothing"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="grad_topk at 2 strengths, 2 steps, bli, in a temporary store: under a minute",
+    )
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    sweep, root = load_sweep(args.sweep)
+    if args.quick:
+        sweep = quick_sweep(sweep, Path(tempfile.mkdtemp(prefix="splitfed-monotonicity-")))
+    _, store_path = sweep_paths(sweep, root)
+    if not args.table_only:
+        start = time.perf_counter()
+        run_sweep(sweep, root, store_path=store_path)
+        print(f"sweep {sweep.name}: {time.perf_counter() - start:.0f} s")
+    with ResultStore(store_path) as store:
+        cells = collect(store, sweep.name)
+    verdicts = report(cells, args.tol)
+    for defense, ok in verdicts.items():
+        print(f"BENCH {defense}_ap_monotone {int(ok)} >= 1")
+
+
+if __name__ == "__main__":
+    main()
