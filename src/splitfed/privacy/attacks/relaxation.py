@@ -12,10 +12,10 @@ highest logit (:func:`~splitfed.privacy.attacks.vmi.causal_search`).
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from splitfed.privacy.attacks.base import AttackContext
-from splitfed.privacy.attacks.vmi import Init, WhiteBoxInversion
+from splitfed.privacy.attacks.vmi import Init, SearchParams, WhiteBoxInversion
 
 
 class RelaxationInversion(WhiteBoxInversion):
@@ -48,7 +48,7 @@ class RelaxationInversion(WhiteBoxInversion):
 
     name = "ri"
 
-    class Params(BaseModel):
+    class Params(SearchParams):
         """Parameters of :class:`RelaxationInversion`."""
 
         model_config = ConfigDict(extra="forbid")
@@ -59,17 +59,6 @@ class RelaxationInversion(WhiteBoxInversion):
         init: Init = Field("target", description="start point: target, mean (uniform) or random")
         init_scale: float = Field(10.0, ge=0.0, le=1000.0, description="scale of the target start's logits")
         batch_size: int = Field(16, ge=1, le=65_536, description="sequences optimized together")
-        search: bool = Field(True, description="causal decoders: left-to-right discrete token search")
-        candidates: int = Field(
-            128, ge=1, le=1_000_000, description="tokens the search proposes per position"
-        )
-        shortlist: int = Field(
-            16, ge=1, le=1_000_000, description="tokens tried first per position (each source)"
-        )
-        accept: float = Field(
-            0.02, ge=0.0, le=100.0, description="distance under which a shortlisted token is kept"
-        )
-        search_steps: int = Field(0, ge=0, le=100_000, description="continuous steps before the search")
 
     def __init__(
         self,

@@ -332,6 +332,21 @@ def causal_search(
     return tokens
 
 
+class SearchParams(BaseModel):
+    """Parameters of the causal left-to-right token search that VMI and RI share."""
+
+    model_config = ConfigDict(extra="forbid")
+    search: bool = Field(True, description="causal decoders: left-to-right discrete token search")
+    candidates: int = Field(128, ge=1, le=1_000_000, description="tokens the search proposes per position")
+    shortlist: int = Field(
+        16, ge=1, le=1_000_000, description="tokens tried first per position (each source)"
+    )
+    accept: float = Field(
+        0.02, ge=0.0, le=100.0, description="distance under which a shortlisted token is kept"
+    )
+    search_steps: int = Field(0, ge=0, le=100_000, description="continuous steps before the search")
+
+
 class WhiteBoxInversion(Attack):
     """Optimize per-position input embeddings until the public head reproduces the activations.
 
@@ -374,7 +389,7 @@ class WhiteBoxInversion(Attack):
     needs_public_model = True
     reports_baseline = True
 
-    class Params(BaseModel):
+    class Params(SearchParams):
         """Parameters of :class:`WhiteBoxInversion`."""
 
         model_config = ConfigDict(extra="forbid")
@@ -385,17 +400,6 @@ class WhiteBoxInversion(Attack):
         cosine: float = Field(0.5, ge=0.0, le=100.0, description="weight of the cosine distance")
         init: Init = Field("target", description="start point: target, mean or random")
         batch_size: int = Field(64, ge=1, le=65_536, description="sequences optimized together")
-        search: bool = Field(True, description="causal decoders: left-to-right discrete token search")
-        candidates: int = Field(
-            128, ge=1, le=1_000_000, description="tokens the search proposes per position"
-        )
-        shortlist: int = Field(
-            16, ge=1, le=1_000_000, description="tokens tried first per position (each source)"
-        )
-        accept: float = Field(
-            0.02, ge=0.0, le=100.0, description="distance under which a shortlisted token is kept"
-        )
-        search_steps: int = Field(0, ge=0, le=100_000, description="continuous steps before the search")
 
     def __init__(
         self,
