@@ -307,7 +307,8 @@ class Attack:
     needs_public_model: ClassVar[bool] = False
     needs_auxiliary: ClassVar[bool] = False
     #: Labels of this many examples per class the attacker is assumed to know (scored apart).
-    known_labels_per_class: int = 0
+    #: (An attack that takes ``known_per_class`` as a parameter sets it in its constructor.)
+    known_per_class: int = 0
     #: Whether the runner scores the linear baseline beside it (every inversion attack does).
     reports_baseline: ClassVar[bool] = False
     #: Binary label attacks: each observation's score of class 1 in the last run (the runner's AUC).
@@ -328,7 +329,7 @@ class Attack:
         """Predictions for every observation (see the class docstring).
 
         ``known`` maps an observation's index to labels the attacker knows (``-100`` elsewhere),
-        given only to attacks with :attr:`known_labels_per_class` > 0.
+        given only to attacks with :attr:`known_per_class` > 0.
         """
         raise NotImplementedError
 

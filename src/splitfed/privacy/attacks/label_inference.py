@@ -113,7 +113,6 @@ class NormScoring(Attack):
 
     def __init__(self, known_per_class: int = 5, orient: Orient = "minority", positive: int = 1) -> None:
         self.known_per_class, self.orient, self.positive = known_per_class, orient, positive
-        self.known_labels_per_class = known_per_class
 
     def run(
         self,
@@ -168,7 +167,6 @@ class DirectionScoring(Attack):
 
     def __init__(self, known_per_class: int = 1, iterations: int = 10) -> None:
         self.known_per_class, self.iterations = known_per_class, iterations
-        self.known_labels_per_class = known_per_class
 
     def run(
         self,

@@ -72,7 +72,6 @@ class ModelCompletion(Attack):
     ) -> None:
         self.known_per_class, self.hidden, self.steps = known_per_class, hidden, steps
         self.lr, self.weight_decay = lr, weight_decay
-        self.known_labels_per_class = known_per_class
 
     def run(
         self,

@@ -283,7 +283,7 @@ def run_attack(
     )
     if context.head_layers is None:
         context.head_layers = facts["head_layers"]
-    known = known_labels(truths, attack.known_labels_per_class, context.seed)
+    known = known_labels(truths, attack.known_per_class, context.seed)
     start = time.perf_counter()
     predicted = attack.run(observations, context, known or None)
     seconds = time.perf_counter() - start
