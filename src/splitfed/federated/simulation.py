@@ -35,6 +35,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from torch import nn
 
 from splitfed.config import ConfigError, RunConfig
 from splitfed.federated.aggregators import AGGREGATORS, Aggregator, Layout
-from splitfed.federated.client import client_seed, local_update
+from splitfed.federated.client import ClientUpdate, client_seed, local_update
 from splitfed.federated.client_dp import ClientDP
 from splitfed.federated.rounds import SimulatedAggregation, simulated_aggregation
 from splitfed.federated.strategies import STRATEGIES, FitConfig, Strategy
@@ -101,6 +102,28 @@ def whole_model(model: nn.Module, head: str) -> Segment:
     return Segment(
         "model", model, family, 0, family.num_layers(model), embed=True, finish=True, task_head=head
     )
+
+
+@dataclass
+class ClientResult:
+    """One client's contribution to a round: what it encodes, and the local update behind it.
+
+    Parameters
+    ----------
+    delta : dict[str, torch.Tensor]
+        What the client encodes (its update; clipped and noised under client-level DP).
+    weight : float
+        Its aggregation weight (examples; 1 under client-level DP).
+    update : ClientUpdate
+        The local training's record (loss, examples, steps, raw delta).
+    norm : float | None
+        The update's norm before clipping (client-level DP only).
+    """
+
+    delta: dict[str, torch.Tensor]
+    weight: float
+    update: ClientUpdate
+    norm: float | None = None
 
 
 class _GlobalModel:
@@ -207,9 +230,7 @@ class FederatedSimulation:
         if fed.aggregation == "secagg" and "max_weight" not in self.aggregator_kwargs:
             # the largest weight any client may have; in a deployment, configure secagg.max_weight
             self.aggregator_kwargs["max_weight"] = float(max(sizes))
-        self.aggregation: SimulatedAggregation = simulated_aggregation(
-            self._make_aggregator, self.layout, min_clients=fed.min_clients, dealer=self.client_id(0)
-        )
+        self._aggregation: SimulatedAggregation | None = None
         t = cfg.train
         self.base_fit = FitConfig(
             local_steps=fed.local_steps,
@@ -233,6 +254,16 @@ class FederatedSimulation:
             else None
         )
 
+    @property
+    def aggregation(self) -> SimulatedAggregation:
+        """The in-process protocol driver of the run's aggregator (built on first use: CKKS makes
+        its keys then, so a Flower client that only trains never makes any)."""
+        if self._aggregation is None:
+            self._aggregation = simulated_aggregation(
+                self._make_aggregator, self.layout, min_clients=self.fed.min_clients, dealer=self.client_id(0)
+            )
+        return self._aggregation
+
     def _make_aggregator(self) -> Aggregator:
         return AGGREGATORS[self.fed.aggregation](**self.aggregator_kwargs)
 
@@ -247,9 +278,33 @@ class FederatedSimulation:
             for name, p in self.params.items():
                 p.copy_(self.global_state[name])
 
+    def client_update(self, round_id: int, index: int, fit: FitConfig) -> ClientResult:
+        """Client ``index``'s local update of ``round_id`` from the global adapters, ready to encode.
+
+        The one client computation of a round, used by the simulation and by the Flower
+        :mod:`ClientApp <splitfed.federated.flower.client_app>` alike. Under ``federated.dp`` the
+        delta is clipped, carries its noise share and weighs 1 (DP-FedAvg averages uniformly).
+        """
+        task, part = self.work.task, self.parts[index]
+
+        def loss_fn(batch_ids: list[int]) -> torch.Tensor:
+            batch = task.collate([part[i] for i in batch_ids])
+            logits = self.segment(**{k: batch[k] for k in INPUT_KEYS if k in batch})
+            return task.loss(logits, batch)  # type: ignore[no-any-return]
+
+        self.load_global()
+        self.segment.train()
+        seed = client_seed(self.cfg.train.seed, round_id, index)
+        update = local_update(self.params, loss_fn=loss_fn, num_examples=len(part), fit=fit, seed=seed)
+        if self.dp is None:
+            return ClientResult(update.delta, float(update.num_examples), update)
+        noise = torch.Generator().manual_seed(seed + 1)
+        private, norm = self.dp.privatize(update.delta, noise)
+        return ClientResult(private, 1.0, update, norm)
+
     def run_round(self, round_id: int) -> dict[str, Any]:
         """Sample, train, aggregate and apply one round; returns its history record."""
-        fed, task = self.fed, self.work.task
+        fed = self.fed
         t_round = time.perf_counter()
         sampled = sample_clients(
             fed.clients, fed.clients_per_round, seed=self.cfg.train.seed, round_id=round_id
@@ -261,29 +316,12 @@ class FederatedSimulation:
 
         def train(client: str) -> tuple[dict[str, torch.Tensor], float]:
             index = by_id[client]
-            part = self.parts[index]
-
-            def loss_fn(batch_ids: list[int]) -> torch.Tensor:
-                batch = task.collate([part[i] for i in batch_ids])
-                logits = self.segment(**{k: batch[k] for k in INPUT_KEYS if k in batch})
-                return task.loss(logits, batch)  # type: ignore[no-any-return]
-
-            self.load_global()
-            self.segment.train()
-            update = local_update(
-                self.params,
-                loss_fn=loss_fn,
-                num_examples=len(part),
-                fit=fit,
-                seed=client_seed(self.cfg.train.seed, round_id, index),
-            )
+            result = self.client_update(round_id, index, fit)
+            update = result.update
             results[index] = (update.loss, update.num_examples, update.steps)
-            if self.dp is None:
-                return update.delta, float(update.num_examples)
-            # DP-FedAvg: a clipped update with its noise share, averaged uniformly.
-            noise = torch.Generator().manual_seed(client_seed(self.cfg.train.seed, round_id, index) + 1)
-            private, norms[index] = self.dp.privatize(update.delta, noise)
-            return private, 1.0
+            if result.norm is not None:
+                norms[index] = result.norm
+            return result.delta, result.weight
 
         outcome = self.aggregation.run(round_id, [self.client_id(i) for i in sampled], train)
         self.global_state = self.strategy.apply(self.global_state, outcome.average, round_id)

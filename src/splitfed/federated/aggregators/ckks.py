@@ -266,6 +266,23 @@ class CKKSAggregator(Aggregator):
             )
         self._context, self._context_id = context, context_id
 
+    def export_secret(self) -> bytes:
+        """Client: the secret context, serialized, to keep in the client's own local state (a Flower
+        client lives one message at a time). Never send it: :meth:`seal_context` is how it travels."""
+        self._need_secret("export the secret context")
+        return bytes(
+            self._context.serialize(
+                save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+            )
+        )
+
+    def load_secret(self, data: bytes, *, context_id: str) -> None:
+        """Client: reload what :meth:`export_secret` gave (from the client's own local state)."""
+        context = self._parse_context(data, what="the stored secret context")
+        if not context.is_private():
+            raise AggregationError("ckks: the stored context carries no secret key")
+        self._context, self._context_id = context, context_id
+
     def public_context(self) -> Payload:
         """Dealer: the context for the server: parameters only, no secret, public or evaluation key."""
         self._need_secret("export the server's context")

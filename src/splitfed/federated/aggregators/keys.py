@@ -46,6 +46,13 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
     )
 
 
+def load_private(data: bytes) -> X25519PrivateKey:
+    """A private key from the 32 raw bytes :func:`private_bytes` gave (kept in a party's own state)."""
+    if len(data) != PUBLIC_KEY_BYTES:
+        raise AggregationError(f"an X25519 private key has {PUBLIC_KEY_BYTES} bytes, got {len(data)}")
+    return X25519PrivateKey.from_private_bytes(data)
+
+
 def load_public(data: bytes, *, what: str) -> X25519PublicKey:
     """A public key from 32 raw bytes; raises :class:`AggregationError` naming ``what``."""
     if len(data) != PUBLIC_KEY_BYTES:
