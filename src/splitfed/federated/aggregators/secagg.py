@@ -57,7 +57,7 @@ import math
 import secrets
 import struct
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -373,6 +373,60 @@ class SecAggClient:
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner index -> (mask key share, seed share)
         self._sent_update = False
         self._revealed = False
+
+    def export_state(self) -> dict[str, bytes | int | bool | str | list[int] | list[str] | list[bytes]]:
+        """Everything this round's session holds, for a client that lives one message at a time
+        (a Flower ClientApp keeps it in its own local state between the stages). It holds this
+        round's private keys and self-mask seed: never send it anywhere."""
+        held = sorted(self._held)
+        return {
+            "client_id": self.client_id,
+            "round_id": self.round_id,
+            "cipher_key": keys.private_bytes(self._cipher_key),
+            "mask_key": keys.private_bytes(self._mask_key),
+            "seed": self._seed,
+            "index": self._index,
+            "threshold": self._threshold,
+            "clients": list(self._clients),
+            "cipher_publics": list(self._cipher_publics),
+            "mask_publics": list(self._mask_publics),
+            "peers": sorted(self._peers),
+            "held_owners": held,
+            "held_key_shares": [self._held[u][0] for u in held],
+            "held_seed_shares": [self._held[u][1] for u in held],
+            "sent_update": self._sent_update,
+            "revealed": self._revealed,
+        }
+
+    @classmethod
+    def from_state(cls, aggregator: SecAggAggregator, state: Mapping[str, Any]) -> SecAggClient:
+        """The session :meth:`export_state` saved; raises :class:`AggregationError` if it is not one."""
+        try:
+            session = cls(aggregator, str(state["client_id"]), round_id=int(state["round_id"]))
+            session._cipher_key = keys.load_private(bytes(state["cipher_key"]))
+            session._mask_key = keys.load_private(bytes(state["mask_key"]))
+            session._seed = bytes(state["seed"])
+            session._index = int(state["index"])
+            session._threshold = int(state["threshold"])
+            session._clients = [str(c) for c in state["clients"]]
+            session._cipher_publics = [bytes(k) for k in state["cipher_publics"]]
+            session._mask_publics = [bytes(k) for k in state["mask_publics"]]
+            session._peers = {int(i) for i in state["peers"]}
+            owners, key_shares, seed_shares = (
+                list(state["held_owners"]),
+                list(state["held_key_shares"]),
+                list(state["held_seed_shares"]),
+            )
+            if not len(owners) == len(key_shares) == len(seed_shares):
+                raise ValueError("held shares do not line up")
+            session._held = {
+                int(u): (bytes(k), bytes(v)) for u, k, v in zip(owners, key_shares, seed_shares, strict=True)
+            }
+            session._sent_update = bool(state["sent_update"])
+            session._revealed = bool(state["revealed"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise AggregationError(f"secagg: the stored session state is not valid ({err})") from None
+        return session
 
     @property
     def index(self) -> int:

@@ -32,8 +32,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from splitfed.config import RunConfig, load_config
-from splitfed.federated.aggregators import AGGREGATORS, Aggregator, CKKSAggregator
+from splitfed.federated.aggregators import AGGREGATORS, Aggregator, CKKSAggregator, SecAggAggregator
 from splitfed.federated.aggregators import keys as keyring
+from splitfed.federated.aggregators.secagg import SecAggClient
 from splitfed.federated.flower.records import (
     FlowerProtocolError,
     digest,
@@ -50,6 +51,7 @@ app = ClientApp()
 #: Keys of this client's local state (``context.state``).
 GLOBAL = "splitfed.global"
 KEYS = "splitfed.keys"
+SECAGG = "splitfed.secagg"
 
 
 def _quiet(_: str) -> None:
@@ -84,7 +86,13 @@ def _aggregator(cfg: RunConfig, context: Context | None = None) -> Aggregator:
     """The run's aggregator; under ``ckks`` with this client's stored secret context loaded."""
     fed = cfg.federated
     assert fed is not None
-    aggregator = AGGREGATORS[fed.aggregation](**fed.aggregator_kwargs())
+    kwargs = fed.aggregator_kwargs()
+    if fed.aggregation == "secagg" and "max_weight" not in kwargs and context is not None:
+        # as in the simulation: the largest client's examples (every client computes the same)
+        stored = context.state.get(KEYS)
+        if isinstance(stored, ConfigRecord) and isinstance(stored.get("max_weight"), float):
+            kwargs["max_weight"] = stored["max_weight"]
+    aggregator = AGGREGATORS[fed.aggregation](**kwargs)
     if isinstance(aggregator, CKKSAggregator) and context is not None:
         keys = context.state.get(KEYS)
         secret = keys.get("ckks_secret") if isinstance(keys, ConfigRecord) else None
@@ -128,7 +136,15 @@ def init(msg: Message, context: Context) -> Message:
     cfg, partition = run_settings(context)
     sim = _simulation(cfg)
     put_tensors(context.state, GLOBAL, sim.global_state)
-    content = RecordDict({"info": ConfigRecord({"partition": partition, "digest": digest(sim.global_state)})})
+    max_weight = float(max(len(part) for part in sim.parts))
+    _keys(context)["max_weight"] = max_weight
+    content = RecordDict(
+        {
+            "info": ConfigRecord(
+                {"partition": partition, "digest": digest(sim.global_state), "max_weight": max_weight}
+            )
+        }
+    )
     if cfg.federated.aggregation != "ckks":  # type: ignore[union-attr]
         # the server applies the strategy itself when it can read the aggregate
         put_tensors(content, "global", sim.global_state)
@@ -216,6 +232,11 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 1:
         raise FlowerProtocolError("train needs info.round (a positive int)")
     aggregator = _aggregator(cfg, context)
+    if isinstance(aggregator, SecAggAggregator):
+        # the peers' shares for this client, routed by the server: checked before any training
+        session = _secagg_session(aggregator, context, round_id)
+        session.receive_shares(get_payload(msg.content, "shares", sender="the server"))
+        _keep_session(context, session)
     sim = _simulation(cfg)
     stored = _stored_global(context)
     if isinstance(expected, str) and digest(stored) != expected:
@@ -228,7 +249,12 @@ def train(msg: Message, context: Context) -> Message:
     result = sim.client_update(round_id, partition, sim.strategy.configure_fit(round_id, sim.base_fit))
     train_s = time.perf_counter() - t
     t = time.perf_counter()
-    payload = aggregator.encode(result.delta, result.weight, layout=sim.layout)
+    if isinstance(aggregator, SecAggAggregator):
+        session = _secagg_session(aggregator, context, round_id)
+        payload = session.encode(result.delta, result.weight, layout=sim.layout)
+        _keep_session(context, session)
+    else:
+        payload = aggregator.encode(result.delta, result.weight, layout=sim.layout)
     encode_s = time.perf_counter() - t
     content = RecordDict()
     put_payload(content, "update", payload)
@@ -242,6 +268,73 @@ def train(msg: Message, context: Context) -> Message:
     if result.norm is not None:
         metrics["norm"] = result.norm
     content["metrics"] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+def _round_of(msg: Message, what: str) -> int:
+    info = msg.content.get("info")
+    round_id = info.get("round") if isinstance(info, ConfigRecord) else None
+    if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 1:
+        raise FlowerProtocolError(f"{what} needs info.round (a positive int)")
+    return round_id
+
+
+def _secagg_session(aggregator: SecAggAggregator, context: Context, round_id: int) -> SecAggClient:
+    record = context.state.get(SECAGG)
+    if not isinstance(record, ConfigRecord):
+        raise FlowerProtocolError(
+            f"secagg: no session for round {round_id} (query.secagg_advertise did not reach this client)"
+        )
+    session = SecAggClient.from_state(aggregator, dict(record))
+    if session.round_id != round_id:
+        raise FlowerProtocolError(
+            f"secagg: this client's session is for round {session.round_id}, the message for round {round_id}"
+        )
+    return session
+
+
+def _keep_session(context: Context, session: SecAggClient) -> None:
+    context.state[SECAGG] = ConfigRecord(session.export_state())  # type: ignore[arg-type]
+
+
+@app.query("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 1: this round's fresh keys and self-mask commitment."""
+    cfg, partition = run_settings(context)
+    aggregator = _aggregator(cfg, context)
+    assert isinstance(aggregator, SecAggAggregator)
+    session = aggregator.client(client_name(partition), round_id=_round_of(msg, "query.secagg_advertise"))
+    _keep_session(context, session)
+    content = RecordDict()
+    put_payload(content, "advertise", session.advertise())
+    return Message(content, reply_to=msg)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    """Stage 2: check the roster; shares of this round's mask key and seed, encrypted per peer."""
+    cfg, _ = run_settings(context)
+    aggregator = _aggregator(cfg, context)
+    assert isinstance(aggregator, SecAggAggregator)
+    session = _secagg_session(aggregator, context, _round_of(msg, "query.secagg_share"))
+    shares = session.share_keys(get_payload(msg.content, "roster", sender="the server"))
+    _keep_session(context, session)
+    content = RecordDict()
+    put_payload(content, "shares", shares)
+    return Message(content, reply_to=msg)
+
+
+@app.query("secagg_reveal")
+def secagg_reveal(msg: Message, context: Context) -> Message:
+    """Stage 4: the shares that let the server remove the masks, never both kinds for one client."""
+    cfg, _ = run_settings(context)
+    aggregator = _aggregator(cfg, context)
+    assert isinstance(aggregator, SecAggAggregator)
+    session = _secagg_session(aggregator, context, _round_of(msg, "query.secagg_reveal"))
+    reveal = session.reveal(get_payload(msg.content, "request", sender="the server"))
+    _keep_session(context, session)
+    content = RecordDict()
+    put_payload(content, "reveal", reveal)
     return Message(content, reply_to=msg)
 
 

@@ -17,7 +17,10 @@ The server runs the same protocol as the in-process simulation
    reply is missing or invalid is left out, and the round completes with ``federated.min_clients``);
    then ``query.apply`` to every node: the new global adapters (``plain``, which the server can
    read, and where the strategy may keep server state) or the encrypted aggregate, which each
-   client decrypts and steps alike (``ckks``). Their fingerprints must agree.
+   client decrypts and steps alike (``ckks``). Their fingerprints must agree. Under ``secagg`` a
+   round has four stages instead of one upload (``query.secagg_advertise``,
+   ``query.secagg_share``, ``train`` with the routed shares, ``query.secagg_reveal``) and the
+   server unmasks only the sum.
 4. ``evaluate``: every node evaluates the final global model (and writes it to its ``output-dir``);
    the server writes ``results.json`` to ``output_dir``.
 
@@ -39,7 +42,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from splitfed.config import ConfigError, RunConfig, load_config
-from splitfed.federated.aggregators import AGGREGATORS, AggregationError, Aggregator, CKKSAggregator, Payload
+from splitfed.federated.aggregators import (
+    AGGREGATORS,
+    AggregationError,
+    Aggregator,
+    CKKSAggregator,
+    Payload,
+    SecAggAggregator,
+)
 from splitfed.federated.flower.client_app import client_name
 from splitfed.federated.flower.records import (
     FlowerProtocolError,
@@ -75,11 +85,6 @@ class FlowerServer:
         fed = cfg.federated
         if fed is None:
             raise ConfigError("the configuration has no federated: section")
-        if fed.aggregation == "secagg":
-            raise ConfigError(
-                "federated.aggregation: secagg runs in `splitfed fedtrain` but not yet on Flower (its four "
-                "stages keep per-round client state that the Flower app does not carry yet); use ckks or plain"
-            )
         if fed.dp is not None:
             raise ConfigError("federated.dp runs in `splitfed fedtrain` but not yet on Flower")
         self.grid, self.cfg, self.fed, self.timeout, self.log = grid, cfg, fed, timeout, log
@@ -182,6 +187,14 @@ class FlowerServer:
         self.digest = self._agree({p: by_partition[p] for p in self.nodes}, "query.init")
         if not isinstance(self.aggregator, CKKSAggregator):
             self.global_state = get_tensors(by_partition[0].content, "global", sender=client_name(0))
+        if isinstance(self.aggregator, SecAggAggregator) and "max_weight" not in fed.aggregator_kwargs():
+            # as in the simulation: the largest client's examples, which every client computed alike
+            weights = {self._info(by_partition[p], "max_weight", float, partition=p) for p in self.nodes}
+            if len(weights) != 1:
+                raise AggregationError(
+                    f"secagg: the clients disagree on the largest client's size ({weights})"
+                )
+            self.aggregator = SecAggAggregator(**fed.aggregator_kwargs(), max_weight=weights.pop())
         self.log(f"{fed.clients} clients connected; initial adapters {self.digest}")
 
     def deal_keys(self) -> None:
@@ -221,32 +234,83 @@ class FlowerServer:
             f"ckks keys dealt by {client_name(0)} to {len(others)} clients; the server holds no secret key"
         )
 
+    def _train_info(self, round_id: int) -> RecordDict:
+        return RecordDict({"info": ConfigRecord({"round": round_id, "digest": self.digest})})
+
+    def _updates(
+        self, round_id: int, replies: Mapping[int, Message], key: str
+    ) -> tuple[dict[str, Payload], dict[str, Mapping[str, Any]]]:
+        """The payloads under ``key`` of the replies that carry one, and the clients' metrics."""
+        payloads: dict[str, Payload] = {}
+        metrics: dict[str, Mapping[str, Any]] = {}
+        for p, reply in replies.items():
+            try:
+                payloads[client_name(p)] = get_payload(reply.content, key, sender=client_name(p))
+            except FlowerProtocolError as err:
+                self.log(f"round {round_id}: {client_name(p)}'s reply left out ({err})")
+                continue
+            reported = reply.content.get("metrics")
+            metrics[client_name(p)] = dict(reported) if isinstance(reported, MetricRecord) else {}
+        return payloads, metrics
+
+    def _exchange(
+        self, round_id: int, sampled: list[int]
+    ) -> tuple[Payload, dict[str, Payload], dict[str, Mapping[str, Any]], float]:
+        """``plain``/``ckks``: the sampled clients train and upload; the server adds what validates."""
+        replies = self._ask({p: self._train_info(round_id) for p in sampled}, "train", required=False)
+        payloads, metrics = self._updates(round_id, replies, "update")
+        t = time.perf_counter()
+        aggregate = self.aggregator.combine(payloads, min_clients=self.fed.min_clients)
+        return aggregate, payloads, metrics, time.perf_counter() - t
+
+    def _secagg_exchange(
+        self, round_id: int, sampled: list[int]
+    ) -> tuple[Payload, dict[str, Payload], dict[str, Mapping[str, Any]], float]:
+        """``secagg``: advertise keys, share them, train and mask, reveal; the server learns the sum.
+
+        A client that fails or sends something invalid at any stage is left out (its reason
+        logged); once it has shared keys its masks are removed with the survivors' shares.
+        """
+        assert isinstance(self.aggregator, SecAggAggregator)
+        server = self.aggregator.server(round_id=round_id)
+        part = {client_name(p): p for p in sampled}
+        info = RecordDict({"info": ConfigRecord({"round": round_id})})
+        replies = self._ask({p: info for p in sampled}, "query.secagg_advertise", required=False)
+        advertised, _ = self._updates(round_id, replies, "advertise")
+        roster = server.roster(advertised)
+        ask = RecordDict({"info": ConfigRecord({"round": round_id})})
+        put_payload(ask, "roster", roster)
+        replies = self._ask({part[c]: ask for c in server.clients}, "query.secagg_share", required=False)
+        shares, _ = self._updates(round_id, replies, "shares")
+        routed = server.route_shares(shares)
+        train: dict[int, RecordDict] = {}
+        for client, payload in routed.items():
+            content = self._train_info(round_id)
+            put_payload(content, "shares", payload)
+            train[part[client]] = content
+        replies = self._ask(train, "train", required=False)
+        payloads, metrics = self._updates(round_id, replies, "update")
+        t = time.perf_counter()
+        request = server.collect(payloads)
+        combine_s = time.perf_counter() - t
+        ask = RecordDict({"info": ConfigRecord({"round": round_id})})
+        put_payload(ask, "request", request)
+        replies = self._ask({part[c]: ask for c in server.survivors}, "query.secagg_reveal", required=False)
+        reveals, _ = self._updates(round_id, replies, "reveal")
+        t = time.perf_counter()
+        aggregate = server.unmask(reveals)
+        for client, reason in server.rejected.items():
+            self.log(f"round {round_id}: secagg left {client} out ({reason})")
+        return aggregate, payloads, metrics, combine_s + time.perf_counter() - t
+
     def run_round(self, round_id: int) -> dict[str, Any]:
         """Train, aggregate and apply one round; returns its history record."""
         fed, t_round = self.fed, time.perf_counter()
         sampled = sample_clients(
             fed.clients, fed.clients_per_round, seed=self.cfg.train.seed, round_id=round_id
         )
-        replies = self._ask(
-            {
-                p: RecordDict({"info": ConfigRecord({"round": round_id, "digest": self.digest})})
-                for p in sampled
-            },
-            "train",
-            required=False,
-        )
-        payloads: dict[str, Payload] = {}
-        metrics: dict[str, Mapping[str, Any]] = {}
-        for p, reply in replies.items():
-            try:
-                payloads[client_name(p)] = get_payload(reply.content, "update", sender=client_name(p))
-                reported = reply.content.get("metrics")
-                metrics[client_name(p)] = dict(reported) if isinstance(reported, MetricRecord) else {}
-            except FlowerProtocolError as err:
-                self.log(f"round {round_id}: {client_name(p)}'s reply left out ({err})")
-        t = time.perf_counter()
-        aggregate = self.aggregator.combine(payloads, min_clients=fed.min_clients)
-        combine_s = time.perf_counter() - t
+        exchange = self._secagg_exchange if isinstance(self.aggregator, SecAggAggregator) else self._exchange
+        aggregate, payloads, metrics, combine_s = exchange(round_id, sampled)
         kept = list(json.loads(str(aggregate.meta["clients"])))
         for client, reason in json.loads(str(aggregate.meta["rejected"])).items():
             self.log(f"round {round_id}: {client}'s update rejected ({reason})")
