@@ -372,15 +372,17 @@ def apply(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """The global model's metrics on the run's evaluation split; writes its adapters to the node's
-    ``output-dir`` if it has one."""
+    """The global model's metrics on the run's evaluation split (unless ``info.score`` is false);
+    writes its adapters to the node's ``output-dir`` if it has one."""
     from splitfed.run import write_adapter
 
     cfg, _ = run_settings(context)
     sim = _simulation(cfg)
     stored = _stored_global(context)
     sim.global_state = {n: stored[n].float() for n in sim.global_state}
-    metrics = sim.evaluate(None, "eval", final=True)
+    info = msg.content.get("info")
+    score = info.get("score", True) if isinstance(info, ConfigRecord) else True
+    metrics = sim.evaluate(None, "eval", final=True) if score else {}
     out = context.node_config.get("output-dir")
     if isinstance(out, str) and out:
         fed = cfg.federated

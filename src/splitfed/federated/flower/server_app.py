@@ -21,8 +21,10 @@ The server runs the same protocol as the in-process simulation
    round has four stages instead of one upload (``query.secagg_advertise``,
    ``query.secagg_share``, ``train`` with the routed shares, ``query.secagg_reveal``) and the
    server unmasks only the sum.
-4. ``evaluate``: every node evaluates the final global model (and writes it to its ``output-dir``);
-   the server writes ``results.json`` to ``output_dir``.
+4. ``evaluate``: the node of partition 0 evaluates the final global model on the run's
+   evaluation split, every node writes it to its ``output-dir``; the server writes
+   ``results.json`` to ``output_dir``. (``eval_every``, ``checkpoint_every`` and ``--resume`` are
+   ``fedtrain``'s; the Flower app evaluates once, at the end.)
 
 Run configuration: ``config`` (path of the run's YAML, required) and ``timeout`` (seconds a stage
 waits for its replies, default 600).
@@ -87,6 +89,10 @@ class FlowerServer:
             raise ConfigError("the configuration has no federated: section")
         if fed.dp is not None:
             raise ConfigError("federated.dp runs in `splitfed fedtrain` but not yet on Flower")
+        if fed.pruning is not None:
+            raise ConfigError(
+                "federated.pruning runs in `splitfed fedtrain`, not yet on Flower; remove it to run there"
+            )
         self.grid, self.cfg, self.fed, self.timeout, self.log = grid, cfg, fed, timeout, log
         self.aggregator: Aggregator = AGGREGATORS[fed.aggregation](**fed.aggregator_kwargs())
         self.nodes: dict[int, int] = {}  # partition -> node id
@@ -351,10 +357,13 @@ class FlowerServer:
         return record
 
     def finish(self) -> dict[str, Any]:
-        """Every client evaluates (and saves) the final model; ``results.json`` on the server."""
+        """Client 0 evaluates the final model, every client saves it; ``results.json`` on the server."""
         from splitfed.run import write_results
 
-        replies = self._ask({p: RecordDict() for p in self.nodes}, "evaluate")
+        # the evaluation split is the same for all: one client scores it, every client saves
+        replies = self._ask(
+            {p: RecordDict({"info": ConfigRecord({"score": p == 0})}) for p in self.nodes}, "evaluate"
+        )
         self._agree(replies, "evaluate")
         reported = replies[0].content.get("metrics")
         if not isinstance(reported, MetricRecord):
