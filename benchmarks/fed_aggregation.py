@@ -152,37 +152,23 @@ def run_library_scheme(
     *,
     mask: Any = None,
 ) -> Row:
-    """One round of an aggregator of the library on the cached deltas (``mask``: shared-mask CKKS)."""
+    """One round of an aggregator of the library on the cached deltas (``mask``: shared-mask CKKS,
+    selected and scattered by the round driver, as in ``splitfed fedtrain``)."""
     from splitfed.federated.rounds import simulated_aggregation
 
     clients = list(updates)
     driver = simulated_aggregation(make, layout, min_clients=len(clients), dealer=clients[0])
-    selecting = [0.0]
-
-    def cached(client: str) -> tuple[Mapping[str, torch.Tensor], float]:
-        delta, weight = updates[client]
-        if mask is None:
-            return delta, weight
-        t = time.perf_counter()
-        kept = mask.select(delta)
-        selecting[0] += time.perf_counter() - t
-        return kept, weight
-
-    outcome = driver.run(1, clients, cached)
-    average, decode_s = outcome.average, outcome.decode_s
+    outcome = driver.run(1, clients, updates.__getitem__, mask=mask)
     if mask is not None:
-        t = time.perf_counter()
-        average = mask.scatter(average)
-        decode_s += time.perf_counter() - t
-        reference = mask.scatter(mask.select(reference))
+        reference = mask.apply(reference)
     return Row(
         name,
-        encode_s=outcome.encode_s + selecting[0],
+        encode_s=outcome.encode_s,
         combine_s=outcome.combine_s,
-        decode_s=decode_s,
+        decode_s=outcome.decode_s,
         update_bytes=outcome.update_bytes,
         upload_bytes=outcome.bytes_up / len(clients),
-        max_error=max_error(average, reference),
+        max_error=max_error(outcome.average, reference),
     )
 
 
@@ -273,7 +259,6 @@ def main() -> None:
     from splitfed.config import parse_config
     from splitfed.federated.aggregators import (
         CKKSAggregator,
-        Layout,
         PlainAggregator,
         SecAggAggregator,
         SharedMask,
@@ -306,7 +291,6 @@ def main() -> None:
     fp32_bytes = 4 * numel
 
     mask = SharedMask.from_reference(sim.global_state, keep_ratio=KEEP_RATIO)
-    masked_layout = Layout.of(mask.select(sim.global_state))
 
     def energy(tensors: Mapping[str, torch.Tensor]) -> float:
         return sum(float(t.double().pow(2).sum()) for t in tensors.values())
@@ -322,7 +306,7 @@ def main() -> None:
         (
             "ckks shared 50%",
             lambda: run_library_scheme(
-                "ckks shared 50%", CKKSAggregator, masked_layout, updates, reference, mask=mask
+                "ckks shared 50%", CKKSAggregator, sim.layout, updates, reference, mask=mask
             ),
         ),
         (

@@ -237,6 +237,48 @@ class ClientDPOptions(_Strict):
     delta: float = Field(default=1e-5, gt=0, lt=1)
 
 
+class PruningOptions(_Strict):
+    """Magnitude pruning of the clients' deltas with FedShield-LLM's schedule (Mia et al., 2025; see
+    :mod:`splitfed.federated.aggregators.pruning`), in ``splitfed fedtrain``.
+
+    No pruning before round ``start_round``; from it on, the fraction of values zeroed grows
+    linearly from ``start_ratio`` to ``end_ratio``, reached in the last round
+    (:func:`~splitfed.federated.aggregators.pruning.prune_ratio`). ``mode``:
+
+    * ``per_client`` (FedShield's): each client keeps its own largest-magnitude values and zeros
+      the rest; the update stays dense (the zeros fill ciphertext slots), so bytes do not shrink.
+    * ``shared``: every client derives the same mask from the global adapters of the round (their
+      largest magnitudes, tensor by tensor), and only the kept values are encoded and sent (bytes
+      and CKKS ciphertexts shrink by about the keep ratio); the pruned coordinates of the average
+      are 0 (the global adapters keep them). It starts at round 2 or later: before round 1's
+      update the global LoRA B matrices are all zero, and a mask ranked on zeros is arbitrary.
+
+    Under ``federated.dp`` the client prunes first, then clips and adds its noise share (over the
+    whole update in ``per_client`` mode, so the zeros get noise too; over the kept values only in
+    ``shared`` mode, whose mask is public).
+    """
+
+    mode: Literal["per_client", "shared"]
+    start_round: int = Field(default=2, ge=1, description="first pruned round (rounds count from 1)")
+    start_ratio: float = Field(default=0.0, ge=0, lt=1, description="fraction zeroed in start_round")
+    end_ratio: float = Field(ge=0, lt=1, description="fraction zeroed in the last round")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PruningOptions:
+        if self.end_ratio < self.start_ratio:
+            raise _federated_error(
+                f"federated.pruning: end_ratio={self.end_ratio} is below start_ratio={self.start_ratio}; the "
+                "schedule only grows (set end_ratio >= start_ratio)"
+            )
+        if self.mode == "shared" and self.start_round < 2:
+            raise _federated_error(
+                f"federated.pruning: mode shared ranks the global adapters for its mask, and their LoRA B "
+                f"matrices are all zero before round 1's update (a mask ranked on zeros is arbitrary); "
+                f"set start_round >= 2 (got {self.start_round})"
+            )
+        return self
+
+
 class FederatedConfig(_Strict):
     """Federated LoRA fine-tuning (``splitfed fedtrain CONFIG.yaml``), simulated in one process.
 
@@ -254,7 +296,10 @@ class FederatedConfig(_Strict):
     ``train.optimizer``, ``train.lr``, ``train.weight_decay``, ``train.max_grad_norm`` and
     ``train.batch_size``; the learning rate is constant within a round. ``eval_every`` and
     ``checkpoint_every`` count rounds (0: never; the last round is always evaluated). ``dp``
-    (:class:`ClientDPOptions`) makes the rounds client-level differentially private.
+    (:class:`ClientDPOptions`) makes the rounds client-level differentially private. ``pruning``
+    (:class:`PruningOptions`: ``mode`` ``per_client`` or ``shared``, ``start_round``,
+    ``start_ratio``, ``end_ratio``) prunes the deltas by magnitude on FedShield-LLM's schedule;
+    ``shared`` sends only the kept values.
     """
 
     clients: int = Field(default=8, ge=1)
@@ -274,6 +319,7 @@ class FederatedConfig(_Strict):
     ckks: CKKSOptions = Field(default_factory=CKKSOptions)
     secagg: SecAggOptions = Field(default_factory=SecAggOptions)
     dp: ClientDPOptions | None = None
+    pruning: PruningOptions | None = None
     finetune: SegmentFinetune = Field(default_factory=SegmentFinetune)
     eval_every: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=0, ge=0)
@@ -366,6 +412,12 @@ class FederatedConfig(_Strict):
             raise _federated_error(
                 f"federated: {per_round} clients per round exceed federated.{self.aggregation}.max_clients="
                 f"{most}; lower federated.sample_fraction or raise max_clients"
+            )
+        if self.pruning is not None and self.pruning.start_round > self.rounds:
+            raise _federated_error(
+                f"federated.pruning.start_round={self.pruning.start_round} is after the last round "
+                f"(federated.rounds={self.rounds}), so no round would be pruned; lower start_round or "
+                "remove federated.pruning"
             )
         if self.aggregation == "secagg":
             threshold = self.secagg.threshold or per_round // 2 + 1

@@ -11,6 +11,11 @@ reads its upload, and the server adds it into the running sum before the next cl
 a round holds one client's update at a time (a CKKS update is about 14 times its fp32 size).
 Secure aggregation must hold every masked update until the clients have revealed their shares,
 which costs one fp32-sized vector per client of the round.
+
+Shared-mask pruning (:class:`~splitfed.federated.aggregators.SharedMask`, passed to ``run`` per
+round): every client encodes only the kept values of its delta, in the mask's layout (fewer
+values, fewer ciphertexts), and the decoded average is put back in place with zeros at the pruned
+positions. Selecting counts as encoding, scattering as decoding; the CKKS keys stay the same.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from splitfed.federated.aggregators import (
     Layout,
     Payload,
     SecAggAggregator,
+    SharedMask,
 )
 from splitfed.federated.aggregators import keys as keyring
 
@@ -121,8 +127,17 @@ class SimulatedAggregation(ABC):
         self.min_clients = min_clients
 
     @abstractmethod
-    def run(self, round_id: int, clients: Sequence[str], train: TrainFn) -> RoundOutcome:
-        """Train every client of the round through ``train``, aggregate, decode."""
+    def run(
+        self, round_id: int, clients: Sequence[str], train: TrainFn, *, mask: SharedMask | None = None
+    ) -> RoundOutcome:
+        """Train every client of the round through ``train``, aggregate, decode.
+
+        With ``mask``, only the values it keeps are encoded and aggregated; the average comes back
+        in the full shapes, zero at the pruned positions.
+        """
+
+    def _round_layout(self, mask: SharedMask | None) -> Layout:
+        return self.layout if mask is None else mask.layout(self.layout)
 
 
 class PlainRounds(SimulatedAggregation):
@@ -133,8 +148,8 @@ class PlainRounds(SimulatedAggregation):
         self.client = make()
         self.server = make()
 
-    def _encode(self, delta: Mapping[str, torch.Tensor], weight: float) -> Payload:
-        return self.client.encode(delta, weight, layout=self.layout)
+    def _encode(self, delta: Mapping[str, torch.Tensor], weight: float, layout: Layout) -> Payload:
+        return self.client.encode(delta, weight, layout=layout)
 
     def _decode(self, aggregate: Payload) -> dict[str, torch.Tensor]:
         return self.client.decode(aggregate)
@@ -142,10 +157,13 @@ class PlainRounds(SimulatedAggregation):
     def _before(self, round_id: int, clients: Sequence[str], outcome: RoundOutcome) -> None:
         """Per-round setup of a subclass (key distribution)."""
 
-    def run(self, round_id: int, clients: Sequence[str], train: TrainFn) -> RoundOutcome:
+    def run(
+        self, round_id: int, clients: Sequence[str], train: TrainFn, *, mask: SharedMask | None = None
+    ) -> RoundOutcome:
         """Stream the clients' updates into the server's sum; one client decodes the aggregate."""
         outcome = RoundOutcome({}, [])
         self._before(round_id, clients, outcome)
+        layout = self._round_layout(mask)
         sizes: list[int] = []
 
         def upload(client: str) -> Payload:
@@ -153,7 +171,7 @@ class PlainRounds(SimulatedAggregation):
             delta, weight = train(client)
             outcome.train_s += time.perf_counter() - t
             t = time.perf_counter()
-            payload = self._encode(delta, weight)
+            payload = self._encode(delta if mask is None else mask.select(delta), weight, layout)
             outcome.encode_s += time.perf_counter() - t
             sizes.append(payload.nbytes)
             return payload
@@ -163,6 +181,8 @@ class PlainRounds(SimulatedAggregation):
         outcome.combine_s = time.perf_counter() - t - outcome.train_s - outcome.encode_s
         t = time.perf_counter()
         outcome.average = self._decode(aggregate)
+        if mask is not None:
+            outcome.average = mask.scatter(outcome.average)
         outcome.decode_s = time.perf_counter() - t
         outcome.clients = _clients_of(aggregate)
         outcome.bytes_up = sum(sizes)
@@ -216,8 +236,11 @@ class CKKSRounds(PlainRounds):
 class SecAggRounds(SimulatedAggregation):
     """``secagg``: the four stages of secure aggregation with fresh keys every round."""
 
-    def run(self, round_id: int, clients: Sequence[str], train: TrainFn) -> RoundOutcome:
+    def run(
+        self, round_id: int, clients: Sequence[str], train: TrainFn, *, mask: SharedMask | None = None
+    ) -> RoundOutcome:
         """Advertise, share keys, train and mask, unmask; the first surviving client decodes."""
+        layout = self._round_layout(mask)
         agg = self.make()
         assert isinstance(agg, SecAggAggregator)
         outcome = RoundOutcome({}, [])
@@ -237,7 +260,9 @@ class SecAggRounds(SimulatedAggregation):
             delta, weight = train(client)
             outcome.train_s += time.perf_counter() - t
             t = time.perf_counter()
-            masked[client] = sessions[client].encode(delta, weight, layout=self.layout)
+            if mask is not None:
+                delta = mask.select(delta)
+            masked[client] = sessions[client].encode(delta, weight, layout=layout)
             outcome.encode_s += time.perf_counter() - t
             del delta
         t = time.perf_counter()
@@ -251,6 +276,8 @@ class SecAggRounds(SimulatedAggregation):
         outcome.combine_s += time.perf_counter() - t
         t = time.perf_counter()
         outcome.average = sessions[server.survivors[0]].decode(aggregate)
+        if mask is not None:
+            outcome.average = mask.scatter(outcome.average)
         outcome.decode_s = time.perf_counter() - t
         outcome.clients = _clients_of(aggregate)
         n = len(clients)

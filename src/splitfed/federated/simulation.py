@@ -23,6 +23,12 @@ Each round:
    ``x + lr * avg`` is their computation (every client gets the same), and the strategies that
    keep server state are refused by the configuration.
 
+With ``federated.pruning`` the deltas are pruned by magnitude on FedShield-LLM's schedule
+(:func:`~splitfed.federated.aggregators.pruning.prune_ratio`): in ``per_client`` mode each client
+zeros all but its own largest values (same layout and bytes); in ``shared`` mode the round's
+:class:`~splitfed.federated.aggregators.SharedMask` comes from the global adapters at the start of
+the round, which every client holds, and only the kept values are aggregated.
+
 Everything a round draws (the sample, each client's batches and dropout) derives from
 ``(train.seed, round, client)``, so a run resumed from a checkpoint repeats the uninterrupted one.
 """
@@ -45,7 +51,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from splitfed.config import ConfigError, RunConfig
-from splitfed.federated.aggregators import AGGREGATORS, Aggregator, Layout
+from splitfed.federated.aggregators import AGGREGATORS, Aggregator, Layout, SharedMask, prune
+from splitfed.federated.aggregators.pruning import kept_count, prune_ratio
 from splitfed.federated.client import ClientUpdate, client_seed, local_update
 from splitfed.federated.client_dp import ClientDP
 from splitfed.federated.rounds import SimulatedAggregation, simulated_aggregation
@@ -253,6 +260,7 @@ class FederatedSimulation:
             if fed.dp is not None
             else None
         )
+        self._mask: tuple[int, SharedMask] | None = None  # the shared mask of the round it was made for
 
     @property
     def aggregation(self) -> SimulatedAggregation:
@@ -278,12 +286,45 @@ class FederatedSimulation:
             for name, p in self.params.items():
                 p.copy_(self.global_state[name])
 
+    def prune_ratio(self, round_id: int) -> float:
+        """Fraction of each delta's values pruned in ``round_id`` (0 without ``federated.pruning``)."""
+        p = self.fed.pruning
+        if p is None:
+            return 0.0
+        return prune_ratio(
+            round_id,
+            self.fed.rounds,
+            start_round=p.start_round,
+            start_ratio=p.start_ratio,
+            end_ratio=p.end_ratio,
+        )
+
+    def shared_mask(self, round_id: int) -> SharedMask | None:
+        """The shared mask of ``round_id`` (``pruning.mode: shared`` in a pruned round; else None).
+
+        Ranked on the global adapters as the round starts (what every client loads), within each
+        tensor (ranked together, LoRA's A matrices would crowd out its B matrices); made once per
+        round and reused by all of its clients.
+        """
+        p, ratio = self.fed.pruning, self.prune_ratio(round_id)
+        if p is None or p.mode != "shared" or ratio == 0:
+            return None
+        if self._mask is None or self._mask[0] != round_id:
+            self._mask = (
+                round_id,
+                SharedMask.from_reference(self.global_state, keep_ratio=1 - ratio, per_tensor=True),
+            )
+        return self._mask[1]
+
     def client_update(self, round_id: int, index: int, fit: FitConfig) -> ClientResult:
         """Client ``index``'s local update of ``round_id`` from the global adapters, ready to encode.
 
         The one client computation of a round, used by the simulation and by the Flower
-        :mod:`ClientApp <splitfed.federated.flower.client_app>` alike. Under ``federated.dp`` the
-        delta is clipped, carries its noise share and weighs 1 (DP-FedAvg averages uniformly).
+        :mod:`ClientApp <splitfed.federated.flower.client_app>` alike. Under ``federated.pruning``
+        the delta is pruned (per client: its own largest values kept; shared: the round's
+        :meth:`shared_mask` applied, whose kept values the aggregation then selects). Under
+        ``federated.dp`` the (pruned) delta is clipped, carries its noise share and weighs 1
+        (DP-FedAvg averages uniformly).
         """
         task, part = self.work.task, self.parts[index]
 
@@ -296,10 +337,16 @@ class FederatedSimulation:
         self.segment.train()
         seed = client_seed(self.cfg.train.seed, round_id, index)
         update = local_update(self.params, loss_fn=loss_fn, num_examples=len(part), fit=fit, seed=seed)
+        delta = update.delta
+        ratio, mask = self.prune_ratio(round_id), self.shared_mask(round_id)
+        if mask is not None:
+            delta = mask.apply(delta)
+        elif ratio > 0:
+            delta = prune(delta, keep_ratio=1 - ratio)
         if self.dp is None:
-            return ClientResult(update.delta, float(update.num_examples), update)
+            return ClientResult(delta, float(update.num_examples), update)
         noise = torch.Generator().manual_seed(seed + 1)
-        private, norm = self.dp.privatize(update.delta, noise)
+        private, norm = self.dp.privatize(delta, noise)
         return ClientResult(private, 1.0, update, norm)
 
     def run_round(self, round_id: int) -> dict[str, Any]:
@@ -323,35 +370,50 @@ class FederatedSimulation:
                 norms[index] = result.norm
             return result.delta, result.weight
 
-        outcome = self.aggregation.run(round_id, [self.client_id(i) for i in sampled], train)
+        mask = self.shared_mask(round_id)
+        outcome = self.aggregation.run(round_id, [self.client_id(i) for i in sampled], train, mask=mask)
         self.global_state = self.strategy.apply(self.global_state, outcome.average, round_id)
         self.load_global()
         kept = [by_id[c] for c in outcome.clients]
         weights = [results[i][1] for i in kept]
-        return {
-            "round": round_id,
-            "train_loss": float(np.average([results[i][0] for i in kept], weights=weights)),
-            "clients": len(kept),
-            "sampled": sampled,
-            "local_steps": sum(results[i][2] for i in kept),
-            "seconds": time.perf_counter() - t_round,
-            "train_s": outcome.train_s,
-            "encode_s": outcome.encode_s,
-            "combine_s": outcome.combine_s,
-            "decode_s": outcome.decode_s,
-            "bytes_up": outcome.bytes_up,
-            "bytes_down": outcome.bytes_down,
-            "setup_bytes_up": outcome.setup_bytes_up,
-            "setup_bytes_down": outcome.setup_bytes_down,
-            "update_bytes": outcome.update_bytes,
-        } | (
+        return (
             {
-                "dp_epsilon": self.dp.epsilon(round_id),
-                "dp_clipped": sum(1 for i in kept if norms[i] > self.dp.clip) / max(1, len(kept)),
+                "round": round_id,
+                "train_loss": float(np.average([results[i][0] for i in kept], weights=weights)),
+                "clients": len(kept),
+                "sampled": sampled,
+                "local_steps": sum(results[i][2] for i in kept),
+                "seconds": time.perf_counter() - t_round,
+                "train_s": outcome.train_s,
+                "encode_s": outcome.encode_s,
+                "combine_s": outcome.combine_s,
+                "decode_s": outcome.decode_s,
+                "bytes_up": outcome.bytes_up,
+                "bytes_down": outcome.bytes_down,
+                "setup_bytes_up": outcome.setup_bytes_up,
+                "setup_bytes_down": outcome.setup_bytes_down,
+                "update_bytes": outcome.update_bytes,
             }
-            if self.dp is not None
-            else {}
+            | (
+                {
+                    "prune_ratio": self.prune_ratio(round_id),
+                    "kept_values": mask.kept if mask is not None else self._kept(round_id),
+                }
+                if self.fed.pruning is not None
+                else {}
+            )
+            | (
+                {
+                    "dp_epsilon": self.dp.epsilon(round_id),
+                    "dp_clipped": sum(1 for i in kept if norms[i] > self.dp.clip) / max(1, len(kept)),
+                }
+                if self.dp is not None
+                else {}
+            )
         )
+
+    def _kept(self, round_id: int) -> int:
+        return kept_count(self.layout.numel, 1 - self.prune_ratio(round_id))
 
     def evaluate(self, progress: Any, desc: str, final: bool = False) -> dict[str, float]:
         """Metrics of the global model on the run's evaluation split (generating only when ``final``)."""
@@ -481,6 +543,12 @@ def fedtrain(
         f"model {cfg.model.name}: {len(sim.report.lora_modules)} LoRA modules, {trainable:,} trainable parameters "
         f"per client; {fed.clients} clients, {fed.clients_per_round} per round, {fed.rounds} rounds, "
         f"strategy {fed.strategy}, aggregation {fed.aggregation}"
+        + (
+            f", pruning {fed.pruning.mode} from round {fed.pruning.start_round} "
+            f"({fed.pruning.start_ratio:.0%} -> {fed.pruning.end_ratio:.0%} zeroed)"
+            if fed.pruning is not None
+            else ""
+        )
     )
     history: list[dict[str, Any]] = []
     start = 0
@@ -555,6 +623,7 @@ def _summary(
             "name": fed.aggregation,
             **{k: v for k, v in vars(aggregator).items() if not k.startswith("_") and _plain(v)},
         },
+        "pruning": fed.pruning.model_dump() if fed.pruning is not None else None,
         "examples": sim.work.splits.sizes(),
         "client_examples": [len(p) for p in sim.parts],
         "eval_split": cfg.data.eval_split,
