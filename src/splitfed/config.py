@@ -160,7 +160,11 @@ class TrainConfig(_Strict):
     ``steps`` counts optimizer updates; ``epochs`` is used when steps is unset.
     ``eval_max_new_tokens`` bounds the answers generated to score generative QA (0: skip).
     ``fedavg_every: K`` federated-averages the data parties' adapters every K steps through the
-    model party, weighted by their training samples (SplitLoRA; 0: never).
+    model party, weighted by their training samples (SplitLoRA; 0: never), through
+    ``fedavg_aggregation``: ``plain`` (the model party sees each party's adapters), ``ckks`` (each
+    party encrypts them; the data party with ``data.party_index`` 0 deals the keys and the model
+    party adds ciphertexts it cannot read) or ``secagg`` (pairwise masks; the model party learns only
+    the sum). The model party (``splitfed serve``) must use the same setting.
 
     ``schedule``: ``sequential`` sends one micro-batch and waits for its replies; ``pipelined``
     keeps up to ``pipeline_depth`` micro-batches of one optimizer step (``grad_accum``) in flight,
@@ -189,6 +193,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(default=0, ge=0)
     eval_max_new_tokens: int = Field(default=48, ge=0)
     fedavg_every: int = Field(default=0, ge=0)
+    fedavg_aggregation: Literal["plain", "ckks", "secagg"] = "plain"
     checkpoint_every: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)
     schedule: Literal["sequential", "pipelined", "forward-only"] = "sequential"

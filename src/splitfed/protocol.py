@@ -238,6 +238,10 @@ class KindSpec:
 
 # --------------------------------------------------------------------------- metadata shared by kinds
 _CLIENT = MetaSpec("client", "str", "", max_len=128, doc="the data party's id (the server overwrites it)")
+_PAYLOAD_KIND = MetaSpec("payload_kind", "str", "", max_len=64, doc="the aggregator payload's kind")
+_PAYLOAD_META = MetaSpec(
+    "payload_meta", "str", "{}", max_len=1 << 22, doc="the aggregator payload's metadata, as JSON"
+)
 _BATCH_ID = MetaSpec("batch_id", "int", 0, 0, INT64_MAX, doc="the data party's micro-batch number")
 _HEAD_LAYERS = MetaSpec(
     "head_layers", "int", None, 0, 4096, doc="blocks the data party's head ran: the model party enters there"
@@ -410,16 +414,25 @@ KINDS: dict[str, KindSpec] = {
                 MetaSpec(
                     "samples", "float", None, 0.0, 1e15, low_open=True, required=True, doc="FedAvg weight"
                 ),
+                MetaSpec(
+                    "stage",
+                    "str",
+                    "update",
+                    choices=("layout", "update", "setup", "seal", "advertise", "share", "reveal"),
+                    doc="the averaging stage (splitfed.federated.split_averaging)",
+                ),
+                _PAYLOAD_KIND,
+                _PAYLOAD_META,
             ),
             replies=("fedavg_result",),
             any_tensors=True,
-            doc="a data party's adapters for federated averaging (SplitLoRA); answered with the average",
+            doc="one stage of averaging the data parties' adapters (SplitLoRA) by the run's aggregator; answered with its reply (the aggregate at the last stage)",
         ),
         KindSpec(
             "fedavg_result",
             "to_data",
             "control",
-            meta=(MetaSpec("round", "int", 0, 0, INT64_MAX),),
+            meta=(MetaSpec("round", "int", 0, 0, INT64_MAX), _PAYLOAD_KIND, _PAYLOAD_META),
             any_tensors=True,
         ),
         # ------------------------------------------------------------------ generation
@@ -674,7 +687,10 @@ def describe_markdown() -> str:
         if kind.replies:
             lines += [f"Answered with: {', '.join(f'`{r}`' for r in kind.replies)}.", ""]
         if kind.any_tensors:
-            lines += ["Tensors: any named floating-point tensors (the sender's trainable parameters).", ""]
+            lines += [
+                "Tensors: an aggregator payload's named tensors, checked by that aggregator's schema (float adapters, ciphertext bytes as uint8, masked integers).",
+                "",
+            ]
         elif kind.tensors:
             lines += ["| tensor | role | dtype | dims | required | notes |", "|---|---|---|---|---|---|"]
             lines += [

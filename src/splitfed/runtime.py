@@ -166,6 +166,7 @@ def build_serving_party(
         cfg.optim(cfg.train.steps),
         loss_fn,
         per_party_adapters=cfg.finetune.body_adapters == "per_party",
+        fedavg_aggregation=cfg.train.fedavg_aggregation,
     )
     party.guard = guard or party.guard
     return party, segments, model

@@ -448,23 +448,31 @@ def test_a_data_party_with_a_deeper_head_is_served_from_its_block(workspace: Pat
     assert server.model_party.updates == 5 and set(server.model_party._views) == {2}
 
 
-def test_three_data_parties_federate_their_adapters(workspace: Path) -> None:
+@pytest.mark.parametrize("aggregation", ["plain", "ckks", "secagg"])
+def test_three_data_parties_federate_their_adapters(workspace: Path, aggregation: str) -> None:
     from safetensors.torch import load_file
 
+    name = f"fed-{aggregation}"
     cfg = _cfg(
-        workspace, "fed", data={"partition": "dirichlet:0.5", "num_parties": 3}, train={"fedavg_every": 2}
+        workspace,
+        name,
+        data={"partition": "dirichlet:0.5", "num_parties": 3},
+        train={"fedavg_every": 2, "fedavg_aggregation": aggregation},
     )
     cfg.train.steps = 4  # the last step averages
     server = start_server(cfg, port=0)
-    _join_concurrently(cfg, server, workspace, "fed", 3)
-    assert server.model_party.aggregator.completed == 2
+    _join_concurrently(cfg, server, workspace, name, 3)
+    averaging = server.model_party.averaging
+    assert averaging.completed == 2
+    if aggregation == "ckks":  # the model party added ciphertexts with a keyless context
+        assert averaging.aggregator.context_id and not averaging.aggregator.holds_secret_key
     adapters = [
-        load_file(str(workspace / f"fed-{i}" / "data_party" / "adapter.safetensors")) for i in range(3)
+        load_file(str(workspace / f"{name}-{i}" / "data_party" / "adapter.safetensors")) for i in range(3)
     ]
     assert adapters[0] and all(set(a) == set(adapters[0]) for a in adapters)
-    for name in adapters[0]:  # the last step averaged: every party ends with the same adapters
-        assert torch.equal(adapters[0][name], adapters[1][name]) and torch.equal(
-            adapters[0][name], adapters[2][name]
+    for key in adapters[0]:  # the last step averaged: every party ends with the same adapters
+        assert torch.equal(adapters[0][key], adapters[1][key]) and torch.equal(
+            adapters[0][key], adapters[2][key]
         )
 
 

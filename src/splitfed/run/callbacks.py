@@ -131,14 +131,22 @@ class AdapterAveraging(Callback):
     every : int
     parties : int
         How many data parties take part (the model party waits for all of them).
+    aggregation : {"plain", "ckks", "secagg"}, default "plain"
+        ``train.fedavg_aggregation``: the adapters cross in the clear, encrypted or masked.
+    dealer : bool, default True
+        Whether this party deals the CKKS keys (the one with ``data.party_index`` 0).
     """
 
-    def __init__(self, every: int, parties: int) -> None:
-        self.every, self.parties = every, parties
+    def __init__(self, every: int, parties: int, aggregation: str = "plain", dealer: bool = True) -> None:
+        self.every, self.parties, self.aggregation, self.dealer = every, parties, aggregation, dealer
 
     def on_sync(self, state: LoopState) -> None:
         state.data_party.average_adapters(
-            state.step // self.every, self.parties, len(state.work.splits.train)
+            state.step // self.every,
+            self.parties,
+            len(state.work.splits.train),
+            aggregation=self.aggregation,
+            dealer=self.dealer,
         )
 
 
@@ -164,7 +172,14 @@ def default_callbacks(work: Workload) -> list[Callback]:
     if train.eval_every:
         callbacks.append(PeriodicEvaluation(train.eval_every))
     if train.fedavg_every:
-        callbacks.append(AdapterAveraging(train.fedavg_every, work.cfg.data.num_parties))
+        callbacks.append(
+            AdapterAveraging(
+                train.fedavg_every,
+                work.cfg.data.num_parties,
+                train.fedavg_aggregation,
+                dealer=work.cfg.data.party_index == 0,
+            )
+        )
     if train.checkpoint_every:
         callbacks.append(Checkpointing(train.checkpoint_every))
     return callbacks

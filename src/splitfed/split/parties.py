@@ -14,6 +14,7 @@ Message kinds (data party → model party, and the reply):
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections import deque
@@ -25,12 +26,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from splitfed.federated.fedavg import RoundAggregator
+from splitfed.federated.split_averaging import (
+    AveragingClient,
+    AveragingServer,
+    averaging_aggregator,
+)
+from splitfed.federated.split_averaging import from_message as averaging_payload
 from splitfed.models.partition import Segment
 from splitfed.protocol import GEN_KINDS, ErrorCode, ProtocolError
 from splitfed.split.front import DataFront, FrontContext
 from splitfed.split.inference import InferenceHost
-from splitfed.transport.channel import Channel, Message, MetaValue
+from splitfed.transport.channel import Channel, Message
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 LabelsAt = Literal["data", "model"]
@@ -315,6 +321,9 @@ class ModelParty:
         shared by all (SplitLoRA / SplitFrozen).
     guard : StepGuard | None, default None
         What an update must satisfy (default: finite gradients and parameters).
+    fedavg_aggregation : {"plain", "ckks", "secagg"}, default "plain"
+        How the data parties' adapters are averaged here (``train.fedavg_every``): in the clear,
+        encrypted or masked (:mod:`splitfed.federated.split_averaging`).
     """
 
     def __init__(
@@ -325,6 +334,7 @@ class ModelParty:
         head_trainable: bool = True,
         per_party_adapters: bool = False,
         guard: StepGuard | None = None,
+        fedavg_aggregation: str = "plain",
     ) -> None:
         self.body = body
         self.guard = guard or StepGuard()
@@ -342,7 +352,8 @@ class ModelParty:
         self.client_steps: dict[str, int] = {}
         self._views: dict[int, Segment] = {}
         self.inference = InferenceHost(body, select=self.body_for)
-        self.aggregator = RoundAggregator()
+        #: SplitLoRA's adapter averaging (``train.fedavg_every``), run by the federated aggregators.
+        self.averaging = AveragingServer(averaging_aggregator(fedavg_aggregation))
 
     def body_for(self, message: Message) -> Segment:
         """The segment serving a message: entered at the sender's ``head_layers`` (heterogeneous heads)."""
@@ -396,8 +407,13 @@ class ModelParty:
         if parties < 1 or samples <= 0:
             raise ProtocolError(f"fedavg needs parties >= 1 and samples > 0; got {parties}, {samples}")
         client = str(meta.get("client", ""))
-        average = self.aggregator.contribute(round_id, client, message.tensors, samples, parties)
-        return Message("fedavg_result", average, {"round": round_id})
+        stage = str(meta.get("stage") or "update")
+        reply = self.averaging.handle(client, round_id, parties, stage, averaging_payload(message))
+        return Message(
+            "fedavg_result",
+            dict(reply.tensors),
+            {"round": round_id, "payload_kind": reply.kind, "payload_meta": json.dumps(reply.meta)},
+        )
 
     def _wants_grad(self, message: Message) -> bool:
         """Whether the sender trains its head (SplitLoRA) or runs it forward-only (SplitFrozen)."""
@@ -640,6 +656,7 @@ class DataParty:
         self.loss_fn = loss_fn
         self.labels_at = labels_at
         self.client_id = client_id
+        self._averaging: AveragingClient | None = None
         self.front = front if front is not None else DataFront()
         self.front.attach(head, tail)
         segments = {"head": head} | ({"tail": tail} if tail is not None else {})
@@ -902,34 +919,44 @@ class DataParty:
             bytes_to_data=item.bytes_to_data,
         )
 
-    def average_adapters(self, round_id: int, parties: int, samples: int) -> int:
+    def average_adapters(
+        self, round_id: int, parties: int, samples: int, *, aggregation: str = "plain", dealer: bool = False
+    ) -> int:
         """Federated-average this party's trainable head/tail parameters with the other data parties'.
 
-        Sends them with the party's sample count, waits for the average of the round and loads it.
-        Returns how many tensors were averaged.
+        Sends them with the party's sample count through the run's ``aggregation`` (``plain``,
+        ``ckks``: encrypted, the keys dealt by the party with ``dealer``; ``secagg``: masked), waits
+        for the average of the round and loads it. Returns how many tensors were averaged.
         """
         params = self.head.named_model_parameters(trainable_only=True)
         if self.tail is not None:
             params |= self.tail.named_model_parameters(trainable_only=True)
         if not params:
             return 0
-        meta: dict[str, MetaValue] = {
-            "client": self.client_id,
-            "round": round_id,
-            "parties": parties,
-            "samples": samples,
-        }
+        if (
+            self._averaging is None
+            or self._averaging.aggregator.name != averaging_aggregator(aggregation).name
+        ):
+            self._averaging = AveragingClient(averaging_aggregator(aggregation), dealer=dealer)
+        averaging = self._averaging
         with self._waiting():
-            reply = self.channel.request(Message("fedavg", {n: p.detach() for n, p in params.items()}, meta))
-        unknown = set(reply.tensors) - set(params)
+            average = averaging.average(
+                self.channel.request,
+                self.client_id,
+                round_id,
+                parties,
+                {n: p.detach() for n, p in params.items()},
+                float(samples),
+            )
+        unknown = set(average) - set(params)
         if unknown:
             raise ProtocolError(
                 f"the averaged adapters hold parameters this party does not have: {sorted(unknown)[:3]}"
             )
         with torch.no_grad():
-            for name, tensor in reply.tensors.items():
+            for name, tensor in average.items():
                 params[name].copy_(tensor)
-        return len(reply.tensors)
+        return len(average)
 
     def _head_backward(self, item: _InFlight, grad: torch.Tensor | None) -> None:
         """One backward pass through the front and the head: the returned gradient and the front's aux loss."""

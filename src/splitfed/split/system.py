@@ -56,11 +56,13 @@ def build_model_party(
     optim: OptimSpec,
     loss_fn: LossFn | None = None,
     per_party_adapters: bool = False,
+    fedavg_aggregation: str = "plain",
 ) -> tuple[ModelParty, dict[str, Segment], dict[str, FinetuneReport]]:
     """Cut ``model``, set up fine-tuning of every segment and build the model party.
 
     Returns the model party, all segments and what each segment trains (see :func:`prepare_segments`).
-    ``per_party_adapters`` gives every data party its own copy of the model party's adapters.
+    ``per_party_adapters`` gives every data party its own copy of the model party's adapters;
+    ``fedavg_aggregation`` is how it averages the data parties' adapters (``train.fedavg_aggregation``).
     """
     segments, reports = prepare_segments(model, split, head, finetune)
     model_party = ModelParty(
@@ -69,6 +71,7 @@ def build_model_party(
         loss_fn=loss_fn,
         head_trainable=segments["head"].is_trainable,
         per_party_adapters=per_party_adapters,
+        fedavg_aggregation=fedavg_aggregation,
     )
     return model_party, segments, reports
 

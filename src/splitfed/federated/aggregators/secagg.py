@@ -672,6 +672,11 @@ class SecAggServer:
         return [self.clients[i - 1] for i in self._survivors]
 
     @property
+    def shared(self) -> list[str]:
+        """Clients whose shares the server routed (those a masked update is due from)."""
+        return [self.clients[i - 1] for i in self._shared]
+
+    @property
     def dropped(self) -> list[str]:
         """Clients that shared keys but whose updates the sum does not keep."""
         return [self.clients[i - 1] for i in self._shared if i not in self._survivors]
