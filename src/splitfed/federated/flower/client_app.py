@@ -25,6 +25,7 @@ then per round ``train`` and ``query.apply``; at the end ``evaluate``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,11 +227,9 @@ def client_name(partition: int) -> str:
 def train(msg: Message, context: Context) -> Message:
     """One round's local update from the stored global adapters, encoded by the run's aggregator."""
     cfg, partition = run_settings(context)
+    round_id = _round_of(msg, "train")
     info = msg.content.get("info")
-    round_id = info.get("round") if isinstance(info, ConfigRecord) else None
     expected = info.get("digest") if isinstance(info, ConfigRecord) else None
-    if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 1:
-        raise FlowerProtocolError("train needs info.round (a positive int)")
     aggregator = _aggregator(cfg, context)
     if isinstance(aggregator, SecAggAggregator):
         # the peers' shares for this client, routed by the server: checked before any training
@@ -310,32 +309,37 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.query("secagg_share")
-def secagg_share(msg: Message, context: Context) -> Message:
-    """Stage 2: check the roster; shares of this round's mask key and seed, encrypted per peer."""
+def _secagg_stage(
+    msg: Message,
+    context: Context,
+    stage: str,
+    received: str,
+    sent: str,
+    step: Callable[[SecAggClient, Any], Any],
+) -> Message:
+    """One later stage of this round's secagg session: restore it, ``step`` it with the payload
+    ``received`` from the server, keep it, reply with what ``step`` gave under ``sent``."""
     cfg, _ = run_settings(context)
     aggregator = _aggregator(cfg, context)
     assert isinstance(aggregator, SecAggAggregator)
-    session = _secagg_session(aggregator, context, _round_of(msg, "query.secagg_share"))
-    shares = session.share_keys(get_payload(msg.content, "roster", sender="the server"))
+    session = _secagg_session(aggregator, context, _round_of(msg, stage))
+    payload = step(session, get_payload(msg.content, received, sender="the server"))
     _keep_session(context, session)
     content = RecordDict()
-    put_payload(content, "shares", shares)
+    put_payload(content, sent, payload)
     return Message(content, reply_to=msg)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    """Stage 2: check the roster; shares of this round's mask key and seed, encrypted per peer."""
+    return _secagg_stage(msg, context, "query.secagg_share", "roster", "shares", SecAggClient.share_keys)
 
 
 @app.query("secagg_reveal")
 def secagg_reveal(msg: Message, context: Context) -> Message:
     """Stage 4: the shares that let the server remove the masks, never both kinds for one client."""
-    cfg, _ = run_settings(context)
-    aggregator = _aggregator(cfg, context)
-    assert isinstance(aggregator, SecAggAggregator)
-    session = _secagg_session(aggregator, context, _round_of(msg, "query.secagg_reveal"))
-    reveal = session.reveal(get_payload(msg.content, "request", sender="the server"))
-    _keep_session(context, session)
-    content = RecordDict()
-    put_payload(content, "reveal", reveal)
-    return Message(content, reply_to=msg)
+    return _secagg_stage(msg, context, "query.secagg_reveal", "request", "reveal", SecAggClient.reveal)
 
 
 @app.query("apply")
@@ -348,10 +352,7 @@ def apply(msg: Message, context: Context) -> Message:
     fed = cfg.federated
     assert fed is not None
     stored = _stored_global(context)
-    info = msg.content.get("info")
-    round_id = info.get("round") if isinstance(info, ConfigRecord) else None
-    if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 1:
-        raise FlowerProtocolError("query.apply needs info.round (a positive int)")
+    round_id = _round_of(msg, "query.apply")
     t = time.perf_counter()
     if "global" in msg.content:
         new = get_tensors(msg.content, "global", like=stored, sender="the server")
