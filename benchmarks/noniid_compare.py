@@ -202,16 +202,7 @@ def partition(
 
 def fit_config(cfg: RunConfig, local_steps: int) -> FitConfig:
     """One party's round, as ``fedtrain`` configures its clients' (FedAvg passes it unchanged)."""
-    t = cfg.train
-    return FitConfig(
-        local_steps=local_steps,
-        local_epochs=None,
-        batch_size=t.batch_size,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-    )
+    return FitConfig.from_train(cfg.train, local_steps=local_steps)
 
 
 def run_fedlora(cfg: RunConfig) -> MethodResult:

@@ -238,15 +238,8 @@ class FederatedSimulation:
             # the largest weight any client may have; in a deployment, configure secagg.max_weight
             self.aggregator_kwargs["max_weight"] = float(max(sizes))
         self._aggregation: SimulatedAggregation | None = None
-        t = cfg.train
-        self.base_fit = FitConfig(
-            local_steps=fed.local_steps,
-            local_epochs=fed.local_epochs,
-            batch_size=t.batch_size,
-            optimizer=t.optimizer,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
+        self.base_fit = FitConfig.from_train(
+            cfg.train, local_steps=fed.local_steps, local_epochs=fed.local_epochs
         )
         self.predictor = _GlobalModel(self.segment, work.task.loss)
         self.dp = (

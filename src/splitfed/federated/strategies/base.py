@@ -55,6 +55,22 @@ class FitConfig:
     max_grad_norm: float | None
     proximal_mu: float | None = None
 
+    @classmethod
+    def from_train(
+        cls, train: Any, *, local_steps: int | None, local_epochs: float | None = None
+    ) -> FitConfig:
+        """A client's round with the optimizer settings of a run's ``train:`` section
+        (:class:`~splitfed.config.TrainConfig`) and the given amount of local work."""
+        return cls(
+            local_steps=local_steps,
+            local_epochs=local_epochs,
+            batch_size=train.batch_size,
+            optimizer=train.optimizer,
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+        )
+
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError(

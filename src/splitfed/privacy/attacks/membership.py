@@ -385,17 +385,8 @@ def membership_from_run(
             "training and evaluation splits) or references=0"
         )
     finetune = cfg.federated.finetune.spec() if cfg.federated is not None else _whole_finetune(cfg)
-    t = cfg.train
     steps = reference_steps or work.total_steps
-    fit = FitConfig(
-        local_steps=steps,
-        local_epochs=None,
-        batch_size=t.batch_size,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-    )
+    fit = FitConfig.from_train(cfg.train, local_steps=steps)
     from splitfed.run import load_run_model
 
     num_labels = len(work.splits.label_names) if work.splits.label_names else None
@@ -404,7 +395,7 @@ def membership_from_run(
         _, base = load_run_model(cfg, cfg.head, num_labels)
         models.append(
             train_reference(
-                base, aux, work.task, head=cfg.head, finetune=finetune, fit=fit, seed=t.seed + 1 + k
+                base, aux, work.task, head=cfg.head, finetune=finetune, fit=fit, seed=cfg.train.seed + 1 + k
             )
         )
     return run_membership(
