@@ -250,7 +250,7 @@ _NEED_GRAD = MetaSpec(
     "need_input_grad",
     "bool",
     None,
-    doc="the data party's head or a defense trains: it needs its input gradient",
+    doc="the data party's head, or a defense before the crossing, trains: it needs its input gradient",
 )
 _UPDATE = MetaSpec("update", "bool", True, doc="this micro-batch ends an optimizer step")
 _SESSION = MetaSpec("session", "str", None, max_len=64, required=True, doc="generation session id")

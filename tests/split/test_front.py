@@ -271,6 +271,17 @@ def test_what_comes_back_passes_the_front_in_training_evaluation_and_generation(
     assert denoiser.seen == [("generate", "hidden")] * 3
 
 
+def test_a_defense_that_trains_only_on_what_comes_back_asks_no_returned_gradient() -> None:
+    """Its parameters train from the data party's own loss; a frozen head then needs nothing back,
+    while a defense whose parameters shape what crosses still does."""
+    assert DataFront([_Denoiser()]).trains and not DataFront([_Denoiser()]).trains_before_crossing
+    assert DataFront([_mixer()]).trains_before_crossing
+    assert DataFront([_Denoiser(), _mixer()]).trains_before_crossing
+    received_only = _system(SplitSpec("hbt", 1, 1), "frozen", DataFront([_Denoiser()])).data_party
+    assert not received_only.needs_input_grad
+    assert _system(SplitSpec("hbt", 1, 1), "frozen", DataFront([_mixer()])).data_party.needs_input_grad
+
+
 class _Residual(Defense, torch.nn.Module):
     """A stateful defense: a buffer and an extra counter that a checkpoint must keep."""
 

@@ -19,7 +19,9 @@ Defenses live here, never in party step code. A :class:`Defense` implements any 
     what comes back from the model party before the data party uses it: the body's output before
     the tail (HBT) or the logits (HT with labels at the data party), in training, evaluation and
     every decoding step (split-and-denoise's denoiser, MID's bottleneck at the tail's input). It
-    may train and return an auxiliary loss, which joins the task loss;
+    may train and return an auxiliary loss, which joins the task loss; parameters that act only
+    here (:meth:`Defense.received_parameters`) need no gradient returned for what was sent, so a
+    frozen head asks for none;
 ``before_update`` / ``on_update``
     each optimizer-update boundary of the data party, before the optimizer steps (DP-SGD replaces
     the accumulated gradients by clipped per-example ones plus noise) and after it (an
@@ -151,6 +153,21 @@ class Defense:
         ``"logits"``), optionally with an auxiliary loss (a scalar)."""
         return tensor
 
+    def received_parameters(self) -> list[nn.Parameter]:
+        """Its trainable parameters that act only on what comes back (:meth:`on_received`).
+
+        They train from the data party's own loss, so they need no gradient returned for what
+        the data party sent; every other trainable parameter of a defense does. By default: all
+        of them for a defense that overrides ``on_received`` and none of ``on_embeddings`` /
+        ``on_activations``, else none (a defense whose parameters are not all on the way back,
+        like split-and-denoise's, says which are).
+        """
+        if not isinstance(self, nn.Module) or not _overrides(self, "on_received"):
+            return []
+        if _overrides(self, "on_embeddings") or _overrides(self, "on_activations"):
+            return []
+        return [p for p in self.parameters() if p.requires_grad]
+
     def attach(self, head: Segment, tail: Segment | None) -> None:
         """The data party's segments (called once, when a data party takes the front)."""
 
@@ -206,8 +223,17 @@ class DataFront(nn.Module):
 
     @property
     def trains(self) -> bool:
-        """Whether a defense has trainable parameters (then the data party needs its input gradient)."""
+        """Whether a defense has trainable parameters (on either side of the crossing)."""
         return any(p.requires_grad for p in self.parameters())
+
+    @property
+    def trains_before_crossing(self) -> bool:
+        """Whether a defense has trainable parameters that shape what the data party sends (on the
+        embeddings or activations): then it needs the gradient of what it sent returned. Parameters
+        that act only on what comes back (:meth:`Defense.received_parameters`) train from the
+        data party's own loss and need none."""
+        received = {id(p) for d in self.defenses for p in d.received_parameters()}
+        return any(id(p) not in received for p in self.trainable_parameters())
 
     @property
     def touches_text(self) -> bool:

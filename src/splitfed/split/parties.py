@@ -662,8 +662,9 @@ class DataParty:
         segments = {"head": head} | ({"tail": tail} if tail is not None else {})
         self.trainer = _Trainer(_params(segments) + self.front.trainable_parameters(), optim)
         self.head_trainable = head.is_trainable
-        #: A gradient must come back for what this party sent: its head or a defense trains.
-        self.needs_input_grad = self.head_trainable or self.front.trains
+        #: A gradient must come back for what this party sent: its head trains, or a defense
+        #: whose parameters shape what it sends (one that trains only on what comes back needs none).
+        self.needs_input_grad = self.head_trainable or self.front.trains_before_crossing
         if cache_head and self.head_trainable:
             raise ValueError("cache_head needs a frozen head (its outputs change while it trains)")
         if cache_head and self.front.touches_embeddings:
@@ -713,8 +714,11 @@ class DataParty:
             batch["attention_mask"],
             input_ids=batch.get("input_ids"),
         )
-        # A trainable embeddings defense needs the graph through a frozen head too.
-        if train and (self.head_trainable or (self.front.trains and self.front.touches_embeddings)):
+        # A defense that trains before the crossing and perturbs the embeddings needs the graph
+        # through a frozen head too.
+        if train and (
+            self.head_trainable or (self.front.trains_before_crossing and self.front.touches_embeddings)
+        ):
             return self.front.run_head(self.head, context, **kwargs)
         # SplitFrozen: the head runs forward-only, keeping no graph.
         with torch.no_grad():
@@ -966,7 +970,8 @@ class DataParty:
         assert sent is not None
         if grad is None:
             raise ProtocolError(
-                "the model party sent no gradient for what this party sent (its head or a defense trains)"
+                "the model party sent no gradient for what this party sent (its head or a defense "
+                "before the crossing trains)"
             )
         if grad.shape != sent.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != what was sent {tuple(sent.shape)}")

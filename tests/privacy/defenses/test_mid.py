@@ -8,6 +8,7 @@ import torch
 from splitfed.privacy.defenses import DefenseConfigError, build_defense
 from splitfed.privacy.defenses.mid import MID
 from splitfed.split.front import FrontContext
+from splitfed.transport.channel import CrossingRecorder
 from tiny import tiny_batch
 
 
@@ -38,6 +39,25 @@ def test_its_parameters_join_the_data_party_optimizer_and_train(split_system) ->
     before = [p.detach().clone() for p in own]
     system.data_party.train_step(tiny_batch("classification"))
     assert all(not torch.equal(p, b) for p, b in zip(own, before, strict=True))
+
+
+@pytest.mark.parametrize("where", ["head", "tail", "both"])
+def test_on_a_frozen_head_a_gradient_is_returned_only_for_a_bottleneck_before_the_crossing(
+    split_system,
+    where: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """The tail's bottleneck trains from the data party's own loss: alone, it needs nothing back."""
+    system = split_system(
+        [{"name": "mid", "bottleneck": 8, "weight": 0.1, "where": where}], head_mode="frozen"
+    )
+    recorder = CrossingRecorder(keep_tensors=False)
+    system.channel.recorder = recorder
+    (mid,) = system.data_party.front.defenses
+    before = [p.detach().clone() for p in mid.parameters()]
+    system.data_party.train_step(tiny_batch("classification"))
+    assert len(recorder.of_kind("backward_result")) == (0 if where == "tail" else 1)
+    assert system.data_party.front.trains_before_crossing is (where != "tail")
+    assert all(not torch.equal(p, b) for p, b in zip(mid.parameters(), before, strict=True))
 
 
 def test_the_kl_is_averaged_over_real_tokens_only() -> None:

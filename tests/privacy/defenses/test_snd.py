@@ -13,6 +13,7 @@ from splitfed.split.front import DataFront, FrontContext, FrontResources, build_
 from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import OptimSpec
 from splitfed.split.system import build_split
+from splitfed.transport.channel import CrossingRecorder
 from tiny import simple_loss, tiny_batch, tiny_model, tiny_tokenizer
 
 HIDDEN = 32
@@ -48,7 +49,7 @@ def test_the_mechanism_sampler_matches_the_gamma_mean_in_high_dimension() -> Non
     assert z.dtype == torch.float32 and float(z.norm(dim=-1).mean()) == pytest.approx(2.0, rel=0.01)
 
 
-def _hbt(front: DataFront, head_mode: str = "frozen"):  # type: ignore[no-untyped-def]
+def _split(front: DataFront, head_mode: str = "frozen", spec: SplitSpec = SplitSpec("hbt", 1, 1), **kw):  # type: ignore[no-untyped-def]
     model = tiny_model("llama", "classification")
     ft = {
         "head": FinetuneSpec(head_mode),
@@ -57,12 +58,13 @@ def _hbt(front: DataFront, head_mode: str = "frozen"):  # type: ignore[no-untype
     }
     return build_split(
         model,
-        SplitSpec("hbt", 1, 1),
+        spec,
         "classification",
         ft,  # type: ignore[arg-type]
         simple_loss("classification"),
         OptimSpec(lr=1e-2),
         front=front,
+        **kw,
     )
 
 
@@ -70,7 +72,7 @@ def _hbt(front: DataFront, head_mode: str = "frozen"):  # type: ignore[no-untype
 def test_the_denoiser_trains_with_the_task_in_an_hbt_step(head_mode: str) -> None:
     torch.manual_seed(0)
     snd = _snd(epsilon=50.0)
-    party = _hbt(DataFront([snd]), head_mode).data_party
+    party = _split(DataFront([snd]), head_mode).data_party
     params = dict(snd.denoiser.named_parameters())
     assert all(any(p is q for q in party.trainer.params) for p in params.values())  # joins the optimizer
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -84,6 +86,37 @@ def test_the_denoiser_trains_with_the_task_in_an_hbt_step(head_mode: str) -> Non
     assert not snd._pending  # every remembered noise was used by its reply
     logits = party.predict(batch)
     assert logits.shape == (3, 3) and not snd._pending
+
+
+@pytest.mark.parametrize("head_mode", ["frozen", "lora"])
+def test_with_a_frozen_head_no_gradient_is_returned_for_what_crossed_and_the_denoiser_still_trains(
+    head_mode: str,
+) -> None:
+    """SplitFrozen + SnD in HBT: the denoiser trains from the data party's own loss, so neither
+    does the model party compute the gradient of what it received nor does the head run with a
+    graph; a trainable head (SplitLoRA) still gets its gradient."""
+    torch.manual_seed(0)
+    snd = _snd(epsilon=50.0)
+    recorder = CrossingRecorder(keep_tensors=False)
+    system = _split(DataFront([snd]), head_mode, recorder=recorder)
+    party = system.data_party
+    head_graph: list[bool] = []
+    system.segments["head"].register_forward_hook(lambda m, a, out: head_graph.append(out.requires_grad))
+    before = {n: p.detach().clone() for n, p in snd.denoiser.named_parameters()}
+    batch = tiny_batch("classification")
+    party.train_step(batch, update=False)
+    party.train_step(batch)
+
+    frozen = head_mode == "frozen"
+    assert len(recorder.of_kind("backward_result")) == (0 if frozen else 2)
+    assert len(recorder.of_kind("backward")) == 2  # the tail's input gradient still goes to the body
+    assert [c.meta["need_input_grad"] for c in recorder.of_kind("forward")] == [not frozen] * 2
+    assert party.needs_input_grad is not frozen
+    assert head_graph == [not frozen] * 2
+    assert party.head_tokens["backward"] == (0 if frozen else 2 * int(batch["attention_mask"].sum()))
+    for name, p in snd.denoiser.named_parameters():
+        assert not torch.equal(p, before[name]), f"the denoiser's {name} did not train"
+    assert not snd._pending
 
 
 def test_the_denoiser_runs_at_prefill_and_every_decoding_step() -> None:
@@ -134,7 +167,7 @@ def test_logits_pass_and_a_reply_without_noise_is_an_error() -> None:
 
 def test_it_builds_for_config_validation_and_checks_the_models_width() -> None:
     front = build_front([{"name": "snd"}], hidden_size=8)
-    assert front.trains and front.touches_embeddings
+    assert front.trains and front.touches_embeddings and not front.trains_before_crossing
     with pytest.raises(ValueError, match="hidden_size 16 but the model's token embeddings are 32 wide"):
         _snd(hidden_size=16).setup(FrontResources(tiny_model("llama", "causal_lm")))
     assert build_front([{"name": "snd"}], tiny_model("llama", "causal_lm")).trains

@@ -121,6 +121,12 @@ class MID(Defense, nn.Module):
         mask = real_token_mask(context, kl)
         return out, self.weight * (kl * mask).sum() / mask.sum().clamp_min(1.0)
 
+    def received_parameters(self) -> list[nn.Parameter]:
+        # The tail's bottleneck trains from the data party's loss: no returned gradient needed.
+        if self.tail_bottleneck is None:
+            return []
+        return [p for p in self.tail_bottleneck.parameters() if p.requires_grad]
+
     def on_activations(
         self, hidden: torch.Tensor, context: FrontContext
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

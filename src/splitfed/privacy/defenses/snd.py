@@ -19,7 +19,9 @@ What this implementation does:
   position's clean token embedding (each scaled to unit RMS), and ``log(||z|| / ||x||)``; it
   outputs a correction ``h + rms(h) * mlp(...)``. The paper's denoiser is a transformer over the
   sequence pre-trained on public data against clean outputs; this one trains with the task,
-  through the task loss (it sits before the tail), and sees positions independently.
+  through the task loss (it sits before the tail), and sees positions independently. It trains
+  from the data party's own loss, so with a frozen head (SplitFrozen) no gradient is returned
+  for what crossed (:meth:`SplitAndDenoise.received_parameters`).
   Logits received in HT (``name == "logits"``) pass unchanged: there is then no denoiser.
 """
 
@@ -117,6 +119,10 @@ class SplitAndDenoise(Defense, nn.Module):
                 f"defense snd: hidden_size {self.hidden_size} but the model's token embeddings are "
                 f"{width} wide; leave hidden_size out so the run fills it in"
             )
+
+    def received_parameters(self) -> list[nn.Parameter]:
+        # The noise has no parameters; the denoiser acts only on what comes back.
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     def on_embeddings(self, embeddings: torch.Tensor, context: FrontContext) -> torch.Tensor:
         if context.phase not in self.phases:
