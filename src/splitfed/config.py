@@ -487,10 +487,12 @@ class RunConfig(_Strict):
                 "train.cache_head_outputs needs a frozen data-party head (mode: splitfrozen or "
                 "finetune.head.mode: frozen): a training head's outputs change every step"
             )
-        if self.train.schedule == "forward-only" and self.defenses:
+        if self.defenses:
             from splitfed.split.front import build_front
 
-            if build_front(self.defenses, hidden_size=8, sample_rate=0.01).trains:
+            front = build_front(self.defenses, hidden_size=8, sample_rate=0.01)
+            front.check_tail(self.split.setting == "hbt")
+            if self.train.schedule == "forward-only" and front.trains:
                 raise ValueError(
                     "train.schedule: forward-only cannot train a defense (it needs gradients back); "
                     "use train.schedule: pipelined"

@@ -282,6 +282,27 @@ def test_a_defense_that_trains_only_on_what_comes_back_asks_no_returned_gradient
     assert _system(SplitSpec("hbt", 1, 1), "frozen", DataFront([_mixer()])).data_party.needs_input_grad
 
 
+class _NeedsTail(Defense):
+    name = "needs_tail"
+    needs_tail = "it works on the tail's input; use something else in HT"
+
+
+def test_a_defense_that_needs_a_tail_is_refused_in_ht_before_anything_is_attached() -> None:
+    attached: list[object] = []
+
+    class _Tracked(_NeedsTail):
+        def attach(self, head, tail):  # type: ignore[no-untyped-def]
+            attached.append(tail)
+
+    with pytest.raises(
+        ValueError, match="has no data-party tail; defense needs_tail: it works on the tail's input"
+    ):
+        _system(SplitSpec("ht", 1), "lora", DataFront([_mixer(), _Tracked()]))
+    assert attached == []
+    system = _system(SplitSpec("hbt", 1, 1), "lora", DataFront([_Tracked()]))
+    assert attached == [system.segments["tail"]]
+
+
 class _Residual(Defense, torch.nn.Module):
     """A stateful defense: a buffer and an extra counter that a checkpoint must keep."""
 

@@ -125,6 +125,11 @@ class Defense:
     #: Registry name (``defenses: [{name: ...}]`` in a run's YAML).
     name: str = ""
 
+    #: Set by a defense that works only where the data party has a tail (HBT): why it needs one
+    #: and what to use in HT instead. The front then refuses HT (:meth:`DataFront.check_tail`)
+    #: rather than run a defense that does half its job.
+    needs_tail: str = ""
+
     def setup(self, resources: FrontResources) -> None:
         """Read what the defense needs from the pretrained model or tokenizer (called once, after loading)."""
 
@@ -235,6 +240,26 @@ class DataFront(nn.Module):
         received = {id(p) for d in self.defenses for p in d.received_parameters()}
         return any(id(p) not in received for p in self.trainable_parameters())
 
+    def check_tail(self, has_tail: bool) -> None:
+        """Refuse a defense that needs the data party's tail where it has none (``has_tail=False``: HT).
+
+        Raises
+        ------
+        ValueError
+            Naming each such defense, why it needs a tail and what to use in HT instead.
+        """
+        if has_tail:
+            return
+        refused = [
+            f"defense {d.name or type(d).__name__}: {d.needs_tail}" for d in self.defenses if d.needs_tail
+        ]
+        if refused:
+            raise ValueError(
+                "split.setting: ht has no data-party tail; "
+                + "; ".join(refused)
+                + " (or use split.setting: hbt)"
+            )
+
     @property
     def touches_text(self) -> bool:
         """Whether a defense rewrites input text."""
@@ -339,7 +364,8 @@ class DataFront(nn.Module):
         return grad
 
     def attach(self, head: Segment, tail: Segment | None = None) -> None:
-        """Give every defense the data party's segments."""
+        """Give every defense the data party's segments (refusing, with no tail, a defense that needs one)."""
+        self.check_tail(tail is not None)
         for d in self.defenses:
             if _overrides(d, "attach"):
                 d.attach(head, tail)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from splitfed.config import ConfigError, parse_config
 from splitfed.models.partition import FinetuneSpec, SplitSpec
 from splitfed.privacy.defenses import build_defense
 from splitfed.privacy.defenses.snd import SplitAndDenoise, dchi_noise
@@ -14,7 +17,7 @@ from splitfed.split.inference import SplitGenerator
 from splitfed.split.parties import OptimSpec
 from splitfed.split.system import build_split
 from splitfed.transport.channel import CrossingRecorder
-from tiny import simple_loss, tiny_batch, tiny_model, tiny_tokenizer
+from tiny import run_config, simple_loss, tiny_batch, tiny_model, tiny_tokenizer
 
 HIDDEN = 32
 
@@ -117,6 +120,23 @@ def test_with_a_frozen_head_no_gradient_is_returned_for_what_crossed_and_the_den
     for name, p in snd.denoiser.named_parameters():
         assert not torch.equal(p, before[name]), f"the denoiser's {name} did not train"
     assert not snd._pending
+
+
+def test_in_ht_it_is_refused_with_what_to_use_instead(tmp_path: Path) -> None:
+    """In HT nothing comes back before a tail of the data party's, so there is nothing to denoise:
+    a data party refuses it (its denoiser never joins an optimizer) and so does a run's config."""
+    front = DataFront([_snd()])
+    with pytest.raises(
+        ValueError, match=r"split.setting: ht has no data-party tail; defense snd: .*use dchi_privacy"
+    ):
+        _split(front, spec=SplitSpec("ht", 1))
+    _split(DataFront([_snd()]))  # HBT takes it
+    raw = run_config(
+        tmp_path, "x", defenses=[{"name": "snd"}], split={"setting": "ht", "head_layers": 1, "tail_layers": 0}
+    )
+    with pytest.raises(ConfigError, match=r"defense snd: snd denoises the body's output .*use dchi_privacy"):
+        parse_config(raw)
+    parse_config(run_config(tmp_path, "x", defenses=[{"name": "snd"}]))  # the default here: HBT
 
 
 def test_the_denoiser_runs_at_prefill_and_every_decoding_step() -> None:

@@ -22,7 +22,12 @@ What this implementation does:
   through the task loss (it sits before the tail), and sees positions independently. It trains
   from the data party's own loss, so with a frozen head (SplitFrozen) no gradient is returned
   for what crossed (:meth:`SplitAndDenoise.received_parameters`).
-  Logits received in HT (``name == "logits"``) pass unchanged: there is then no denoiser.
+
+HBT only: in HT nothing the data party receives comes before a tail of its own (logits, or
+nothing with ``labels_at: model``), so there would be nothing to denoise and the denoiser would
+never train. The data party refuses it there (:meth:`~splitfed.split.front.DataFront.check_tail`,
+also at config validation) rather than run the noise alone under SnD's name; ``dchi_privacy`` is
+that noise alone.
 """
 
 from __future__ import annotations
@@ -67,9 +72,15 @@ class SplitAndDenoise(Defense, nn.Module):
         Width of the denoiser's hidden layers (0: ``hidden_size``).
     phases : list of {"train", "eval", "generate"}, default all
         Where noise is added (and the reply denoised).
+
+    Needs a data-party tail (``split.setting: hbt``); the data party refuses it in HT.
     """
 
     name = "snd"
+    needs_tail = (
+        "snd denoises the body's output before the data party's tail (split.setting: hbt); "
+        "for its noise alone in HT use dchi_privacy"
+    )
 
     class Params(BaseModel):
         """Parameters of :class:`SplitAndDenoise` (validated from the YAML)."""
