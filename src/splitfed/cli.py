@@ -667,14 +667,30 @@ def bench(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the runs and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run on a Ray cluster instead of local workers: auto (the one `ray start --head` "
+            "started here, or $RAY_ADDRESS), HOST:PORT or ray://HOST:PORT.",
+        ),
+    ] = None,
+    ray_cpus_per_run: Annotated[
+        float | None,
+        typer.Option(help="CPUs each run reserves with --ray (default: the sweep's ray_cpus_per_run)."),
+    ] = None,
 ) -> None:
     """Run a privacy–utility sweep: every run × defense × strength, each attacked, results in SQLite.
 
-    Runs already in the store are skipped, so an interrupted sweep resumes where it stopped; a
-    failed run records its error and the sweep goes on. `splitfed report STORE` draws the results.
+    Runs go to the sweep's `workers` local processes, or with `--ray ADDRESS` to a Ray cluster
+    (start one with `ray start --head`); either way results flow back to the one store. Runs
+    already in the store are skipped, so an interrupted sweep resumes where it stopped; a failed
+    run records its error and the sweep goes on. `splitfed report STORE` draws the results.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from splitfed.bench.ray_cluster import ClusterError
     from splitfed.bench.store import ResultStore, StoreError
     from splitfed.bench.sweep import load_sweep, plan, run_sweep, sweep_paths
     from splitfed.privacy.attacks import AttackConfigError
@@ -694,7 +710,14 @@ def bench(
             )
             return
         if not progress:
-            run_sweep(sweep, root, store_path=store, log=lambda s: console.print(s))
+            run_sweep(
+                sweep,
+                root,
+                store_path=store,
+                log=lambda s: console.print(s),
+                ray_address=ray,
+                ray_cpus_per_run=ray_cpus_per_run,
+            )
             return
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -711,8 +734,16 @@ def bench(
                 if message:
                     bar.console.print(f"[{done}/{total}] {message}")
 
-            run_sweep(sweep, root, store_path=store, progress=advance, log=lambda s: bar.console.print(s))
-    except _user_errors(AttackConfigError, StoreError) as err:
+            run_sweep(
+                sweep,
+                root,
+                store_path=store,
+                progress=advance,
+                log=lambda s: bar.console.print(s),
+                ray_address=ray,
+                ray_cpus_per_run=ray_cpus_per_run,
+            )
+    except _user_errors(AttackConfigError, StoreError, ClusterError) as err:
         _fail(str(err))
 
 

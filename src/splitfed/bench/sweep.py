@@ -19,6 +19,13 @@ A sweep's YAML names a base run config and the axes to vary::
     aux: test                                   # the attacker's auxiliary text (split or file)
     max_examples: 32                            # sequences attacked per run
     workers: 1                                  # runs in parallel (local processes)
+    ray_cpus_per_run: 1                         # CPUs each run reserves on a Ray cluster
+
+Runs go to ``workers`` local processes, or, with ``run_sweep(..., ray_address=...)``
+(``splitfed bench SWEEP.yaml --ray auto|HOST:PORT|ray://HOST:PORT``), to a Ray cluster as remote
+tasks (:mod:`splitfed.bench.ray_cluster`): as many at once as the cluster has CPUs for, at
+``ray_cpus_per_run`` each; ``workers`` is then ignored. Either way only this process writes the
+store, each run as it finishes.
 
 Each run is identified by the hash of what determines it, so a rerun skips the runs already in
 the store (an interrupted sweep resumes where it stopped); a failed run records its error and the
@@ -35,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -77,6 +85,7 @@ class SweepConfig(BaseModel):
     max_examples: int | None = Field(32, ge=1)
     mp_metric: str | None = None
     workers: int = Field(1, ge=1, le=64)
+    ray_cpus_per_run: float = Field(1.0, gt=0, le=1024, description="CPUs per run with --ray")
     out: str | None = Field(None, description="where run directories go (default runs/bench/<name>)")
     store: str | None = Field(None, description="the results database (default <out>/results.sqlite)")
     keep_recordings: bool = False
@@ -378,8 +387,9 @@ class SweepPlan:
         return [r for r in self.runs if r.key not in self.stored]
 
 
-def plan(sweep: SweepConfig, root: Path, store: ResultStore) -> SweepPlan:
-    """Expand ``sweep`` and compare it with ``store``; estimate the time left from stored runs' times."""
+def plan(sweep: SweepConfig, root: Path, store: ResultStore, *, parallel: int | None = None) -> SweepPlan:
+    """Expand ``sweep`` and compare it with ``store``; estimate the time left from stored runs' times
+    with ``parallel`` runs at once (default: the sweep's ``workers``)."""
     runs = expand(sweep, root)
     attacks = attack_specs(sweep)
     stored = {r.key for r in runs if store.has_run(r.key)}
@@ -387,7 +397,7 @@ def plan(sweep: SweepConfig, root: Path, store: ResultStore) -> SweepPlan:
     estimate = None
     if done:
         per_run = sum(float(r.seconds or 0.0) for r in done) / len(done)
-        estimate = per_run * (len(runs) - len(stored)) / sweep.workers
+        estimate = per_run * (len(runs) - len(stored)) / (parallel or sweep.workers)
     return SweepPlan(runs, stored, attacks, estimate)
 
 
@@ -405,20 +415,44 @@ def run_sweep(
     store_path: Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     log: Callable[[str], None] = print,
+    ray_address: str | None = None,
+    ray_cpus_per_run: float | None = None,
 ) -> SweepPlan:
     """Run every run of ``sweep`` not stored yet, attacks included; store each as it finishes.
 
-    ``progress(done, total, message)`` is called after each run.
+    ``progress(done, total, message)`` is called after each run. With ``ray_address`` (``auto``,
+    ``HOST:PORT`` or ``ray://HOST:PORT``) the runs are Ray tasks on that cluster, reserving
+    ``ray_cpus_per_run`` CPUs each (default: the sweep's ``ray_cpus_per_run``); otherwise they run
+    in the sweep's ``workers`` local processes.
+
+    Raises
+    ------
+    ClusterError
+        With ``ray_address``, if Ray is not importable or no cluster answers there.
     """
     out, default_store = sweep_paths(sweep, root)
-    with ResultStore(store_path or default_store) as store:
+    with ExitStack() as stack:
+        store = stack.enter_context(ResultStore(store_path or default_store))
         the_plan = plan(sweep, root, store)
         todo = the_plan.todo
+        cluster = None
+        parallel = sweep.workers
+        where = f"{sweep.workers} worker{'s' if sweep.workers > 1 else ''}"
+        if ray_address is not None:
+            where = f"Ray at {ray_address}"
+        if ray_address is not None and todo:  # nothing to run, no cluster needed
+            from splitfed.bench.ray_cluster import RayCluster
+
+            cpus = ray_cpus_per_run if ray_cpus_per_run is not None else sweep.ray_cpus_per_run
+            cluster = stack.enter_context(RayCluster(ray_address, cpus_per_run=cpus))
+            parallel = cluster.parallel
+            the_plan = plan(sweep, root, store, parallel=parallel)
+            where = f"Ray at {ray_address}: {parallel} at a time, {cpus:g} CPU{'s' if cpus != 1 else ''} each"
         total, done = len(the_plan.runs), len(the_plan.stored)
         eta = f", about {the_plan.estimate_s / 60:.1f} min left" if the_plan.estimate_s else ""
         log(
             f"sweep {sweep.name}: {total} runs x {len(the_plan.attacks)} attacks; {done} stored, {len(todo)} to run{eta} "
-            f"({sweep.workers} worker{'s' if sweep.workers > 1 else ''}); results in {store.path}"
+            f"({where}); results in {store.path}"
         )
         if not todo:
             return the_plan
@@ -445,12 +479,7 @@ def run_sweep(
                 store.put_attack(outcome.key, attack_key, **row)
             done += 1
             status = outcome.run["status"]
-            left = (
-                (time.perf_counter() - started)
-                / (done - len(the_plan.stored))
-                * (total - done)
-                / sweep.workers
-            )
+            left = (time.perf_counter() - started) / (done - len(the_plan.stored)) * (total - done) / parallel
             message = (
                 f"{run.spec['defense']} {run.spec['strength'] or ''} {run.spec['setting']} "
                 f"head={run.spec['head_layers']}: {status} in {outcome.seconds:.0f} s"
@@ -462,7 +491,11 @@ def run_sweep(
             else:
                 log(f"[{done}/{total}] {message}")
 
-        if sweep.workers == 1:
+        if cluster is not None:
+            # Workers on other machines do not share this working directory.
+            for outcome in cluster.outcomes(todo, the_plan.attacks, **(kwargs | {"out": out.resolve()})):
+                finish(outcome)
+        elif sweep.workers == 1:
             for run in todo:
                 finish(run_one(run, the_plan.attacks, **kwargs))  # type: ignore[arg-type]
         else:
