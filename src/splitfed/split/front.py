@@ -74,6 +74,11 @@ class FrontContext:
         ``[batch, seq]`` token ids the tensor was computed from (private to the data party: an
         adversarial-training defense trains its inverter on them); in a decoding step, only the
         newest token's. ``None`` where the head ran on embeddings the caller supplied.
+    owns_gradient : bool
+        The gradient handed to ``on_gradients`` is the hooks' to overwrite: the data party passes
+        the ``.grad`` it just computed, which nothing else reads, so a hook may write its result
+        into that storage instead of allocating (the logits' gradient of a causal LM is ~100 MB).
+        ``False`` (the default, e.g. a caller's own tensor): hooks must leave it unchanged.
     """
 
     phase: Phase
@@ -82,6 +87,7 @@ class FrontContext:
     attention_mask: torch.Tensor | None = None
     loss_scale: float = 1.0
     input_ids: torch.Tensor | None = None
+    owns_gradient: bool = False
 
 
 @dataclass(frozen=True)

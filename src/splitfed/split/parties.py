@@ -867,7 +867,13 @@ class DataParty:
         _require(reply, name)
         received = reply.tensors[name].requires_grad_(True)
         context = FrontContext(
-            "train", self.updates, item.batch_id, mask, micro.loss_scale, input_ids=batch.get("input_ids")
+            "train",
+            self.updates,
+            item.batch_id,
+            mask,
+            micro.loss_scale,
+            input_ids=batch.get("input_ids"),
+            owns_gradient=True,  # ``received.grad`` below is handed to the hooks and read by nothing else
         )
         used, aux = self.front.received(name, received, context)
         if self.tail is not None:

@@ -84,11 +84,48 @@ def test_bad_parameters_name_the_key_and_the_range() -> None:
 
 
 def test_the_fast_top_k_of_a_large_tensor_selects_exactly_what_topk_does() -> None:
-    from splitfed.privacy.defenses.grad_topk import top_magnitude_indices
+    from splitfed.privacy.defenses.grad_topk import kth_largest_magnitude, sparsify
 
     g = torch.Generator().manual_seed(0)
-    flat = torch.randn(2**19, generator=g)
-    for k in (50, 5_000, 100_000):
-        fast = top_magnitude_indices(flat, k)
-        exact = flat.abs().topk(k).indices
-        assert fast.numel() == k and set(fast.tolist()) == set(exact.tolist())
+    flat = torch.randn(2**19 + 7, generator=g)
+    for k in (50, 5_000, 100_000, 400_000):
+        exact = flat.abs().topk(k)
+        assert kth_largest_magnitude(flat, k) == (exact.values[-1], k)
+        residual = torch.empty_like(flat)
+        sent = sparsify(flat, k, residual=residual)
+        assert set(sent.nonzero().squeeze(1).tolist()) == set(exact.indices.tolist())
+        torch.testing.assert_close(sent + residual, flat, atol=0, rtol=0)
+        owned = flat.clone()
+        torch.testing.assert_close(sparsify(owned, k, in_place=True), sent, atol=0, rtol=0)
+        torch.testing.assert_close(owned, residual, atol=0, rtol=0)
+
+
+def test_ties_at_the_threshold_still_send_exactly_k() -> None:
+    from splitfed.privacy.defenses.grad_topk import sparsify
+
+    for n in (1_000, 2**19):
+        flat = torch.ones(n)
+        flat[: n // 4] = 3.0
+        k = n // 2  # a quarter at 3.0, then a quarter of the ties at 1.0
+        residual = torch.empty_like(flat)
+        sent = sparsify(flat, k, residual=residual)
+        assert int((sent != 0).sum()) == k and float(sent.sum()) == 3.0 * (n // 4) + (k - n // 4)
+        torch.testing.assert_close(sent + residual, flat, atol=0, rtol=0)
+
+
+def test_a_handed_over_gradient_carries_what_is_sent_and_a_callers_own_is_left_alone() -> None:
+    torch.manual_seed(0)
+    raw = [torch.randn(4, 16, 8192) for _ in range(3)]  # 2**19 entries: the large-tensor path
+    mine, handed = GradientSparsification(fraction=0.1), GradientSparsification(fraction=0.1)
+    owned = FrontContext("train", owns_gradient=True)
+    for g in raw:
+        kept = g.clone()
+        expected = mine.on_gradients(g, TRAIN)
+        torch.testing.assert_close(g, kept, atol=0, rtol=0)  # not the hook's: unchanged
+        given = g.clone()
+        sent = handed.on_gradients(given, owned)
+        torch.testing.assert_close(sent, expected, atol=0, rtol=0)
+    # From the second step on, what is sent lives in the storage of the gradient handed over.
+    assert sent.data_ptr() == given.data_ptr()
+    assert handed.residual is not None and mine.residual is not None
+    torch.testing.assert_close(handed.residual, mine.residual, atol=0, rtol=0)

@@ -17,45 +17,132 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from splitfed.split.front import Defense, FrontContext
 
-#: Below this many entries a full top-k is cheap enough; above it the threshold is estimated first.
+#: Below this many entries an exact selection over all of them is cheap enough; above it the
+#: threshold is estimated from a sample first.
 _PREFILTER_MIN = 1 << 18
-#: Entries sampled to estimate the magnitude threshold of the ``k`` largest.
+#: Entries sampled to estimate a quantile of the magnitudes.
 _SAMPLE = 1 << 15
+#: Entries per pass chunk: small enough that a chunk's temporaries stay in cache.
+_CHUNK = 1 << 18
 
 
-def top_magnitude_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` entries of the 1-d ``flat`` largest in magnitude (in no particular order).
+def _spans(n: int) -> list[slice]:
+    return [slice(start, min(n, start + _CHUNK)) for start in range(0, n, _CHUNK)]
 
-    Exactly what ``flat.abs().topk(k).indices`` selects (up to ties), faster on large tensors: a
-    threshold a little below the ``k``-th largest magnitude is estimated from a fixed random
-    sample, and the exact top-k runs only on the entries above it (a little more than ``k``).
-    Should the candidates fall short of ``k`` (a sample far off), the full top-k runs instead.
-    """
-    mags = flat.abs()
-    n = mags.numel()
-    if k >= n:
-        return torch.arange(n, device=flat.device)
+
+def _sampled_rank(sample: torch.Tensor, q: float, side: float) -> torch.Tensor | None:
+    """The sample's value ``side`` (-1 below, +1 above) four standard deviations of the sample
+    quantile from the ``q`` quantile, so that the population's ``q`` quantile lies beyond it;
+    ``None`` where that falls off the sample."""
+    m = sample.numel()
+    bound = q + side * (4.0 * math.sqrt(q * (1.0 - q) / m) + 1.0 / m)
+    rank = math.floor(bound * m) if side < 0 else math.ceil(bound * m)
+    if rank < 1 or rank > m:
+        return None
+    return sample.kthvalue(rank).values
+
+
+def _kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank``-th smallest (1-based) of the 1-d ``values``, exactly; large inputs first narrow
+    the search to a band around the sampled quantile (``kthvalue`` on millions of entries is slow)."""
+    n = values.numel()
     if n < _PREFILTER_MIN:
-        return mags.topk(k, sorted=False).indices
-    # A sample of the magnitudes from a fixed stream (the run's random state is left alone).
+        return values.kthvalue(rank).values
+    g = torch.Generator(device="cpu").manual_seed(1)
+    sample = values[torch.randint(0, n, (_SAMPLE,), generator=g).to(values.device)]
+    q = rank / n
+    low, high = _sampled_rank(sample, q, -1.0), _sampled_rank(sample, q, 1.0)
+    if low is None or high is None:
+        return values.kthvalue(rank).values
+    below = int((values < low).sum())
+    band = values[(values >= low) & (values <= high)]
+    if not 0 < rank - below <= band.numel():  # the sample was far off: search everything
+        return values.kthvalue(rank).values
+    return band.kthvalue(rank - below).values
+
+
+def kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The ``k``-th largest magnitude of the 1-d ``flat`` (a 0-d tensor), exactly, and how many
+    entries reach it (``k``, or more where entries tie with it).
+
+    Exactly ``flat.abs().topk(k).values[-1]``, faster on large tensors: a threshold a little below
+    it is estimated from a fixed random sample (the run's random state is left alone), the
+    magnitudes above it (a little more than ``k``) are collected in one chunked pass, and the exact
+    one is selected among them. Should they fall short of ``k`` (a sample far off), every
+    magnitude is searched instead.
+    """
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}]; got {k}")
+    if n < _PREFILTER_MIN:
+        return _reaching(flat.abs(), n - k + 1)
     g = torch.Generator(device="cpu").manual_seed(0)
-    sample = mags[torch.randint(0, n, (_SAMPLE,), generator=g).to(flat.device)]
-    # The k-th largest is near the (1 - k/n) quantile; go four standard deviations of the sample
-    # quantile below it, so that the candidates hold all k but rarely many more.
-    q = 1.0 - k / n
-    below = q - 4.0 * math.sqrt(q * (1.0 - q) / _SAMPLE) - 1.0 / _SAMPLE
-    rank = math.floor(below * _SAMPLE)
-    if rank < 1:
-        return mags.topk(k, sorted=False).indices
-    threshold = sample.kthvalue(rank).values
-    candidates = (mags >= threshold).nonzero().squeeze(1)
-    extra = candidates.numel() - k
-    if extra < 0:
-        return mags.topk(k, sorted=False).indices
-    # Dropping the few smallest candidates is cheaper than selecting the many largest.
-    keep = torch.ones(candidates.numel(), dtype=torch.bool, device=flat.device)
-    keep[mags[candidates].topk(extra, largest=False, sorted=False).indices] = False
-    return candidates[keep]
+    sample = flat[torch.randint(0, n, (_SAMPLE,), generator=g).to(flat.device)].abs()
+    estimate = _sampled_rank(sample, 1.0 - k / n, -1.0)
+    if estimate is None:
+        return _reaching(flat.abs(), n - k + 1)
+    parts = []
+    for span in _spans(n):
+        mags = flat[span].abs()
+        parts.append(mags[mags >= estimate])
+    candidates = torch.cat(parts)
+    if candidates.numel() < k:
+        return _reaching(flat.abs(), n - k + 1)
+    return _reaching(candidates, candidates.numel() - k + 1)
+
+
+def _reaching(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
+    """The ``rank``-th smallest of ``values`` and how many of them are at least it."""
+    threshold = _kth_smallest(values, rank)
+    return threshold, int((values >= threshold).sum())
+
+
+def sparsify(
+    flat: torch.Tensor,
+    k: int,
+    *,
+    residual: torch.Tensor | None = None,
+    in_place: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``k`` entries of the 1-d ``flat`` largest in magnitude, the others zero.
+
+    With ``residual`` (a 1-d tensor like ``flat``), what is not sent is written into it; with
+    ``in_place``, ``flat`` itself (which the caller owns) becomes that residual. With ``out`` (a
+    1-d tensor like ``flat`` that does not overlap it), what is sent is written there. Entries tied at
+    the threshold beyond ``k`` stay behind (the last ones by position), so exactly ``k`` are sent;
+    where the threshold is 0 the surplus are zeros and nothing changes. One pass to find the
+    threshold and one to write, chunk by chunk: no index tensor, no scatter.
+    """
+    n = flat.numel()
+    if k >= n:
+        sent = flat.clone()
+        if residual is not None:
+            residual.zero_()
+        if in_place:
+            flat.zero_()
+        return sent
+    threshold, reaching = kth_largest_magnitude(flat, k)
+    # hardshrink keeps the entries whose magnitude exceeds lambda: the float just below the
+    # threshold, so exactly those reaching it, in one fused pass (no mask, no index, no scatter).
+    below = float(torch.nextafter(threshold, threshold.new_zeros(())))
+    sent = torch.empty_like(flat) if out is None else out
+    for span in _spans(n):
+        part, kept = flat[span], sent[span]
+        torch.hardshrink(part, below, out=kept)
+        if in_place:
+            part.sub_(kept)
+        elif residual is not None:
+            torch.sub(part, kept, out=residual[span])
+    excess = reaching - k
+    if excess > 0 and float(threshold) > 0:
+        # Entries tied at the threshold: send only the first few of them.
+        tied = (sent.abs() == threshold).nonzero().squeeze(1)[-excess:]
+        carry = flat if in_place else residual
+        if carry is not None:
+            carry[tied] = sent[tied]
+        sent[tied] = 0.0
+    return sent
 
 
 class GradientSparsification(Defense):
@@ -117,13 +204,24 @@ class GradientSparsification(Defense):
 
     def on_gradients(self, grad: torch.Tensor, context: FrontContext) -> torch.Tensor:
         work = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
+        owned = work.data_ptr() != grad.data_ptr()  # a promoted copy is ours
         if self.error_feedback and self.residual is not None:
-            work = work + self._carried(work)
+            carried = self._carried(work)  # the residual itself, or a fresh tensor: ours to change
+            work, owned = carried.add_(work), True
         flat = work.reshape(-1)
         k = min(flat.numel(), math.ceil(self.fraction * flat.numel()))
-        keep = top_magnitude_indices(flat, k)
-        sent = torch.zeros_like(flat)
-        sent[keep] = flat[keep]
-        if self.error_feedback:
-            self.residual = (flat - sent).view_as(work)
+        # Where the data party hands its gradient over (and it is not what ``flat`` holds), what is
+        # sent is written into that storage: no fresh 100 MB buffer to fault in at every step.
+        out = None
+        if context.owns_gradient and owned and grad.dtype == work.dtype and grad.is_contiguous():
+            out = grad.detach().view(-1)
+        if not self.error_feedback:
+            sent = sparsify(flat, k, out=out)
+        elif owned:  # ``work`` is ours (the carried residual plus the gradient): it becomes the residual
+            sent = sparsify(flat, k, in_place=True, out=out)
+            self.residual = work
+        else:
+            residual = torch.empty_like(flat)
+            sent = sparsify(flat, k, residual=residual)
+            self.residual = residual.view_as(work)
         return sent.view_as(work).to(grad.dtype)
