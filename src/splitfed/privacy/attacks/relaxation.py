@@ -42,6 +42,7 @@ class RelaxationInversion(WhiteBoxInversion):
     shortlist : int, default 16
     accept : float, default 0.02
     search_steps : int, default 0
+    lookup : int, default 32
         As :class:`~splitfed.privacy.attacks.vmi.WhiteBoxInversion`'s (the shortlist's first
         source is the highest logits).
     """
@@ -74,6 +75,7 @@ class RelaxationInversion(WhiteBoxInversion):
         shortlist: int = 16,
         accept: float = 0.02,
         search_steps: int = 0,
+        lookup: int = 32,
     ) -> None:
         super().__init__(
             steps=steps,
@@ -86,6 +88,7 @@ class RelaxationInversion(WhiteBoxInversion):
             shortlist=shortlist,
             accept=accept,
             search_steps=search_steps,
+            lookup=lookup,
         )
         self.temperature, self.init_scale = temperature, init_scale
 

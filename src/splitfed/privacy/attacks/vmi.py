@@ -172,6 +172,50 @@ def first_activations(context: AttackContext, chunk: int = 4096) -> torch.Tensor
 
 
 @torch.no_grad()
+def context_free_activations(context: AttackContext, chunk: int = 4096) -> torch.Tensor:
+    """The public head's activation ``[vocab, width]`` of every token at position 1 after one fixed
+    token (a newline; the BOS token where the tokenizer has no newline), cached per context.
+
+    A token's own embedding and the first blocks' token-wise transforms dominate its activation,
+    so this table ranks the true token of a position near the top whatever its context: on
+    smollm2-135m at split 2 it put the true token first at 15 of the 16 positions where the
+    other shortlists and the proposals all missed it (and fifth at the last). One forward of
+    the vocabulary per context, as :func:`first_activations`.
+    """
+    key = ("context_free_activations", context.head_layers)
+    if key not in context.cache:
+        head = context.public_head()
+        vocab = context.embedding_matrix().shape[0]
+        device = context.embedding_matrix().device
+        anchor = 0
+        tokenizer = context.tokenizer
+        if tokenizer is not None:
+            newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+            if newline:
+                anchor = int(newline[-1])
+            elif getattr(tokenizer, "bos_token_id", None) is not None:
+                anchor = int(tokenizer.bos_token_id)
+        ids = torch.arange(vocab, device=device)
+        out = []
+        for part in chunks(vocab, chunk):
+            pair = torch.stack([torch.full_like(ids[part], anchor), ids[part]], dim=1)
+            out.append(head(input_ids=pair, attention_mask=torch.ones_like(pair))[:, 1].float())
+        context.cache[key] = torch.cat(out)
+    return context.cache[key]  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def lookup_shortlist(context: AttackContext, target: torch.Tensor, k: int, rows: int = 256) -> torch.Tensor:
+    """The ``k`` tokens ``[n, seq, k]`` whose :func:`context_free_activations` are nearest (cosine)
+    to each position of ``target [n, seq, width]``."""
+    table = torch.nn.functional.normalize(context_free_activations(context), dim=-1)
+    flat = torch.nn.functional.normalize(target.reshape(-1, target.shape[-1]).float(), dim=-1)
+    k = min(k, table.shape[0])
+    picked = [(flat[part] @ table.T).topk(k, dim=-1).indices for part in chunks(len(flat), rows)]
+    return torch.cat(picked).reshape(*target.shape[:-1], k)
+
+
+@torch.no_grad()
 def causal_search(
     context: AttackContext,
     target: torch.Tensor,
@@ -345,6 +389,9 @@ class SearchParams(BaseModel):
         0.02, ge=0.0, le=100.0, description="distance under which a shortlisted token is kept"
     )
     search_steps: int = Field(0, ge=0, le=100_000, description="continuous steps before the search")
+    lookup: int = Field(
+        32, ge=0, le=1_000_000, description="tokens tried first from the context-free activation table"
+    )
 
 
 class WhiteBoxInversion(Attack):
@@ -381,6 +428,9 @@ class WhiteBoxInversion(Attack):
     search_steps : int, default 0
         Continuous Adam steps before the search (its start and shortlist then come from their
         result); 0 starts from ``init``, which on smollm2 loses nothing and saves minutes.
+    lookup : int, default 32
+        Tokens tried first per position from :func:`context_free_activations`: those whose
+        activation after one fixed token is nearest the intercepted one (0: no lookup).
     """
 
     name = "vmi"
@@ -413,10 +463,12 @@ class WhiteBoxInversion(Attack):
         shortlist: int = 16,
         accept: float = 0.02,
         search_steps: int = 0,
+        lookup: int = 32,
     ) -> None:
         self.steps, self.lr, self.cosine, self.init, self.batch_size = steps, lr, cosine, init, batch_size
         self.search, self.candidates = search, candidates
         self.shortlist, self.accept, self.search_steps = shortlist, accept, search_steps
+        self.lookup = lookup
 
     # ------------------------------------------------------------------ what a variant overrides
     def start(self, target: torch.Tensor, context: AttackContext) -> torch.Tensor:
@@ -488,6 +540,8 @@ class WhiteBoxInversion(Attack):
             from splitfed.privacy.attacks.linear_baseline import ridge_logits
 
             shortlist.append(ridge_logits(context, target).topk(width, dim=-1).indices.to(target.device))
+        if self.lookup:
+            shortlist.append(lookup_shortlist(context, target, self.lookup).to(target.device))
         return causal_search(
             context,
             target,
