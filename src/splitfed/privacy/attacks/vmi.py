@@ -195,11 +195,28 @@ def context_free_activations(context: AttackContext, chunk: int = 4096) -> torch
                 anchor = int(newline[-1])
             elif getattr(tokenizer, "bos_token_id", None) is not None:
                 anchor = int(tokenizer.bos_token_id)
+        from splitfed.split.inference import new_cache
+
+        # The anchor runs once; every chunk of the vocabulary follows it from its KV cache.
+        prefix = new_cache(head)
+        head(
+            input_ids=torch.tensor([[anchor]], device=device),
+            attention_mask=torch.ones(1, 1, device=device),
+            past_key_values=prefix,
+        )
         ids = torch.arange(vocab, device=device)
         out = []
         for part in chunks(vocab, chunk):
-            pair = torch.stack([torch.full_like(ids[part], anchor), ids[part]], dim=1)
-            out.append(head(input_ids=pair, attention_mask=torch.ones_like(pair))[:, 1].float())
+            rows = len(ids[part])
+            branch = copy.deepcopy(prefix)
+            branch.batch_repeat_interleave(rows)
+            produced = head(
+                input_ids=ids[part][:, None],
+                attention_mask=torch.ones(rows, 2, dtype=torch.long, device=device),
+                position_ids=torch.ones(rows, 1, dtype=torch.long, device=device),
+                past_key_values=branch,
+            )
+            out.append(produced[:, 0].float())
         context.cache[key] = torch.cat(out)
     return context.cache[key]  # type: ignore[no-any-return]
 
