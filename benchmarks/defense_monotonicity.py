@@ -1,16 +1,18 @@
 """Whether each defense's attack performance (AP) falls as its strength rises, with the MP it costs.
 
-Runs the sweep ``examples/bench/monotonicity.yaml`` (smollm2-135m, fortunes-topic, HT split after
-2 blocks, three strengths per defense; runs already in its store are skipped), then reads the
-SQLite store and prints, per defense, strength and targeted attack, the main-task performance
-(MP) and the AP, weakest to strongest with the undefended run first.
+Runs the sweeps ``examples/bench/monotonicity.yaml`` (smollm2-135m, fortunes-topic, HT split
+after 2 blocks, three strengths of every defense that works in HT) and
+``examples/bench/monotonicity_hbt.yaml`` (the same in HBT 2 + 2, for split-and-denoise, which
+needs the data party's tail); runs already in a store are skipped. Then it reads each SQLite
+store and prints, per defense, strength and targeted attack, the main-task performance (MP) and
+the AP, weakest to strongest with that sweep's undefended run first.
 
 AP counts as monotone when, along that order, it never rises by more than the tolerance: the
 larger of ``--tol`` and the spread of AP over the sweep's seeds at any one point (with one seed,
 ``--tol`` alone). Which parameter is the strength, and which way it grows, is
 :data:`STRENGTH`; which attacks a defense is meant to stop is :data:`TARGETED`.
 
-    python benchmarks/defense_monotonicity.py                 # the whole sweep (~20-40 min on 2 cores)
+    python benchmarks/defense_monotonicity.py                 # both sweeps (hours on 2 cores; resumable)
     python benchmarks/defense_monotonicity.py --table-only    # print the table of a stored sweep
     python benchmarks/defense_monotonicity.py --quick         # grad_topk at 2 strengths, 2 steps,
                                                               # bli label inference (< 1 minute)
@@ -34,7 +36,10 @@ from splitfed.bench.scores import NO_DEFENSE
 from splitfed.bench.store import ResultStore
 from splitfed.bench.sweep import SweepConfig, load_sweep, run_sweep, sweep_paths
 
-SWEEP = Path(__file__).parents[1] / "examples" / "bench" / "monotonicity.yaml"
+SWEEPS = [
+    Path(__file__).parents[1] / "examples" / "bench" / name
+    for name in ("monotonicity.yaml", "monotonicity_hbt.yaml")
+]
 
 #: Each defense's strength parameter and its direction: +1 when a larger value protects more,
 #: -1 when a smaller one does (a privacy budget, a fraction sent).
@@ -51,6 +56,7 @@ STRENGTH: dict[str, tuple[str, int]] = {
     "nopeek": ("weight", 1),
     "mid": ("weight", 1),
     "adversarial": ("weight", 1),
+    "textobfuscator": ("noise_scale", 1),
 }
 
 #: The attacks each defense is meant to stop (the table shows only these).
@@ -64,6 +70,7 @@ TARGETED: dict[str, tuple[str, ...]] = {
     "nopeek": ("vmi", "linear"),
     "mid": ("vmi", "linear"),
     "adversarial": ("vmi", "linear"),
+    "textobfuscator": ("vmi", "linear"),
     "grad_topk": ("bli",),
     "grad_dp": ("bli",),
     "dp_sgd": ("bli",),
@@ -150,7 +157,11 @@ def report(cells: Cells, tol: float) -> dict[str, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--sweep", type=Path, default=SWEEP, help="the sweep YAML (default: monotonicity.yaml)"
+        "--sweep",
+        type=Path,
+        nargs="+",
+        default=SWEEPS,
+        help="sweep YAMLs (default: monotonicity.yaml and monotonicity_hbt.yaml)",
     )
     parser.add_argument("--tol", type=float, default=0.02, help="AP rise tolerated between strengths")
     parser.add_argument(
@@ -164,17 +175,23 @@ def main() -> None:
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    sweep, root = load_sweep(args.sweep)
-    if args.quick:
-        sweep = quick_sweep(sweep, Path(tempfile.mkdtemp(prefix="splitfed-monotonicity-")))
-    _, store_path = sweep_paths(sweep, root)
-    if not args.table_only:
-        start = time.perf_counter()
-        run_sweep(sweep, root, store_path=store_path)
-        print(f"sweep {sweep.name}: {time.perf_counter() - start:.0f} s")
-    with ResultStore(store_path) as store:
-        cells = collect(store, sweep.name)
-    verdicts = report(cells, args.tol)
+    verdicts: dict[str, bool] = {}
+    for path in args.sweep[:1] if args.quick else args.sweep:
+        sweep, root = load_sweep(path)
+        if args.quick:
+            sweep = quick_sweep(sweep, Path(tempfile.mkdtemp(prefix="splitfed-monotonicity-")))
+        _, store_path = sweep_paths(sweep, root)
+        if not args.table_only:
+            start = time.perf_counter()
+            run_sweep(sweep, root, store_path=store_path)
+            print(f"sweep {sweep.name}: {time.perf_counter() - start:.0f} s")
+        elif not store_path.exists():
+            print(f"sweep {sweep.name}: nothing stored yet ({store_path})")
+            continue
+        with ResultStore(store_path) as store:
+            cells = collect(store, sweep.name)
+        print(f"sweep {sweep.name} ({store_path})")
+        verdicts |= report(cells, args.tol)
     for defense, ok in verdicts.items():
         print(f"BENCH {defense}_ap_monotone {int(ok)} >= 1")
 
