@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -267,3 +269,17 @@ def run_config(root, out: str, **sections) -> dict:
         else:
             raw[key] = value
     return raw
+
+
+def crash_or_finish(run: Any, attacks: Any, **kwargs: Any) -> Any:
+    """A sweep worker stand-in (importable in spawned workers): the process dies on runs whose
+    spec has ``"crash": True``, and finishes the others at once."""
+    import os
+    import time
+
+    from splitfed.bench.sweep import RunOutcome
+
+    if run.spec.get("crash"):
+        time.sleep(1.5)  # in flight long enough to be seen running
+        os._exit(3)
+    return RunOutcome(run.key, {"status": "done"}, [], 0.0)

@@ -102,3 +102,15 @@ def test_cli_bench_dry_run_lists_the_runs(workspace: Path) -> None:
     assert "6 runs x 2 attacks; 6 to run" in result.output
     bad = CliRunner().invoke(app, ["bench", str(workspace / "missing.yaml")])
     assert bad.exit_code != 0 and "no such file" in bad.output
+
+
+def test_a_worker_process_that_dies_fails_its_run_and_the_sweep_goes_on() -> None:
+    from splitfed.bench.sweep import CRASHES_ALLOWED, RunSpec, _pool_outcomes
+    from tiny import crash_or_finish
+
+    runs = [RunSpec(f"run{i}", {"crash": i == 1}, {}) for i in range(4)]
+    outcomes = {o.key: o for o in _pool_outcomes(runs, [], 2, {}, fn=crash_or_finish)}
+    assert sorted(outcomes) == ["run0", "run1", "run2", "run3"]  # each exactly once
+    assert outcomes["run1"].run["status"] == "failed"
+    assert f"({CRASHES_ALLOWED} times)" in outcomes["run1"].run["error"]
+    assert all(outcomes[k].run["status"] == "done" for k in ("run0", "run2", "run3"))

@@ -40,8 +40,9 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -366,6 +367,59 @@ def run_one(
     return RunOutcome(run.key, run_row, rows, time.perf_counter() - start)
 
 
+#: Times a run may be in flight when a local worker process dies before it is recorded as failed.
+CRASHES_ALLOWED = 2
+
+
+def _pool_outcomes(
+    todo: Sequence[RunSpec],
+    attacks: Sequence[dict[str, Any]],
+    workers: int,
+    kwargs: dict[str, Any],
+    fn: Callable[..., RunOutcome] = run_one,
+) -> Iterator[RunOutcome]:
+    """Outcomes of ``fn`` (``run_one``) on each of ``todo`` in ``workers`` spawned processes, as each finishes.
+
+    A worker that dies (killed, out of memory, a crash in native code) breaks the whole pool and
+    every run in it: the runs go to a fresh pool, and a run that was in flight (running, not
+    queued) at :data:`CRASHES_ALLOWED` deaths is recorded as failed, so that one bad run cannot
+    stop the sweep. After as many deaths as runs times that, whatever is left is recorded failed.
+    """
+    queue, crashes, deaths = list(todo), dict.fromkeys((r.key for r in todo), 0), 0
+    while queue:
+        broken: list[RunSpec] = []
+        running: set[str] = set()
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            pending: dict[Future[RunOutcome], RunSpec] = {
+                pool.submit(fn, run, attacks, **kwargs): run for run in queue
+            }
+            queue = []
+            while pending:
+                # Which runs are in flight, refreshed every second: those a dead worker takes the blame.
+                running = {run.key for future, run in pending.items() if future.running()} or running
+                finished, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    run = pending.pop(future)
+                    try:
+                        yield future.result()
+                    except BrokenProcessPool:
+                        broken.append(run)
+                    except Exception as err:  # raised outside run_one's own guard: record it
+                        yield RunOutcome(run.key, {"status": "failed", "error": _error(err)}, [], 0.0)
+        if broken:
+            deaths += 1
+        for run in broken:
+            crashes[run.key] += run.key in running
+            if crashes[run.key] >= CRASHES_ALLOWED or deaths >= CRASHES_ALLOWED * len(todo):
+                error = (
+                    f"a worker process died while this run was in flight ({crashes[run.key]} times); "
+                    "it may need more memory than a worker has (lower `workers`)"
+                )
+                yield RunOutcome(run.key, {"status": "failed", "error": error}, [], 0.0)
+            else:
+                queue.append(run)
+
+
 def _error(err: BaseException) -> str:
     last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
     where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
@@ -499,14 +553,7 @@ def run_sweep(
             for run in todo:
                 finish(run_one(run, the_plan.attacks, **kwargs))  # type: ignore[arg-type]
         else:
-            with ProcessPoolExecutor(sweep.workers, mp_context=get_context("spawn")) as pool:
-                pending: set[Future[RunOutcome]] = {
-                    pool.submit(run_one, run, the_plan.attacks, **kwargs)  # type: ignore[arg-type]
-                    for run in todo
-                }
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        finish(future.result())
+            for outcome in _pool_outcomes(todo, the_plan.attacks, sweep.workers, kwargs):
+                finish(outcome)
         the_plan.stored = {r.key for r in the_plan.runs if store.has_run(r.key)}
         return the_plan
