@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -28,8 +29,20 @@ _RUNS = [
 ]
 
 
+def _reconstructed(defense: str, head: int) -> list[dict[str, str]]:
+    """Four example reconstructions of vmi (the store keeps three), one longer than it keeps, with markup."""
+    return [
+        {
+            "original": f"<i>secret</i> | text {k}" + " long" * 60 * (k == 0),
+            "reconstructed": f"{defense}@{head} <b>guess</b> {k}",
+        }
+        for k in range(4)
+    ]
+
+
 def _store(tmp_path: Path, *, splits: tuple[int, ...] = (1, 2), runs: list | None = None) -> Path:
-    """Two split points × four defenses × two attacks (one with a linear baseline), and a failed run."""
+    """Two split points × four defenses × two attacks (one with a linear baseline and example
+    reconstructions), and a failed run."""
     path = tmp_path / "results.sqlite"
     with ResultStore(path) as store:
         base = {
@@ -67,6 +80,7 @@ def _store(tmp_path: Path, *, splits: tuple[int, ...] = (1, 2), runs: list | Non
                         ap_metric="token_f1" if inversion else "label_accuracy",
                         baseline={"token_f1": 0.3} if inversion else {},
                         chance=0.05 if inversion else 0.5,
+                        examples=_reconstructed(defense, head) if inversion else None,
                     )
         failed = base | {"head_layers": 1, "seed": 0, "defense": "sanitizer", "strength": {"k": 2}}
         store.put_run(spec_key(failed), sweep="s", spec=failed, status="failed", error="CUDA out of memory")
@@ -366,3 +380,80 @@ def test_the_report_renders_in_chromium(tmp_path: Path) -> None:
     assert (
         rows["ranking"] == len(_RUNS) and rows["attack"] == 2 * 2 * len(_RUNS) and rows["costs"] == len(_RUNS)
     )
+    assert rows["reconstructions"] == 3 * 3 and "none@1 &lt;b&gt;guess&lt;/b&gt; 0" in dom
+
+
+def _section(page: str, name: str) -> str:
+    start = page.index(f'<section id="{name}">')
+    return page[start : page.index("</section>", start)]
+
+
+def test_reconstructions_of_the_undefended_and_the_extreme_defended_runs_are_shown_escaped(
+    tmp_path: Path,
+) -> None:
+    paths = write_report(_store(tmp_path), tmp_path / "report")
+    page = paths.index.read_text()
+    assert '<a href="#reconstructions">' in page
+    shown = _section(page, "reconstructions")
+    assert "<h3>vmi</h3>" in shown and "<h3>bli</h3>" not in shown  # label inference recovers no text
+    # The undefended run, the defended run vmi did best against (mid, AP 0.50) and worst against
+    # (epsilon=1, AP 0.10), at the first split point where the settings tie; three examples each.
+    assert _table_rows(page)["reconstructions"] == 3 * 3
+    for label, ap in (
+        ("undefended: none (head_layers=1)", "0.950"),
+        ("weakest defense (highest AP): mid(bottleneck=64) (head_layers=1)", "0.500"),
+        ("strongest defense (lowest AP): activation_dp(epsilon=1) (head_layers=1)", "0.100"),
+    ):
+        assert f'<td rowspan="3">{label}</td><td rowspan="3">{ap}</td>' in shown
+    assert "activation_dp(epsilon=8)" not in shown and "@2" not in shown
+    assert "none@1 &lt;b&gt;guess&lt;/b&gt; 2" in shown and "<b>guess</b>" not in page
+    assert "&lt;i&gt;secret&lt;/i&gt; | text 1" in shown and "<i>secret" not in page
+    assert "guess&lt;/b&gt; 3" not in shown  # the fourth example was not stored
+    long = re.search(r"&lt;i&gt;secret&lt;/i&gt; \| text 0[^<]*", shown)
+    assert long and long.group(0).endswith("…") and len(html.unescape(long.group(0))) == 200
+
+    summary = paths.summary.read_text()
+    md = summary[summary.index("## Reconstruction examples") :]
+    assert "### vmi" in md and "### bli" not in md
+    assert (
+        "| strongest defense (lowest AP): activation_dp(epsilon=1) (head_layers=1) | 0.100 | "
+        "&lt;i&gt;secret&lt;/i&gt; \\| text 1 | activation_dp@1 &lt;b&gt;guess&lt;/b&gt; 1 |" in md
+    )
+    assert "<b>" not in summary
+
+
+def test_a_store_written_before_examples_were_bounded_still_opens_and_reports(tmp_path: Path) -> None:
+    """Rows as an older splitfed wrote them (every example, uncut, or none) read back bounded."""
+    import json
+    import sqlite3
+
+    path = _store(tmp_path, splits=(1,))
+    many = [{"original": "x" * 500, "reconstructed": f"<guess {k}>"} for k in range(10)]
+    with sqlite3.connect(path) as db:  # the old writer stored what it was given
+        db.execute("UPDATE attacks SET examples = ? WHERE attack = 'vmi'", (json.dumps(many),))
+        db.execute(
+            "UPDATE attacks SET examples = NULL WHERE attack = 'vmi' AND run_key = ?",
+            (
+                spec_key(
+                    {
+                        "model": "m",
+                        "task": "classification",
+                        "setting": "ht",
+                        "tail_layers": 0,
+                        "mode": "splitlora",
+                        "head_layers": 1,
+                        "seed": 0,
+                        "defense": "mid",
+                        "strength": {"bottleneck": 64},
+                    }
+                ),
+            ),
+        )
+    with ResultStore(path) as store:
+        assert {len(a.examples) for a in store.attacks() if a.attack == "vmi"} == {0, 10}
+    page = write_report(path, tmp_path / "report").index.read_text()
+    shown = _section(page, "reconstructions")
+    assert _table_rows(page)["reconstructions"] == 3 + 1 + 3  # the row without examples says so
+    assert "no examples stored" in shown
+    assert "&lt;guess 2&gt;" in shown and "&lt;guess 3&gt;" not in shown
+    assert "x" * 200 not in shown and "x" * 199 + "…" in shown

@@ -4,12 +4,15 @@
 
 * ``index.html``: the DCS ranking, the recommendation per attack, per attack its MP–AP figure
   (Pareto frontier drawn) and table, MP and AP against the split point, the costs of each defense,
-  the runs that could not be scored (no undefended baseline, failed), how DCS is computed, and
-  the library versions. CSS is inline, figures are SVG files under ``figures/`` referenced by
+  per attack that reconstructs text its example reconstructions (original against reconstructed,
+  in the undefended run and in the defended runs where it did worst and best), the runs that
+  could not be scored (no undefended baseline, failed), how DCS is computed, and the library
+  versions. CSS is inline, figures are SVG files under ``figures/`` referenced by
   ``<img>``; nothing is fetched from elsewhere. A few lines of inline script record, after the
   page has loaded, how many figures loaded (``<body data-figures="loaded/total">``) so that a
   headless browser can check the page;
-* ``summary.md``: the ranking, the recommendations and the failed runs, for a terminal or a PR;
+* ``summary.md``: the ranking, the recommendations, the reconstruction examples and the failed
+  runs, for a terminal or a PR;
 * ``figures/*.svg``, drawn by :mod:`splitfed.bench.svg`.
 
 Every value from the store is escaped. Output is deterministic: no timestamps, sorted rows.
@@ -38,7 +41,14 @@ from splitfed.bench.scores import (
     scores,
     setting_of,
 )
-from splitfed.bench.store import AttackRow, ResultStore, RunRow
+from splitfed.bench.store import (
+    MAX_EXAMPLE_CHARS,
+    MAX_EXAMPLES,
+    AttackRow,
+    ResultStore,
+    RunRow,
+    bounded_examples,
+)
 from splitfed.bench.svg import BarChart, Chart, color
 
 _DASH = "—"
@@ -490,6 +500,111 @@ def _failed(report: _Report) -> tuple[list[RunRow], list[tuple[AttackRow, RunRow
     return runs, attacks
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """One run's example reconstructions by an attack, and why the run was picked."""
+
+    role: str
+    score: Score
+    examples: list[dict[str, str]]
+
+
+def _token_attacks(report: _Report) -> list[str]:
+    """The scored attacks that reconstruct text: token F1 as their AP, or examples stored."""
+    text = {
+        a.attack for a in report.attacks if a.status == "done" and (a.ap_metric == "token_f1" or a.examples)
+    }
+    return [a for a in report.attack_names if a in text]
+
+
+def _reconstructions(report: _Report, attack: str) -> list[_Shown]:
+    """The undefended run and the defended runs where ``attack`` scored highest and lowest.
+
+    The undefended run is the one in the setting of the lowest-AP defended run (the first
+    setting when nothing was defended); ties go to the first setting and strength in order.
+    """
+    rows = report.attack_row()
+    mine = sorted(
+        (s for s in report.scores if s.attack == attack), key=lambda s: (str(s.setting), s.strength)
+    )
+    defended = [s for s in mine if s.defense != NO_DEFENSE]
+    bare = [s for s in mine if s.defense == NO_DEFENSE]
+    lowest = min(defended, key=lambda s: s.ap, default=None)
+    highest = max(defended, key=lambda s: s.ap, default=None)
+    picks: list[tuple[str, Score]] = []
+    if bare:
+        where = lowest.setting if lowest is not None else bare[0].setting
+        picks.append(("undefended", next((s for s in bare if s.setting == where), bare[0])))
+    if highest is not None and highest is not lowest:
+        picks.append(("weakest defense (highest AP)", highest))
+    if lowest is not None:
+        picks.append(("strongest defense (lowest AP)" if highest is not lowest else "defended", lowest))
+    return [
+        _Shown(role, s, bounded_examples(row.examples) if (row := rows.get((s.run_key, s.attack))) else [])
+        for role, s in picks
+    ]
+
+
+def _shown_label(report: _Report, item: _Shown) -> str:
+    where = report.setting_text(item.score.setting)
+    return f"{item.role}: {item.score.strength}" + (f" ({where})" if where != _DASH else "")
+
+
+def _reconstructions_html(report: _Report, attacks: Sequence[str]) -> str:
+    parts = [
+        '<section id="reconstructions"><h2>Reconstructions</h2>',
+        '<p class="note">What each attack that reconstructs text recovered, original against '
+        "reconstructed: in the undefended run and in the defended runs where it scored highest and "
+        f"lowest. The store keeps up to {MAX_EXAMPLES} examples per attack on a run, each cut to "
+        f"{MAX_EXAMPLE_CHARS} characters.</p>",
+    ]
+    for attack in attacks:
+        parts.append(f"<h3>{_esc(attack)}</h3>")
+        body = []
+        for item in _reconstructions(report, attack):
+            examples: list[dict[str, str] | None] = list(item.examples) or [None]
+            for i, example in enumerate(examples):
+                cells = (
+                    f'<td rowspan="{len(examples)}">{_esc(_shown_label(report, item))}</td>'
+                    f'<td rowspan="{len(examples)}">{_num(item.score.ap)}</td>'
+                    if i == 0
+                    else ""
+                )
+                if example is None:
+                    cells += '<td colspan="2" class="none">no examples stored</td>'
+                else:
+                    cells += (
+                        f'<td class="text">{_esc(example["original"])}</td>'
+                        f'<td class="text">{_esc(example["reconstructed"])}</td>'
+                    )
+                body.append(f"<tr>{cells}</tr>")
+        head = "".join(
+            f"<th>{_esc(h)}</th>"
+            for h in ("run", f"AP ({report.ap_metric(attack)})", "original", "reconstructed")
+        )
+        parts.append(
+            f'<table class="reconstructions">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
+            + "\n".join(body)
+            + "\n</tbody>\n</table>"
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _reconstructions_md(report: _Report, attacks: Sequence[str]) -> list[str]:
+    lines = ["", "## Reconstruction examples", ""]
+    for attack in attacks:
+        lines += [f"### {_md(attack)}", ""]
+        rows = [
+            [_shown_label(report, item), _num(item.score.ap), e["original"], e["reconstructed"]]
+            for item in _reconstructions(report, attack)
+            for e in item.examples or [{"original": "(no examples stored)", "reconstructed": ""}]
+        ]
+        lines += _md_table(["run", f"AP ({report.ap_metric(attack)})", "original", "reconstructed"], rows)
+        lines.append("")
+    return lines[:-1]
+
+
 def _versions(report: _Report) -> dict[str, list[str]]:
     seen: dict[str, set[str]] = defaultdict(set)
     for run in report.runs:
@@ -541,6 +656,8 @@ td:not(:first-child) { font-variant-numeric: tabular-nums; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 .empty { padding: .8rem 1rem; background: #fff6e0; border: 1px solid #e6c36a; }
 .none { color: #a33; }
+td.text { font-family: Menlo, Consolas, monospace; font-size: .85rem; white-space: pre-wrap;
+          overflow-wrap: anywhere; max-width: 28rem; }
 pre { white-space: pre-wrap; margin: 0; font-size: .85rem; max-width: 50rem; }
 code { background: #f4f4f4; padding: 0 .2rem; }
 """
@@ -594,6 +711,9 @@ def _html(report: _Report, figures_by_kind: Mapping[str, list[_Figure]]) -> str:
         parts.append(f'<p class="meta">Common to every run: {_esc(report.common_setting())}.</p>')
     parts.append("</header>")
     nav = [("ranking", "Ranking"), ("recommendations", "Recommendations"), ("attacks", "Per attack")]
+    token_attacks = _token_attacks(report)
+    if token_attacks:
+        nav.append(("reconstructions", "Reconstructions"))
     if figures_by_kind.get("split"):
         nav.append(("split-points", "Split points"))
     nav += [
@@ -642,6 +762,8 @@ def _html(report: _Report, figures_by_kind: Mapping[str, list[_Figure]]) -> str:
         parts.append(_figure_html(figure))
         parts.append(_table(headers, rows, css="attack"))
     parts.append("</section>")
+    if token_attacks:
+        parts.append(_reconstructions_html(report, token_attacks))
 
     if figures_by_kind.get("split"):
         parts.append('<section id="split-points"><h2>MP and AP against the split point</h2>')
@@ -805,6 +927,9 @@ def _markdown(report: _Report) -> str:
     for attack in report.attack_names:
         name, why = _recommendation_text(report, attack)
         lines.append(f"- **{_md(attack)}**: {_md(name)} ({_md(why)})")
+    token_attacks = _token_attacks(report)
+    if token_attacks:
+        lines += _reconstructions_md(report, token_attacks)
     unbaselined = _unbaselined(report)
     if unbaselined:
         lines += ["", f"## Runs with {_NO_BASELINE}", ""]

@@ -3,7 +3,8 @@
 Rows are written in a transaction each, so an interrupted sweep leaves every finished run stored
 and nothing half-written; a run is identified by the hash of what determines it (its key), so a
 rerun of the sweep skips what is stored. The store records the versions of the libraries that
-produced each row.
+produced each row. Each attack row keeps a few of its example reconstructions (original and
+reconstructed text), bounded by :data:`MAX_EXAMPLES` and :data:`MAX_EXAMPLE_CHARS`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -20,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+#: Example reconstructions kept per attack row (the report shows them beside the scores).
+MAX_EXAMPLES = 3
+#: Characters kept of each example text; longer ones are cut and end with an ellipsis.
+MAX_EXAMPLE_CHARS = 200
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +71,23 @@ class StoreError(RuntimeError):
 def spec_key(spec: Mapping[str, Any]) -> str:
     """A stable hash of a JSON-ready spec (key order does not matter)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def bounded_examples(examples: Iterable[Mapping[str, Any]] | None) -> list[dict[str, str]]:
+    """The first :data:`MAX_EXAMPLES` of ``examples``, each text cut to :data:`MAX_EXAMPLE_CHARS`.
+
+    An example is a mapping with ``original`` and ``reconstructed`` text (missing keys read as
+    empty), as :class:`~splitfed.privacy.attacks.base.AttackResult` gives them.
+    """
+
+    def cut(text: object) -> str:
+        text = "" if text is None else str(text)
+        return text if len(text) <= MAX_EXAMPLE_CHARS else text[: MAX_EXAMPLE_CHARS - 1] + "…"
+
+    return [
+        {"original": cut(e.get("original")), "reconstructed": cut(e.get("reconstructed"))}
+        for e in list(examples or [])[:MAX_EXAMPLES]
+    ]
 
 
 def library_versions() -> dict[str, str]:
@@ -225,7 +247,10 @@ class ResultStore:
         seconds: float | None = None,
         examples: list[dict[str, str]] | None = None,
     ) -> None:
-        """Store (or replace) the result of one attack on run ``run_key``."""
+        """Store (or replace) the result of one attack on run ``run_key``.
+
+        ``examples`` are bounded as :func:`bounded_examples` bounds them.
+        """
         with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO attacks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -242,7 +267,7 @@ class ResultStore:
                     json.dumps(dict(baseline or {})),
                     chance,
                     seconds,
-                    json.dumps(examples or []),
+                    json.dumps(bounded_examples(examples)),
                     time.time(),
                 ),
             )
