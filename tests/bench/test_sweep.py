@@ -114,3 +114,27 @@ def test_a_worker_process_that_dies_fails_its_run_and_the_sweep_goes_on() -> Non
     assert outcomes["run1"].run["status"] == "failed"
     assert f"({CRASHES_ALLOWED} times)" in outcomes["run1"].run["error"]
     assert all(outcomes[k].run["status"] == "done" for k in ("run0", "run2", "run3"))
+
+
+def test_parts_union_their_runs_and_only_limits_a_defense_to_some_settings(workspace: Path) -> None:
+    defenses = [
+        "none",
+        {"name": "activation_dp", "epsilon": [1, 8], "clip": 1.0},
+        {"name": "snd", "epsilon": [10], "only": {"setting": ["hbt"]}},
+    ]
+    parts = [{}, {"set": {"train.seed": 1}, "grid": {"setting": ["ht"]}, "defenses": ["none"]}]
+    path = _sweep(workspace, "parts", defenses=defenses, parts=parts)
+    runs = expand(*load_sweep(path))
+    first = sorted((r.spec["setting"], r.spec["defense"]) for r in runs if r.spec["seed"] == 0)
+    expected = [(st, d) for st in ("ht", "hbt") for d in ("none", "activation_dp", "activation_dp")]
+    assert first == sorted([*expected, ("hbt", "snd")])  # snd only in HBT: an HT run config refuses it
+    assert [(r.spec["setting"], r.spec["defense"]) for r in runs if r.spec["seed"] == 1] == [("ht", "none")]
+    from splitfed.bench.sweep import attack_specs
+
+    sweep, _ = load_sweep(
+        _sweep(workspace, "parts", attacks=[{"name": "bli", "only": {"task": ["causal_lm"]}}])
+    )
+    assert attack_specs(sweep)[0]["_only"] == {"task": ["causal_lm"]}  # run_one marks it not applicable
+    defenses[2]["only"] = {"depth": ["hbt"]}  # type: ignore[index]
+    with pytest.raises(ConfigError, match="only: unknown axes"):
+        expand(*load_sweep(_sweep(workspace, "parts", defenses=defenses, parts=parts)))

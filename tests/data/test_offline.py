@@ -76,6 +76,17 @@ def test_fortunes_topic_missing_topic_file(tmp_path: Path) -> None:
         build_fortunes_topic(tmp_path)
 
 
+def test_fortunes_binary_is_two_balanced_topics(fortunes_root: Path) -> None:
+    from splitfed.data.fortunes import BINARY_TOPICS
+
+    splits = load_splits(DataConfigLike("fortunes-binary", path=str(fortunes_root)))
+    assert splits.label_names == list(BINARY_TOPICS) and splits.task == "classification"
+    counts = Counter(ex["label"] for ex in splits.train)
+    assert sorted(counts) == [0, 1] and counts[0] == counts[1]
+    for ex in splits.train:
+        assert BINARY_TOPICS[ex["label"]] in ex["text"]
+
+
 def test_load_splits_uses_path_as_the_asset_and_subsamples(fortunes_root: Path) -> None:
     cfg = DataConfigLike("fortunes-topic", path=str(fortunes_root), max_train=30, max_eval=4, seed=3)
     splits = load_splits(cfg)

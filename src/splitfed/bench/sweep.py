@@ -15,11 +15,21 @@ A sweep's YAML names a base run config and the axes to vary::
     defenses:
       - none                                    # the undefended run of each setting (always added)
       - {name: activation_dp, epsilon: [1, 8], clip: 1.0}   # a list value: one run per strength
+      - {name: snd, epsilon: [10, 100], only: {setting: [hbt]}}   # only in these grid values
     attacks: [{name: vmi, steps: 100}, bisr, bli]
     aux: test                                   # the attacker's auxiliary text (split or file)
     max_examples: 32                            # sequences attacked per run
     workers: 1                                  # runs in parallel (local processes)
     ray_cpus_per_run: 1                         # CPUs each run reserves on a Ray cluster
+
+A sweep over several tasks or models that do not cross (a classifier and a causal LM, a
+decoder and an encoder) lists ``parts``: each part gives any of ``base``/``run``, ``set``,
+``grid`` and ``defenses``, replacing the sweep's own (``set`` is merged over it), and the sweep's
+runs are the union of its parts' runs, in one store::
+
+    parts:
+      - {base: ../hbt_splitlora_classification.yaml, grid: {setting: [ht, hbt]}}
+      - {base: ../minilm_genre_classification.yaml, set: {train.steps: 20}}
 
 Runs go to ``workers`` local processes, or, with ``run_sweep(..., ray_address=...)``
 (``splitfed bench SWEEP.yaml --ray auto|HOST:PORT|ray://HOST:PORT``), to a Ray cluster as remote
@@ -69,6 +79,33 @@ AXES = {
 }
 
 
+def _check_grid(grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    unknown = sorted(set(grid) - set(AXES))
+    if unknown:
+        raise ValueError(f"unknown grid axes {unknown}; axes: {sorted(AXES)}")
+    empty = sorted(k for k, v in grid.items() if not isinstance(v, list) or not v)
+    if empty:
+        raise ValueError(f"grid axes {empty} need a non-empty list of values")
+    return grid
+
+
+class SweepPart(BaseModel):
+    """One part of a sweep over settings that do not cross (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | None = Field(None, description="a run config file, relative to the sweep file")
+    run: dict[str, Any] | None = Field(None, description="the base run config inline")
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides, merged over the sweep's")
+    grid: dict[str, list[Any]] | None = None
+    defenses: list[str | dict[str, Any]] | None = None
+
+    @field_validator("grid")
+    @classmethod
+    def _known_axes(cls, grid: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        return None if grid is None else _check_grid(grid)
+
+
 class SweepConfig(BaseModel):
     """A sweep's YAML (see the module docstring)."""
 
@@ -90,17 +127,29 @@ class SweepConfig(BaseModel):
     out: str | None = Field(None, description="where run directories go (default runs/bench/<name>)")
     store: str | None = Field(None, description="the results database (default <out>/results.sqlite)")
     keep_recordings: bool = False
+    parts: list[SweepPart] = Field(default_factory=list, description="settings that do not cross")
 
     @field_validator("grid")
     @classmethod
     def _known_axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        unknown = sorted(set(grid) - set(AXES))
-        if unknown:
-            raise ValueError(f"unknown grid axes {unknown}; axes: {sorted(AXES)}")
-        empty = sorted(k for k, v in grid.items() if not isinstance(v, list) or not v)
-        if empty:
-            raise ValueError(f"grid axes {empty} need a non-empty list of values")
-        return grid
+        return _check_grid(grid)
+
+    def split_parts(self) -> list[SweepConfig]:
+        """The sweep as one sweep per part (itself where it has no parts)."""
+        if not self.parts:
+            return [self]
+        out = []
+        for part in self.parts:
+            given = part.model_fields_set
+            update: dict[str, Any] = {"parts": [], "set": self.set | part.set}
+            if given & {"base", "run"}:
+                update |= {"base": part.base, "run": part.run}
+            if part.grid is not None:
+                update["grid"] = part.grid
+            if part.defenses is not None:
+                update["defenses"] = part.defenses
+            out.append(self.model_copy(update=update))
+        return out
 
 
 @dataclass(frozen=True)
@@ -145,6 +194,13 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _base_config(sweep: SweepConfig, root: Path) -> dict[str, Any]:
     if (sweep.base is None) == (sweep.run is None):
         raise ConfigError(
@@ -162,12 +218,32 @@ def _base_config(sweep: SweepConfig, root: Path) -> dict[str, Any]:
     return base
 
 
+def _only(entry: str | dict[str, Any], kind: str = "defenses") -> dict[str, list[Any]]:
+    """The settings a ``defenses:`` (or ``attacks:``) entry is limited to (its ``only:``, grid
+    axes to lists of values; attacks may also name ``task``); empty: everywhere."""
+    if isinstance(entry, str) or "only" not in entry:
+        return {}
+    only = entry["only"]
+    if not isinstance(only, dict) or not all(isinstance(v, list) and v for v in only.values()):
+        raise ConfigError(
+            f"sweep {kind}: {entry.get('name')}'s only: must map grid axes to lists of values; got {only!r}"
+        )
+    axes = set(AXES) | ({"task"} if kind == "attacks" else set())
+    unknown = sorted(set(only) - axes)
+    if unknown:
+        raise ConfigError(
+            f"sweep {kind}: {entry.get('name')}'s only: unknown axes {unknown}; axes: {sorted(axes)}"
+        )
+    return only
+
+
 def _strengths(entry: str | dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """``(name, params, strength)`` of each strength of a ``defenses:`` entry: a list value
     multiplies the runs, and ``strength`` holds the values that vary (what tables label)."""
     if isinstance(entry, str):
         return [(entry, {}, {})]
     spec = dict(entry)
+    spec.pop("only", None)
     name = str(spec.pop("name", ""))
     if not name:
         raise ConfigError(f"sweep defenses: an entry needs a name; got {entry}")
@@ -181,27 +257,38 @@ def _strengths(entry: str | dict[str, Any]) -> list[tuple[str, dict[str, Any], d
 
 
 def expand(sweep: SweepConfig, root: Path) -> list[RunSpec]:
-    """Every run of the sweep, the undefended run of each setting first, duplicates removed.
+    """Every run of the sweep (of each of its parts), the undefended run of each setting first,
+    duplicates removed.
 
     Each run config is validated (``parse_config``) here, so a sweep with a bad combination
     fails before the first run starts.
     """
+    out: dict[str, RunSpec] = {}
+    for part in sweep.split_parts():
+        for run in _expand_part(part, root):
+            out.setdefault(run.key, run)
+    return list(out.values())
+
+
+def _expand_part(sweep: SweepConfig, root: Path) -> list[RunSpec]:
     base = _base_config(sweep, root)
     axes = sorted(sweep.grid)
     combos = [
         dict(zip(axes, values, strict=True)) for values in itertools.product(*(sweep.grid[a] for a in axes))
     ]
-    strengths: list[tuple[str, dict[str, Any], dict[str, Any]]] = [(NO_DEFENSE, {}, {})] + [
-        s for entry in sweep.defenses for s in _strengths(entry) if s[0] != NO_DEFENSE
-    ]
+    strengths: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, list[Any]]]] = [
+        (NO_DEFENSE, {}, {}, {})
+    ] + [(*s, _only(entry)) for entry in sweep.defenses for s in _strengths(entry) if s[0] != NO_DEFENSE]
     out: dict[str, RunSpec] = {}
     for combo in combos or [{}]:
-        for defense, params, strength in strengths:
+        for defense, params, strength, only in strengths:
             config = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
             for axis, value in combo.items():
                 _set(config, AXES[axis], value)
             if str(config.get("split", {}).get("setting", "ht")) == "ht":
                 config.setdefault("split", {})["tail_layers"] = 0
+            if any(_get(config, AXES[axis]) not in values for axis, values in only.items()):
+                continue  # the entry's only: leaves this setting out
             config["defenses"] = [] if defense == NO_DEFENSE else [{"name": defense} | params]
             try:
                 cfg = parse_config(config)
@@ -234,13 +321,15 @@ def attack_specs(sweep: SweepConfig) -> list[dict[str, Any]]:
 
     specs = []
     for entry in sweep.attacks:
-        spec = {"name": entry} if isinstance(entry, str) else dict(entry)
+        only = _only(entry, "attacks")
+        spec = {"name": entry} if isinstance(entry, str) else {k: v for k, v in entry.items() if k != "only"}
         attack = build_attack(spec)  # validates name and parameters now, not after hours of runs
         target = getattr(ATTACKS[spec["name"]], "target", "tokens")
         specs.append(
             spec
             | {"type": "inversion" if target == "tokens" else "label inference"}
             | {"_params": attack.params()}
+            | ({"_only": only} if only else {})
         )
     return specs
 
@@ -337,7 +426,10 @@ def run_one(
             "spec": {k: v for k, v in spec.items() if not k.startswith("_")},
         }
         try:
-            reason = why_not_applicable(spec, recording)
+            only = spec.get("_only", {})
+            outside = {a: v for a, v in only.items() if run.spec.get(a) not in v}
+            reason = f"the sweep runs it only where {outside}" if outside else None
+            reason = reason or why_not_applicable(spec, recording)
             if reason is not None:
                 rows.append((attack_key, row | {"status": "not_applicable", "error": reason}))
                 continue

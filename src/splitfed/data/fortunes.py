@@ -111,3 +111,15 @@ register(
         lambda root: build_fortunes_topic(root),
     )
 )
+
+#: The two topics of ``fortunes-binary``: the pair a small LM tells apart most easily.
+BINARY_TOPICS: tuple[str, ...] = ("computers", "startrek")
+
+register(
+    OfflineDataset(
+        "fortunes-binary",
+        "classification",
+        "Binary topic of Debian fortunes quotes: computers/startrek (offline; for binary label attacks)",
+        lambda root: build_fortunes_topic(root, BINARY_TOPICS),
+    )
+)
