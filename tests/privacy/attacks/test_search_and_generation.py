@@ -7,6 +7,7 @@ search; the linear baseline 0.44).
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -184,3 +185,20 @@ def test_prompts_and_generated_text_are_recovered_from_split_inference(generatio
 def test_a_label_attack_is_refused_on_generation(generation: Path) -> None:
     with pytest.raises(AttackError, match="does not invert activations"):
         run_generation_attack(build_attack("ns"), generation, AttackContext())
+
+
+def test_vocabulary_tables_are_reused_by_a_later_context_of_the_same_public_head() -> None:
+    from splitfed.privacy.attacks import vmi as V
+    from tiny import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", "causal_lm")
+    first = AttackContext(model=model, head_layers=1)
+    built = V.context_free_activations(first)
+    again = AttackContext(model=model, head_layers=1)
+    assert V.context_free_activations(again) is built  # same weights: the process-wide table
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.add_(1.0)
+    fresh = V.context_free_activations(AttackContext(model=other, head_layers=1))
+    assert fresh is not built and not torch.allclose(fresh, built)

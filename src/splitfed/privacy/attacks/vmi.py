@@ -20,7 +20,9 @@ nearest tokens.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -150,15 +152,57 @@ def _score(
     return scores
 
 
+#: Vocabulary tables of public heads, shared by every context of this process (a sweep attacks
+#: many runs of one public model): ``(table, head fingerprint, extra) -> tensor``, newest last.
+_TABLES: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+#: Tables kept at once (each is ``vocab x width`` floats: 113 MB for smollm2-135m).
+_TABLES_KEPT = 4
+
+
+def head_fingerprint(context: AttackContext) -> str:
+    """A digest of the public head's weights (cached per context): which tables it can reuse."""
+    key = ("head_fingerprint", context.head_layers)
+    if key not in context.cache:
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in context.public_head().state_dict().items():
+            digest.update(name.encode())
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        context.cache[key] = digest.hexdigest()
+    return context.cache[key]  # type: ignore[no-any-return]
+
+
+def vocabulary_table(
+    context: AttackContext, name: str, build: Callable[[], torch.Tensor], *extra: Any
+) -> torch.Tensor:
+    """``build()`` once per public head: cached in the context and, keyed by the head's weights
+    (:func:`head_fingerprint`), for every later context of this process. A table is a function of
+    the public weights alone, so reusing it is what any attacker of many runs would do; the
+    wall time of the attack that built it includes it, the later ones' do not."""
+    key = (name, context.head_layers, *extra)
+    if key not in context.cache:
+        device = context.embedding_matrix().device
+        shared = (name, head_fingerprint(context), str(device), *extra)
+        if shared in _TABLES:
+            _TABLES.move_to_end(shared)
+        else:
+            _TABLES[shared] = build()
+            while len(_TABLES) > _TABLES_KEPT:
+                _TABLES.popitem(last=False)
+        context.cache[key] = _TABLES[shared]
+    return context.cache[key]  # type: ignore[no-any-return]
+
+
 @torch.no_grad()
 def first_activations(context: AttackContext, chunk: int = 4096) -> torch.Tensor:
-    """The public head's activation ``[vocab, width]`` of every token alone at position 0 (cached).
+    """The public head's activation ``[vocab, width]`` of every token alone at position 0
+    (:func:`vocabulary_table`).
 
     Nothing precedes a causal decoder's first position, so its activation is a function of one
     token: the search compares the intercepted one against the whole vocabulary at once.
     """
-    key = ("first_activations", context.head_layers)
-    if key not in context.cache:
+
+    def build() -> torch.Tensor:
         head = context.public_head()
         vocab = context.embedding_matrix().shape[0]
         device = context.embedding_matrix().device
@@ -167,36 +211,37 @@ def first_activations(context: AttackContext, chunk: int = 4096) -> torch.Tensor
             head(input_ids=ids[part], attention_mask=torch.ones_like(ids[part]))[:, 0].float()
             for part in chunks(vocab, chunk)
         ]
-        context.cache[key] = torch.cat(out)
-    return context.cache[key]  # type: ignore[no-any-return]
+        return torch.cat(out)
+
+    return vocabulary_table(context, "first_activations", build)
 
 
 @torch.no_grad()
 def context_free_activations(context: AttackContext, chunk: int = 4096) -> torch.Tensor:
     """The public head's activation ``[vocab, width]`` of every token at position 1 after one fixed
-    token (a newline; the BOS token where the tokenizer has no newline), cached per context.
+    token (a newline; the BOS token where the tokenizer has no newline).
 
     A token's own embedding and the first blocks' token-wise transforms dominate its activation,
     so this table ranks the true token of a position near the top whatever its context: on
     smollm2-135m at split 2 it put the true token first at 15 of the 16 positions where the
     other shortlists and the proposals all missed it (and fifth at the last). One forward of
-    the vocabulary per context, as :func:`first_activations`.
+    the vocabulary per public head (:func:`vocabulary_table`), as :func:`first_activations`.
     """
-    key = ("context_free_activations", context.head_layers)
-    if key not in context.cache:
+    anchor = 0
+    tokenizer = context.tokenizer
+    if tokenizer is not None:
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if newline:
+            anchor = int(newline[-1])
+        elif getattr(tokenizer, "bos_token_id", None) is not None:
+            anchor = int(tokenizer.bos_token_id)
+
+    def build() -> torch.Tensor:
+        from splitfed.split.inference import new_cache
+
         head = context.public_head()
         vocab = context.embedding_matrix().shape[0]
         device = context.embedding_matrix().device
-        anchor = 0
-        tokenizer = context.tokenizer
-        if tokenizer is not None:
-            newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-            if newline:
-                anchor = int(newline[-1])
-            elif getattr(tokenizer, "bos_token_id", None) is not None:
-                anchor = int(tokenizer.bos_token_id)
-        from splitfed.split.inference import new_cache
-
         # The anchor runs once; every chunk of the vocabulary follows it from its KV cache.
         prefix = new_cache(head)
         head(
@@ -217,8 +262,9 @@ def context_free_activations(context: AttackContext, chunk: int = 4096) -> torch
                 past_key_values=branch,
             )
             out.append(produced[:, 0].float())
-        context.cache[key] = torch.cat(out)
-    return context.cache[key]  # type: ignore[no-any-return]
+        return torch.cat(out)
+
+    return vocabulary_table(context, "context_free_activations", build, anchor)
 
 
 @torch.no_grad()
