@@ -105,3 +105,11 @@ def test_bad_parameters_name_the_key() -> None:
         build_defense({"name": "mid", "bottleneck": 0}, hidden_size=8)
     with pytest.raises(DefenseConfigError, match="weight: Input should be greater than or equal to 0"):
         build_defense({"name": "mid", "weight": -1}, hidden_size=8)
+
+
+@pytest.mark.parametrize("where", ["tail", "both"])
+def test_a_tail_bottleneck_is_refused_in_ht_and_head_alone_is_not(split_system, where: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=f"mid where: {where} .*in HT use where: head"):
+        split_system([{"name": "mid", "where": where}], setting="ht")
+    system = split_system([{"name": "mid", "where": "head"}], setting="ht")
+    assert system.data_party.front.trains_before_crossing

@@ -57,7 +57,8 @@ class MID(Defense, nn.Module):
 
     ``where: tail`` puts a second, separate bottleneck at the tail's input (HBT: the body's output
     as received, :meth:`on_received` of ``"hidden"``), which limits what the data party's tail,
-    and so the returned gradient, depends on; ``both`` uses both. Received logits (HT) pass unchanged.
+    and so the returned gradient, depends on; ``both`` uses both. HT has no data-party tail, so
+    ``tail`` and ``both`` are refused there (the bottleneck would never train).
 
     Privacy: no formal guarantee; the KL term bounds the mutual information between a token's
     activation and what crosses (Alemi et al. 2017), traded against the task loss by ``weight``.
@@ -110,6 +111,12 @@ class MID(Defense, nn.Module):
         self.weight, self.where, self.sample_at_eval = params.weight, params.where, params.sample_at_eval
         self.head_bottleneck = Bottleneck(hidden_size, bottleneck) if where != "tail" else None
         self.tail_bottleneck = Bottleneck(hidden_size, bottleneck) if where != "head" else None
+        if where != "head":
+            # In HT the tail's bottleneck would see nothing and never train: the front refuses HT.
+            self.needs_tail = (
+                f"mid where: {where} puts a bottleneck at the data party's tail input (split.setting: hbt); "
+                "in HT use where: head"
+            )
 
     def _through(
         self, bottleneck: Bottleneck, x: torch.Tensor, context: FrontContext
