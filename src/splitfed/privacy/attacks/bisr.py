@@ -10,7 +10,7 @@ optimization started from it (:class:`~splitfed.privacy.attacks.vmi.WhiteBoxInve
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -61,6 +61,39 @@ class InversionModel(nn.Module):
         if self.mixer is not None:
             x = self.mixer(x, src_key_padding_mask=~mask.bool())
         return self.out(x)  # type: ignore[no-any-return]
+
+
+def train_inversion(
+    model: nn.Module,
+    n_batches: int,
+    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    epochs: int,
+    lr: float,
+    context: AttackContext,
+    desc: str,
+) -> None:
+    """Train an inversion model by cross-entropy on the real tokens of its training batches, then eval it.
+
+    ``batch(i)`` gives training batch ``i`` of ``n_batches`` as ``(input_ids, attention_mask,
+    inputs)``, and ``model(inputs, attention_mask)`` its token logits. AdamW (weight decay 0.01)
+    on a one-cycle schedule peaking at ``lr``; ``epochs`` passes over the batches, shuffled by a
+    generator seeded ``context.seed``.
+    """
+    generator = torch.Generator().manual_seed(context.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * n_batches)
+    model.train()
+    for _ in context.bar(range(epochs), desc=f"{desc} training"):
+        for i in torch.randperm(n_batches, generator=generator).tolist():
+            ids, mask, inputs = batch(i)
+            logits = model(inputs, mask)
+            loss = nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
 
 
 class LearnedInversion(Attack):
@@ -132,6 +165,7 @@ class LearnedInversion(Attack):
             self.hidden,
             self.epochs,
             self.lr,
+            self.batch_size,
             self.train_noise,
         )
         if key in context.cache:
@@ -139,26 +173,19 @@ class LearnedInversion(Attack):
         aux = context.auxiliary(self.batch_size)
         vocab = context.embedding_matrix().shape[0]
         width = aux[0][2].shape[-1]
-        generator = torch.Generator().manual_seed(context.seed)
         torch.manual_seed(context.seed)
         model = InversionModel(width, vocab, self.hidden, self.architecture).to(context.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
-        total = self.epochs * len(aux)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=total)
-        model.train()
-        for _ in context.bar(range(self.epochs), desc=f"{self.name} training"):
-            for i in torch.randperm(len(aux), generator=generator).tolist():
-                ids, mask, hidden = aux[i]
-                if self.train_noise > 0:
-                    rms = hidden.pow(2).mean(-1, keepdim=True).sqrt()
-                    hidden = hidden + self.train_noise * rms * torch.randn_like(hidden)
-                logits = model(hidden, mask)
-                loss = nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        model.eval()
+
+        def batch(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            ids, mask, hidden = aux[i]
+            if self.train_noise > 0:
+                rms = hidden.pow(2).mean(-1, keepdim=True).sqrt()
+                hidden = hidden + self.train_noise * rms * torch.randn_like(hidden)
+            return ids, mask, hidden
+
+        train_inversion(
+            model, len(aux), batch, epochs=self.epochs, lr=self.lr, context=context, desc=self.name
+        )
         context.cache[key] = model
         return model
 
