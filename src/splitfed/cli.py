@@ -773,10 +773,18 @@ def report(
 
 @app.command()
 def audit(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run's output_dir, recorded with --record.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A finished run's output_dir: a split run recorded with --record, or a fedtrain run."
+        ),
+    ],
     attack_name: Annotated[
         list[str] | None,
-        typer.Option("--attack", help="Only these attacks (default: every one that applies)."),
+        typer.Option(
+            "--attack",
+            help="Only these attacks, e.g. vmi, bli, membership, gradient_inversion (default: every one that applies).",
+        ),
     ] = None,
     store: Annotated[
         Path | None, typer.Option(help="A sweep's results store: suggest the best defense per attack.")
@@ -788,11 +796,27 @@ def audit(
     max_mp_drop: Annotated[
         float, typer.Option(min=0, help="Largest task drop a suggested defense may cost.")
     ] = 0.05,
+    membership_references: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Reference models membership inference fine-tunes, each like the run (0: loss threshold only).",
+        ),
+    ] = 0,
+    membership_examples: Annotated[
+        int, typer.Option(min=1, help="Members membership inference scores, and as many non-members.")
+    ] = 100,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the audit as JSON here.")
     ] = None,
 ) -> None:
-    """How much does this run leak? Every attack that applies to what crossed, with a verdict against chance."""
+    """How much does this run leak? Every attack that applies to what crossed, with a verdict against chance.
+
+    On a split run's recording: inversion and label inference, as the model party. On the
+    fine-tuned model: membership inference (loss threshold; reference models and LiRA with
+    --membership-references). On a federated run: membership inference, and why gradient
+    inversion of the clients' updates cannot run.
+    """
     import json
 
     from splitfed.bench.audit import audit_run
@@ -808,11 +832,17 @@ def audit(
             aux=aux,
             max_examples=max_examples,
             max_mp_drop=max_mp_drop,
+            membership_references=membership_references,
+            membership_examples=membership_examples,
+            log=lambda s: console.print(s),
         )
     except _user_errors(AttackConfigError, AttackError, StoreError) as err:
         _fail(str(err))
         return
-    table = Table(title=f"leakage of {run_dir} (what an honest-but-curious model party recovers)")
+    party = "model party" if report.kind == "split" else "server"
+    table = Table(
+        title=f"leakage of {run_dir} ({report.kind} run: what an honest-but-curious {party} recovers)"
+    )
     for column in ("attack", "reads", "metric", "score", "baseline", "verdict"):
         table.add_column(column)
     for f in report.findings:
@@ -829,6 +859,8 @@ def audit(
         for example in f.examples[:1]:
             console.print(f"[bold]{f.attack}[/bold] original:      {example['original']}")
             console.print(f"[bold]{f.attack}[/bold] reconstructed: {example['reconstructed']}")
+        if f.detail:
+            console.print(f"[bold]{f.attack}[/bold] {escape(f.detail)}")
         if f.suggestion:
             console.print(f"[bold]{f.attack}[/bold] best defense in {store}: {f.suggestion}")
     if json_out is not None:

@@ -63,3 +63,96 @@ def test_cli_audit_prints_a_verdict_per_attack(recorded_run: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "bli" in result.output and "LEAKS" in result.output
+
+
+def test_membership_is_audited_on_the_fine_tuned_model_and_gradient_inversion_says_why_not(
+    recorded_run: Path,
+) -> None:
+    report = audit_run(recorded_run, attacks=["membership", "gradient_inversion"])
+    assert report.kind == "split"
+    member, inversion = report.findings
+    assert member.metric == "loss_auc" and member.chance == 0.5
+    assert member.verdict.startswith("at chance")  # two steps of training fit nothing
+    assert {"loss_auc", "loss_tpr@0.01fpr", "loss_tpr@0.1fpr", "member_loss"} <= set(member.metrics)
+    assert "every party's adapters" in member.crossing
+    assert "training examples (members)" in (member.detail or "")
+    assert inversion.verdict == "not applicable: a split run exchanges no federated client updates"
+    with pytest.raises(ConfigError, match="membership takes references"):
+        audit_run(recorded_run, attacks=[{"name": "membership", "steps": 3}])
+
+
+@pytest.fixture(scope="module")
+def federated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fedtrain of a tiny causal LM on 16 sentences: two clients, two rounds of 4 steps fit them."""
+    import random
+
+    from splitfed.federated.simulation import fedtrain
+    from tiny import WORDS
+
+    root = tmp_path_factory.mktemp("audit_fed")
+    save_tiny_pretrained(root / "model")
+    rng = random.Random(0)
+    lines = ["sentence"] + [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 8))) for _ in range(80)]
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    raw = run_config(
+        root,
+        "fed",
+        task="causal_lm",
+        data={"task": "causal_lm", "columns": {"text": "sentence"}, "max_train": 16, "max_eval": 16},
+        train={"lr": 1e-2, "batch_size": 8, "eval_before": False, "eval_max_new_tokens": 0},
+        federated={"clients": 2, "rounds": 2, "local_steps": 4},
+    )
+    return fedtrain(parse_config(raw), progress=False, log=lambda s: None).output_dir
+
+
+def test_a_federated_run_is_audited_for_membership_and_says_it_kept_no_client_updates(
+    federated_run: Path, tmp_path: Path
+) -> None:
+    import json
+
+    report = audit_run(federated_run)
+    assert report.kind == "federated" and report.recording is None
+    assert [f.attack for f in report.findings] == ["membership", "gradient_inversion"]
+    member, inversion = report.findings
+    assert member.verdict.startswith("LEAKS") and member.score > 0.8  # type: ignore[operator]
+    assert "global adapters" in member.crossing
+    assert inversion.verdict == "not applicable: fedtrain records no client updates"
+    assert "the global adapters the clients started from" in (inversion.detail or "")
+    assert "4 local steps" in (inversion.detail or "") and "adamw" in (inversion.detail or "")
+
+    calibrated = audit_run(
+        federated_run, attacks=[{"name": "membership", "references": 1, "reference_steps": 10}]
+    ).findings[0]
+    assert calibrated.metric == "lira_auc" and "reference_auc" in calibrated.metrics
+    assert "1 reference model(s)" in (calibrated.detail or "")
+
+    # With secure aggregation the server never sees one client's update; the split attacks have no recording.
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    summary = json.loads((federated_run / "results.json").read_text())
+    summary["config"]["federated"]["aggregation"] = "secagg"
+    (blind / "results.json").write_text(json.dumps(summary))
+    found = {f.attack: f for f in audit_run(blind, attacks=["gradient_inversion", "vmi"]).findings}
+    assert found["gradient_inversion"].verdict == (
+        "not applicable: secagg aggregation shows the server no client's update"
+    )
+    assert found["vmi"].verdict.startswith("not applicable: a federated run crosses no split")
+
+
+def test_cli_audit_of_a_federated_run_prints_and_writes_membership(
+    federated_run: Path, tmp_path: Path
+) -> None:
+    import json
+
+    out = tmp_path / "audit.json"
+    result = CliRunner().invoke(app, ["audit", str(federated_run), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "federated run" in result.output and "membership" in result.output and "LEAKS" in result.output
+    text = " ".join(result.output.split())  # the table wraps its cells; the detail lines wrap too
+    assert "fedtrain keeps only per-round losses" in text and "training examples (members)" in text
+    written = json.loads(out.read_text())
+    assert written["kind"] == "federated" and written["recording"] is None
+    member = next(f for f in written["findings"] if f["attack"] == "membership")
+    assert member["metric"] == "loss_auc" and member["metrics"]["loss_auc"] == member["score"]
+    inversion = next(f for f in written["findings"] if f["attack"] == "gradient_inversion")
+    assert inversion["verdict"].startswith("not applicable") and inversion["detail"]

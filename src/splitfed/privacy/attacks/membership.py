@@ -178,7 +178,8 @@ def run_membership(
     AttackResult
         ``metrics``: ``loss_auc``, ``loss_tpr@0.01fpr``, ``loss_tpr@0.1fpr`` and the same of
         ``reference`` and ``lira`` when there are reference models, plus the mean losses of
-        members and non-members; ``chance`` 0.5 (the AUC of a guess).
+        members and non-members; ``chance`` 0.5 (the AUC of a guess); ``params``: the number of
+        reference models, of members and of non-members, and ``params``.
     """
     if not members or not non_members:
         raise AttackError(
@@ -203,7 +204,12 @@ def run_membership(
         chance=0.5,
         n_examples=len(candidates),
         seconds=time.perf_counter() - t0,
-        params={"references": len(reference_models), "per_example_variance": per_example_variance}
+        params={
+            "references": len(reference_models),
+            "per_example_variance": per_example_variance,
+            "members": len(members),
+            "non_members": len(non_members),
+        }
         | dict(params or {}),
     )
 
