@@ -852,13 +852,13 @@ def audit(
             f.metric or "",
             "" if f.score is None else f"{f.score:.3f}",
             "" if f.baseline is None else f"{f.baseline:.3f}",
-            f.verdict,
+            escape(f.verdict),  # may quote an error message
         )
     Console().print(table)
     for f in report.findings:
         for example in f.examples[:1]:
-            console.print(f"[bold]{f.attack}[/bold] original:      {example['original']}")
-            console.print(f"[bold]{f.attack}[/bold] reconstructed: {example['reconstructed']}")
+            console.print(f"[bold]{f.attack}[/bold] original:      {escape(example['original'])}")
+            console.print(f"[bold]{f.attack}[/bold] reconstructed: {escape(example['reconstructed'])}")
         if f.detail:
             console.print(f"[bold]{f.attack}[/bold] {escape(f.detail)}")
         if f.suggestion:

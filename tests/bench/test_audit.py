@@ -156,3 +156,29 @@ def test_cli_audit_of_a_federated_run_prints_and_writes_membership(
     assert member["metric"] == "loss_auc" and member["metrics"]["loss_auc"] == member["score"]
     inversion = next(f for f in written["findings"] if f["attack"] == "gradient_inversion")
     assert inversion["verdict"].startswith("not applicable") and inversion["detail"]
+
+
+def test_cli_audit_prints_reconstructions_as_text_not_markup(
+    recorded_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import splitfed.bench.audit as audit
+
+    def fake(*args: object, **kwargs: object) -> audit.Audit:
+        odd = "a [/b] token [bold]"  # rich markup would fail on the closing tag, or style the rest
+        finding = audit.Finding(
+            "vmi",
+            "forward.hidden",
+            "token_f1",
+            0.9,
+            None,
+            0.1,
+            "LEAKS: [/x]",
+            [{"original": odd, "reconstructed": odd}],
+            detail="[/y]",
+        )
+        return audit.Audit(recorded_run, None, [finding])
+
+    monkeypatch.setattr(audit, "audit_run", fake)
+    result = CliRunner().invoke(app, ["audit", str(recorded_run)])
+    assert result.exit_code == 0, result.output
+    assert "original:      a [/b] token [bold]" in result.output and "[/y]" in result.output
