@@ -87,6 +87,7 @@ def attack_context(
 ) -> AttackContext:
     """An :class:`AttackContext` with the run's public pretrained model and tokenizer (no adapters).
 
+    The tail's depth in HBT comes from the config (the model party knows where its body ends).
     ``ground_truth``: a ``join --record`` directory (or its ``ground_truth/``) that scores a
     recording the model party made (``serve --record``).
     """
@@ -104,6 +105,7 @@ def attack_context(
         auxiliary_texts=list(aux_texts),
         seed=cfg.train.seed,
         max_examples=max_examples,
+        tail_layers=cfg.split.tail_layers if cfg.split.setting == "hbt" else None,
         aux_max_length=cfg.data.max_length,
         progress=progress,
         ground_truth=ground_truth,

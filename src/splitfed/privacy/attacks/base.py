@@ -104,6 +104,9 @@ class AttackContext:
         Text the attacker owns, disjoint from the victim's data (learning-based attacks train on it).
     head_layers : int | None, default None
         Blocks of the data party's head; ``None`` reads it from the recording.
+    tail_layers : int | None, default None
+        Blocks of the data party's tail in HBT (the model party knows where its body ends; the
+        recording does not say). Attacks that run the public tail need it.
     device : str, default "cpu"
     seed : int, default 0
     max_examples : int | None, default None
@@ -123,6 +126,7 @@ class AttackContext:
     tokenizer: Any = None
     auxiliary_texts: Sequence[str] = ()
     head_layers: int | None = None
+    tail_layers: int | None = None
     device: str = "cpu"
     seed: int = 0
     max_examples: int | None = None
@@ -171,6 +175,55 @@ class AttackContext:
                 "head", model, adapter, 0, self.head_layers, embed=True, finish=False, task_head="causal_lm"
             ).eval()
         return self.cache[key]
+
+    def public_tail(self) -> Any:
+        """The data party's HBT tail as the public weights give it, up to its final norm.
+
+        A frozen :class:`~splitfed.models.partition.Segment` of the last ``tail_layers`` blocks of
+        :attr:`model` (not a copy; no final norm or task head: :meth:`public_finish` gives them).
+        """
+        from splitfed.models.families import family_for
+        from splitfed.models.partition import Segment
+
+        model = self.require_model("public_tail")
+        if self.tail_layers is None:
+            raise AttackError(
+                "the tail's depth is unknown: set AttackContext.tail_layers (the run's split.tail_layers)"
+            )
+        key = ("public_tail", self.tail_layers)
+        if key not in self.cache:
+            adapter = family_for(model.config)
+            n = adapter.num_layers(model)
+            if not 0 <= self.tail_layers < n:
+                raise AttackError(
+                    f"tail_layers={self.tail_layers} does not fit the public model, which has {n} layers"
+                )
+            self.cache[key] = Segment(
+                "tail",
+                model,
+                adapter,
+                n - self.tail_layers,
+                n,
+                embed=False,
+                finish=False,
+                task_head="causal_lm",
+            ).eval()
+        return self.cache[key]
+
+    def public_finish(self) -> tuple[nn.Module, nn.Module]:
+        """The public causal LM's final norm and its LM head (the output embedding), in that order."""
+        from splitfed.models.families import family_for
+
+        model = self.require_model("public_finish")
+        if getattr(model, "lm_head", None) is None:
+            raise AttackError(
+                f"the public model {type(model).__name__} has no LM head: a classifier's task head is "
+                "the data party's own (initialised and trained there, never public)"
+            )
+        modules = dict(family_for(model.config).finish_modules(model, "causal_lm"))
+        head = modules.pop("lm_head")
+        (norm,) = modules.values()
+        return norm, head
 
     def embedding_matrix(self) -> torch.Tensor:
         """The public token embedding table ``[vocab, hidden]`` as :meth:`soft_embeddings` scales it."""

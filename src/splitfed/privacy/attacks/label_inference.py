@@ -16,15 +16,22 @@ it sends its body's output and receives that gradient (both in ``backward.grad``
   cross-entropy the gradient of the logits is ``(softmax(z) - onehot(y)) / n``, negative only at
   the true label, so its argmin is the label, exactly, for every example (sequence
   classification) or every position (causal LM: position ``t``'s gradient names token ``t+1``).
-  This needs the gradient of logits, so HT with labels at the data party; in HBT the gradient of
-  the body's output passes through the data party's private tail and task head, and this module
-  refuses it (use NS or DS there).
+  In HT with labels at the data party the model party receives that gradient itself. In HBT it
+  receives the gradient of its body's output, which passed through the data party's tail; for a
+  causal LM the tail is public up to its fine-tuning (the pretrained last blocks, final norm and
+  LM head), so the attacker matches gradients through it: at every position the tokens whose
+  gradient through the public norm and LM head points the way the received one does are the
+  candidates, and the assignment whose gradient through the public tail blocks best matches the
+  received one is the guess (:func:`tail_gradient_labels`). A
+  classifier's task head is the data party's own (initialised at random and trained there), so
+  in HBT classification there is no public tail to match and this attack refuses (use NS, DS or
+  model completion there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +44,14 @@ _GRAD = Need("backward", "grad")
 _MASK = Need("forward", "attention_mask")
 _LOGITS = Need("forward_result", "logits", required=False)
 _HIDDEN = Need("forward", "hidden", required=False)
+_BODY = Need("forward_result", "hidden", required=False)
+#: Candidate tokens per position the HBT matching tries, and its most passes over the positions.
+REFINE_CANDIDATES = 4
+REFINE_PASSES = 2
+#: Tokens per position whose exact gradient the HBT matching computes (ranked by a cheap bound).
+SHORTLIST = 256
+#: Floats of one chunk of positions' logits (positions x vocabulary).
+CANDIDATE_FLOATS = 2**24
 
 
 def example_gradients(observation: Observation) -> torch.Tensor:
@@ -205,17 +220,20 @@ class DirectionScoring(Attack):
 
 
 class BatchLabelInference(Attack):
-    """Every label exactly from the gradient of softmax cross-entropy logits: its negative entry.
+    """Every label from the gradient of softmax cross-entropy: of the logits (HT), or through the public tail (HBT).
 
-    Needs the gradient of the logits the model party sent (HT with ``labels_at: data``). Sequence
-    classification gives one label per example; a causal LM one next token per position (the
-    gradient at position ``t`` names the label at ``t + 1``; rows with a zero gradient have no
-    target and get no guess).
+    HT with ``labels_at: data``: the gradient of the logits the model party sent; its negative
+    entry is the label. Sequence classification gives one label per example; a causal LM one next
+    token per position (the gradient at position ``t`` names the label at ``t + 1``; rows with a
+    zero gradient have no target and get no guess).
+
+    HBT, causal LM: the gradient of the body output the model party sent, matched through the
+    public tail (:func:`tail_gradient_labels`); needs ``AttackContext(model=..., tail_layers=...)``.
     """
 
     name = "bli"
     target = "labels"
-    needs = (_GRAD, _MASK, _LOGITS, _HIDDEN)
+    needs = (_GRAD, _MASK, _LOGITS, _HIDDEN, _BODY)
 
     def run(
         self,
@@ -223,19 +241,22 @@ class BatchLabelInference(Attack):
         context: AttackContext,
         known: Mapping[int, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """The argmin of every gradient row."""
+        """The argmin of every gradient row of logits, or the tail-matched token of every position."""
         out = []
         for obs in observations:
             grad, logits = obs["backward", "grad"], obs.get("forward_result", "logits")
             hidden = obs.get("forward", "hidden")
+            if obs.get("forward_result", "hidden") is not None:
+                out.append(tail_gradient_labels(obs, context))
+                continue
             # A recording of what the model party received (serve --record) holds no reply: the
             # gradient is of logits when it is not as wide as the activations the model party got.
             of_logits = logits is not None or (hidden is not None and grad.shape[-1] != hidden.shape[-1])
             if not of_logits:
                 raise AttackError(
-                    f"batch {obs.batch_id}: the model party sent no logits, so the gradient it received is "
-                    "not of logits (HBT: it passed through the data party's private tail); bli needs HT "
-                    "with labels at the data party; use ns or ds here"
+                    f"batch {obs.batch_id}: the gradient the model party received is of its body's output "
+                    "(HBT), and the recording lacks that output (forward_result.hidden) to run the public "
+                    "tail on; record the model party's replies too, or use ns or ds"
                 )
             if logits is not None and tuple(grad.shape) != tuple(logits.shape):
                 raise AttackError(
@@ -251,3 +272,130 @@ class BatchLabelInference(Attack):
             shifted[:, 1:] = torch.where(target, guess[:, :-1], IGNORE)
             out.append(shifted.long())
         return out
+
+
+def tail_gradient_labels(observation: Observation, context: AttackContext) -> torch.Tensor:
+    """The next token at every position of an HBT causal-LM batch, from the gradient of the body output.
+
+    The data party's loss reaches the body output ``h`` through its tail: blocks ``x = B(h)``, then
+    per position the final norm, the LM head and cross-entropy, so the gradient at the norm's
+    input is ``u_t = N_t^T W^T (softmax(z_t) - onehot(y_{t+1})) / n`` and the received gradient is
+    ``(dB/dh)^T u``. With the public tail (the pretrained weights; the data party's tail adapters
+    start at zero and stay small):
+
+    1. **Candidates.** At every target position, each token ``v``'s gradient at the norm's input,
+       ``N_t^T (W^T softmax(z_t) - W_v)``, is scored by its cosine with the received gradient at
+       that position (the residual stream carries ``u_t`` through the tail blocks nearly as it
+       is; see :func:`_candidates`); the best :data:`REFINE_CANDIDATES` are kept, the best of
+       them guessed.
+    2. **Matching.** The guesses' gradient is pushed through the tail blocks (a vector-Jacobian
+       product at the body output the model party sent) and compared with the received one, per
+       sequence by cosine (the scale ``1 / n`` drops out); position by position, a candidate that
+       brings it closer replaces the guess, for :data:`REFINE_PASSES` passes or until none does.
+       The true labels match exactly when the public tail is the data party's.
+
+    Returns
+    -------
+    Tensor ``[batch, seq]``
+        The guessed label at every position ``t + 1`` whose ``t`` is a target (``-100`` elsewhere).
+    """
+    if getattr(context.model, "lm_head", None) is None:
+        raise AttackError(
+            f"batch {observation.batch_id}: bli in HBT matches the gradient through the public tail up "
+            "to its LM head, so it needs AttackContext(model=<the public causal LM>, tail_layers=...); "
+            f"got {type(context.model).__name__}. A classifier's task head is the data party's own "
+            "(initialised and trained there, never public): in HBT classification use ds, ns or "
+            "model_completion"
+        )
+    norm, head = context.public_finish()
+    blocks = context.public_tail()
+    weight = cast(torch.Tensor, head.weight).detach()
+    grad = observation["backward", "grad"].to(weight.device, torch.float32)
+    body = observation["forward_result", "hidden"].to(weight.device, weight.dtype).detach()
+    mask = observation["forward", "attention_mask"].to(weight.device).long()
+    if grad.shape != body.shape:
+        raise AttackError(
+            f"batch {observation.batch_id}: the gradient {tuple(grad.shape)} is not of the body output "
+            f"{tuple(body.shape)} the model party sent"
+        )
+    body.requires_grad_(True)
+    with torch.enable_grad():
+        x = blocks(hidden=body, attention_mask=mask)
+    target = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+    rows, cols = target.nonzero(as_tuple=True)
+    tokens = torch.empty(len(rows), REFINE_CANDIDATES, dtype=torch.long, device=weight.device)
+    vectors = torch.empty(len(rows), REFINE_CANDIDATES, weight.shape[1], device=weight.device)
+    per_chunk = max(1, CANDIDATE_FLOATS // (weight.shape[0] + SHORTLIST * weight.shape[1]))
+    for part in range(0, len(rows), per_chunk):
+        r, c = rows[part : part + per_chunk], cols[part : part + per_chunk]
+        span = slice(part, part + len(r))
+        tokens[span], vectors[span] = _candidates(norm, head, x.detach()[r, c], grad[r, c])
+    choice = torch.zeros(len(rows), dtype=torch.long, device=weight.device)
+
+    def through_tail(at_targets: torch.Tensor) -> torch.Tensor:
+        u = torch.zeros(body.shape, dtype=x.dtype, device=weight.device)
+        u[rows, cols] = at_targets.to(x.dtype)
+        (out,) = torch.autograd.grad(x, body, u, retain_graph=True)
+        return out.float()
+
+    def fit(predicted: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cosine_similarity(predicted.flatten(1), grad.flatten(1), dim=-1)
+
+    index = torch.arange(len(rows), device=weight.device)
+    predicted = through_tail(vectors[index, choice])
+    best = fit(predicted)
+    for _ in range(REFINE_PASSES):
+        improved = False
+        for position in cols.unique().tolist():
+            at = (cols == position).nonzero(as_tuple=True)[0]
+            for k in range(1, REFINE_CANDIDATES):
+                delta = torch.zeros_like(vectors[:, 0])
+                delta[at] = vectors[at, k] - vectors[at, choice[at]]
+                trial = predicted + through_tail(delta)
+                score = fit(trial)
+                better = score > best + 1e-7
+                better[rows[at]] &= choice[at] != k
+                rows_better = better.nonzero(as_tuple=True)[0]
+                if not len(rows_better):
+                    continue
+                improved = True
+                predicted[rows_better], best[rows_better] = trial[rows_better], score[rows_better]
+                moved = at[better[rows[at]]]
+                choice[moved] = k
+        if not improved:
+            break
+    out = torch.full(mask.shape, IGNORE, dtype=torch.long)
+    out[rows.cpu(), (cols + 1).cpu()] = tokens[index, choice].cpu()
+    return out
+
+
+def _candidates(
+    norm: torch.nn.Module, head: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of ``x [p, width]``: the :data:`REFINE_CANDIDATES` tokens whose gradient at the
+    norm's input is most cosine-similar to ``grad``, best first, and those gradients ``[p, k, width]``.
+
+    A token ``v``'s gradient is ``N^T a_v`` with ``a_v = W^T softmax(z) - W_v`` and ``N`` the norm's
+    Jacobian. Its inner product with ``grad`` is ``a_v . (N grad)`` for every token at once (one
+    Jacobian-vector product); divided by ``|a_v|`` it ranks the vocabulary, and the exact cosine
+    is computed for the best :data:`SHORTLIST` only (a vocabulary of vectors per position is too
+    much memory for a real model: 49152 x 576 floats for SmolLM2).
+    """
+    weight = cast(torch.Tensor, head.weight).detach().float()
+    with torch.no_grad():
+        probs = torch.softmax(head(norm(x)).float(), dim=-1)
+        expected = probs @ weight  # W^T softmax(z): the label-free part
+        pushed = torch.func.jvp(lambda h: norm(h).float(), (x,), (grad.to(x.dtype),))[1]
+        inner = (expected * pushed).sum(-1, keepdim=True) - pushed @ weight.T
+        lengths = (
+            expected.pow(2).sum(-1, keepdim=True) - 2 * expected @ weight.T + weight.pow(2).sum(-1)
+        ).clamp(min=1e-30)
+        shortlist = (inner / lengths.sqrt()).topk(min(SHORTLIST, weight.shape[0]), dim=-1).indices
+    inputs = x[:, None, :].expand(-1, shortlist.shape[1], -1).clone().requires_grad_(True)
+    with torch.enable_grad():
+        cotangent = (expected[:, None, :] - weight[shortlist]).to(x.dtype)
+        (vectors,) = torch.autograd.grad(norm(inputs), inputs, cotangent)
+    similarity = torch.nn.functional.cosine_similarity(vectors.float(), grad[:, None, :].float(), dim=-1)
+    top = similarity.topk(REFINE_CANDIDATES, dim=-1).indices
+    picked = vectors.float().gather(1, top[..., None].expand(-1, -1, vectors.shape[-1]))
+    return shortlist.gather(1, top), picked
