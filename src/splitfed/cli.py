@@ -594,6 +594,13 @@ def attack(
             help="The data party's `join --record` directory, to score a `serve --record` recording."
         ),
     ] = None,
+    noise_control: Annotated[
+        bool,
+        typer.Option(
+            help="Also run each attack with what it intercepted replaced by noise of the same shape and "
+            "scale; its score there (column control) should be near chance."
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Attack a recording as the honest-but-curious model party and score it against the ground truth.
@@ -601,7 +608,7 @@ def attack(
     The attacker knows the public pretrained model of the config (no fine-tuned adapters), the
     recording and auxiliary text of the same domain (default: the dataset's test split, while only
     training crossings are attacked). Each attack prints its score beside the linear baseline and
-    the chance level.
+    the chance level (and, with --noise-control, beside its score on noise).
     """
     import json
 
@@ -627,22 +634,28 @@ def attack(
             cfg, texts, max_examples=max_examples, progress=progress, ground_truth=ground_truth
         )
         phases = [p.strip() for p in phase.split(",") if p.strip()]
-        results = attack_recording(recording, specs, context, phases=phases)
+        results = attack_recording(recording, specs, context, phases=phases, noise_control=noise_control)
     except _user_errors(AttackConfigError, AttackError) as err:
         _fail(str(err))
         return
     table = Table(
         title=f"attacks on {recording} ({', '.join(phases)} crossings; baseline: a linear inverter fit on the auxiliary text)"
     )
-    for column in ("attack", "metric", "score", "baseline", "chance", "examples", "seconds"):
+    columns = ["attack", "metric", "score", "baseline", "chance", "examples", "seconds"]
+    if noise_control:
+        columns.insert(3, "control")
+    for column in columns:
         table.add_column(column)
     for result in results:
         for metric, value in result.metrics.items():
             base = result.baseline.get(metric)
+            control = result.control.get(metric)
+            on_noise = [("" if control is None else f"{control:.4f}")] if noise_control else []
             table.add_row(
                 result.attack,
                 metric,
                 f"{value:.4f}",
+                *on_noise,
                 "" if base is None else f"{base:.4f}",
                 f"{result.chance:.4f}",
                 str(result.n_examples),

@@ -119,18 +119,26 @@ def attack_recording(
     *,
     phases: str | Sequence[str] = "train",
     baseline: bool = True,
+    noise_control: bool = False,
 ) -> list[AttackResult]:
     """Run each attack of ``specs`` (``{name: ..., <params>}`` or a name) on ``recording``.
 
     ``phases`` ``"generate"`` attacks split inference (a ``generate --record`` recording): each
     session's prefill and decoding steps joined, scored on prompts and generated tokens. Every
     spec is validated before the first attack runs, so a typo in the last one does not cost the
-    minutes the first ones take.
+    minutes the first ones take. ``noise_control`` also scores each attack on the same batches
+    with what it intercepted replaced by noise of the same shape and scale (``result.control``).
     """
     attacks = [build_attack(spec) for spec in specs]
     wanted = [phases] if isinstance(phases, str) else list(phases)
     if "generate" in wanted:
         if len(wanted) > 1:
             raise AttackError("attack generation (phase generate) on its own, not with train or eval")
-        return [run_generation_attack(a, recording, context, baseline=baseline) for a in attacks]
-    return [run_attack(a, recording, context, phases=phases, baseline=baseline) for a in attacks]
+        return [
+            run_generation_attack(a, recording, context, baseline=baseline, noise_control=noise_control)
+            for a in attacks
+        ]
+    return [
+        run_attack(a, recording, context, phases=phases, baseline=baseline, noise_control=noise_control)
+        for a in attacks
+    ]

@@ -21,6 +21,7 @@ from splitfed.privacy.attacks.base import (
     Reconstruction,
 )
 from splitfed.privacy.attacks.bisr import LearnedInversion
+from splitfed.privacy.attacks.control import noise_observations, noise_update
 from splitfed.privacy.attacks.label_inference import (
     BatchLabelInference,
     DirectionScoring,
@@ -100,6 +101,8 @@ __all__ = [
     "describe_attacks",
     "load_generations",
     "load_observations",
+    "noise_observations",
+    "noise_update",
     "run_attack",
     "run_generation_attack",
 ]

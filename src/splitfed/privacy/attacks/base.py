@@ -305,6 +305,9 @@ class AttackResult:
         The attack's scores (``token_f1``, ``token_accuracy``, ... or ``label_accuracy``, ...).
     baseline : dict[str, float]
         The same scores of the linear baseline on the same examples (inversion attacks; empty otherwise).
+    control : dict[str, float]
+        The same scores of the attack on its noise control: the same batches with every intercepted
+        tensor replaced by noise of its shape and scale (empty unless the runner was asked for it).
     chance : float
         The score of the best constant guess (majority token or majority class share).
     n_examples : int
@@ -320,6 +323,7 @@ class AttackResult:
     attack: str
     metrics: dict[str, float]
     baseline: dict[str, float] = field(default_factory=dict)
+    control: dict[str, float] = field(default_factory=dict)
     chance: float = 0.0
     n_examples: int = 0
     seconds: float = 0.0
@@ -332,6 +336,7 @@ class AttackResult:
             "attack": self.attack,
             "metrics": self.metrics,
             "baseline": self.baseline,
+            "control": self.control,
             "chance": self.chance,
             "n_examples": self.n_examples,
             "seconds": self.seconds,

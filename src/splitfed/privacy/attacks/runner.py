@@ -28,6 +28,7 @@ from splitfed.privacy.attacks.base import (
     Observation,
     Reconstruction,
 )
+from splitfed.privacy.attacks.control import Scale, noise_observations
 from splitfed.privacy.attacks.linear_baseline import LinearBaseline
 from splitfed.privacy.attacks.metrics import (
     IGNORE,
@@ -230,6 +231,8 @@ def run_attack(
     baseline: bool = True,
     examples: int = 3,
     progress: bool | None = None,
+    noise_control: bool = False,
+    control_scale: Scale = "tensor",
 ) -> AttackResult:
     """Run ``attack`` on the recording in ``recording`` and score it against its ground truth.
 
@@ -252,6 +255,12 @@ def run_attack(
         Reconstructions to keep as text (token attacks).
     progress : bool | None, default None
         Progress bars; ``None`` follows ``context.progress``.
+    noise_control : bool, default False
+        Also run the attack on the same batches with every intercepted tensor replaced by noise of
+        its shape and scale (:mod:`splitfed.privacy.attacks.control`); its scores go to
+        ``result.control``. It should be near ``result.chance``.
+    control_scale : {"tensor", "position"}, default "tensor"
+        The noise keeps each tensor's mean and standard deviation, or each position's.
 
     Returns
     -------
@@ -285,12 +294,8 @@ def run_attack(
         context.head_layers = facts["head_layers"]
     known = known_labels(truths, attack.known_per_class, context.seed)
     start = time.perf_counter()
-    predicted = attack.run(observations, context, known or None)
+    predicted = _run_checked(attack, observations, context, known)
     seconds = time.perf_counter() - start
-    if len(predicted) != len(observations):
-        raise AttackError(
-            f"attack {attack.name!r} returned {len(predicted)} predictions for {len(observations)} batches"
-        )
     result = AttackResult(attack.name, {}, seconds=seconds, params=attack.params())
     if attack.target == "tokens":
         result.metrics, ids, masks = _score_tokens(predicted, truths)
@@ -305,7 +310,41 @@ def run_attack(
             guessed = LinearBaseline().run(observations, context)
             result.baseline, _, _ = _score_tokens(guessed, truths)
             result.baseline.pop("sequences")
+        if noise_control:
+            noised = noise_observations(observations, scale=control_scale, seed=context.seed)
+            result.control, _, _ = _score_tokens(_run_checked(attack, noised, context, known), truths)
+            result.control.pop("sequences")
         return result
+    labels = _scored_labels(observations, truths, known)
+    result.metrics = _score_labels(attack, predicted, labels)
+    result.n_examples = int(result.metrics.pop("labels"))
+    result.chance = majority_label_share(labels)
+    if noise_control:
+        noised = noise_observations(observations, scale=control_scale, seed=context.seed)
+        result.control = _score_labels(attack, _run_checked(attack, noised, context, known), labels)
+        result.control.pop("labels")
+    return result
+
+
+def _run_checked(
+    attack: Attack,
+    observations: Sequence[Observation],
+    context: AttackContext,
+    known: dict[int, torch.Tensor],
+) -> list[torch.Tensor]:
+    """``attack.run``, with one prediction per observation checked."""
+    predicted = attack.run(observations, context, known or None)
+    if len(predicted) != len(observations):
+        raise AttackError(
+            f"attack {attack.name!r} returned {len(predicted)} predictions for {len(observations)} batches"
+        )
+    return predicted
+
+
+def _scored_labels(
+    observations: Sequence[Observation], truths: Sequence[Truth], known: dict[int, torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each observation's labels as they are scored (``-100`` where nothing is scored)."""
     labels = []
     for index, truth in enumerate(truths):
         if truth.labels is None:
@@ -316,14 +355,19 @@ def run_attack(
         if index in known:
             scored[known[index] != IGNORE] = IGNORE  # what the attacker was told is not scored
         labels.append(scored)
-    result.metrics = label_scores(predicted, labels)
-    if attack.positive_scores is not None and set(torch.cat(labels).tolist()) - {IGNORE} <= {0, 1}:
-        flat, scored = torch.cat(attack.positive_scores), torch.cat(labels)
+    return labels
+
+
+def _score_labels(
+    attack: Attack, predicted: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+) -> dict[str, float]:
+    """Label accuracy, and the AUC of a binary attack's scores of its last run."""
+    metrics = label_scores(predicted, labels)
+    if attack.positive_scores is not None and set(torch.cat(list(labels)).tolist()) - {IGNORE} <= {0, 1}:
+        flat, scored = torch.cat(attack.positive_scores), torch.cat(list(labels))
         keep = scored != IGNORE
-        result.metrics["auc"] = binary_auc(flat[keep], scored[keep])
-    result.n_examples = int(result.metrics.pop("labels"))
-    result.chance = majority_label_share(labels)
-    return result
+        metrics["auc"] = binary_auc(flat[keep], scored[keep])
+    return metrics
 
 
 # ---------------------------------------------------------------------- split inference (generation)
@@ -415,6 +459,8 @@ def run_generation_attack(
     clients: str | Iterable[str] | None = None,
     baseline: bool = True,
     examples: int = 3,
+    noise_control: bool = False,
+    control_scale: Scale = "tensor",
 ) -> AttackResult:
     """Recover the prompts and generated text of split inference from the recorded activations.
 
@@ -433,6 +479,10 @@ def run_generation_attack(
     baseline : bool, default True
         Score the linear baseline beside it (when auxiliary text is given).
     examples : int, default 3
+    noise_control : bool, default False
+        Also score it on the sessions' activations replaced by noise (``result.control``), as
+        :func:`run_attack` does.
+    control_scale : {"tensor", "position"}, default "tensor"
 
     Returns
     -------
@@ -485,4 +535,8 @@ def run_generation_attack(
     if baseline and attack.reports_baseline and context.auxiliary_texts and context.model is not None:
         result.baseline = score(LinearBaseline().run(observations, context))
         result.baseline.pop("sequences")
+    if noise_control:
+        noised = noise_observations(observations, scale=control_scale, seed=context.seed)
+        result.control = score(_run_checked(attack, noised, context, {}))
+        result.control.pop("sequences")
     return result
