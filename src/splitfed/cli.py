@@ -664,8 +664,9 @@ def attack(
     Console().print(table)
     for result in results:
         for example in result.examples[:2]:
-            console.print(f"[bold]{result.attack}[/bold] original:      {example.original}")
-            console.print(f"[bold]{result.attack}[/bold] reconstructed: {example.reconstructed}")
+            # Reconstructed text is data, not markup: "[/b]" in it must print as itself.
+            console.print(f"[bold]{result.attack}[/bold] original:      {escape(example.original)}")
+            console.print(f"[bold]{result.attack}[/bold] reconstructed: {escape(example.reconstructed)}")
     if json_out is not None:
         json_out.write_text(json.dumps([r.summary() for r in results], indent=2))
         console.print(f"results: {json_out}")

@@ -182,3 +182,17 @@ def test_cli_audit_prints_reconstructions_as_text_not_markup(
     result = CliRunner().invoke(app, ["audit", str(recorded_run)])
     assert result.exit_code == 0, result.output
     assert "original:      a [/b] token [bold]" in result.output and "[/y]" in result.output
+
+
+def test_an_attack_that_refuses_the_run_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
+    save_tiny_pretrained(tmp_path / "model")
+    write_topic_csv(tmp_path / "data.csv")
+    raw = run_config(tmp_path, "hbt", split={"setting": "hbt", "head_layers": 1, "tail_layers": 1})
+    raw["train"] |= {"steps": 2, "eval_before": False}
+    run_dir = train(parse_config(raw), progress=False, log=lambda s: None, record=tmp_path / "rec").output_dir
+    report = audit_run(run_dir, attacks=["bli", "ds"], aux="validation", max_examples=8)
+    found = {f.attack: f for f in report.findings}
+    assert (
+        found["bli"].verdict.startswith("not applicable:") and "ds" in found["bli"].verdict
+    )  # names what to use
+    assert found["ds"].score is not None

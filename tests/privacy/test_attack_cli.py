@@ -170,3 +170,23 @@ def test_attack_scores_a_model_party_recording_with_the_joined_party_s_ground_tr
     assert vmi["metrics"]["token_f1"] > 0.8 and bli["metrics"]["label_accuracy"] == 1.0
     without = CliRunner().invoke(app, [*args, "--no-progress"])  # the server has no ground truth
     assert without.exit_code != 0 and "ground" in without.output.lower()
+
+
+def test_attack_prints_reconstructions_as_text_not_markup(
+    recorded: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import splitfed.privacy.attack_runs as runs
+    from splitfed.privacy.attacks import AttackResult, Reconstruction
+
+    odd = "a [/b] token [bold]"  # rich markup would fail on the closing tag, or style the rest
+
+    def fake(*args: object, **kwargs: object) -> list[AttackResult]:
+        result = AttackResult("vmi", {"token_f1": 0.5}, chance=0.1, n_examples=1)
+        result.examples = [Reconstruction(odd, odd)]
+        return [result]
+
+    monkeypatch.setattr(runs, "attack_recording", fake)
+    config, recording = recorded
+    result = CliRunner().invoke(app, ["attack", str(recording), "--config", str(config), "--attack", "vmi"])
+    assert result.exit_code == 0, result.output
+    assert f"vmi original:      {odd}" in result.output and f"vmi reconstructed: {odd}" in result.output

@@ -181,7 +181,7 @@ def audit_run(
     """
     from splitfed.bench.sweep import why_not_applicable
     from splitfed.privacy.attack_runs import attack_context, auxiliary_texts
-    from splitfed.privacy.attacks import ATTACKS, build_attack, run_attack
+    from splitfed.privacy.attacks import ATTACKS, AttackError, build_attack, run_attack
     from splitfed.protocol import KINDS
 
     run_dir = Path(run_dir)
@@ -231,7 +231,16 @@ def audit_run(
             context = attack_context(
                 cfg, auxiliary_texts(cfg, aux), max_examples=max_examples, progress=progress
             )
-        result = run_attack(attack, recording, context, phases="train")
+        try:
+            result = run_attack(attack, recording, context, phases="train")
+        except AttackError as err:  # the attack refuses this run's setting (e.g. bli on an HBT classifier)
+            findings.append(Finding(name, crossing, None, None, None, None, f"not applicable: {err}"))
+            continue
+        except Exception as err:  # one failing attack does not lose the others' findings
+            findings.append(
+                Finding(name, crossing, None, None, None, None, f"failed: {type(err).__name__}: {err}")
+            )
+            continue
         metric = next(
             (m for m in ("token_f1", "label_accuracy", "accuracy", "auc") if m in result.metrics), None
         )
