@@ -131,10 +131,13 @@ def test_parts_union_their_runs_and_only_limits_a_defense_to_some_settings(works
     assert [(r.spec["setting"], r.spec["defense"]) for r in runs if r.spec["seed"] == 1] == [("ht", "none")]
     from splitfed.bench.sweep import attack_specs
 
-    sweep, _ = load_sweep(
-        _sweep(workspace, "parts", attacks=[{"name": "bli", "only": {"task": ["causal_lm"]}}])
-    )
-    assert attack_specs(sweep)[0]["_only"] == {"task": ["causal_lm"]}  # run_one marks it not applicable
+    anywhere = [{"task": ["causal_lm"]}, {"task": ["classification"], "setting": ["ht"]}]  # any one
+    sweep, _ = load_sweep(_sweep(workspace, "parts", attacks=[{"name": "bli", "only": anywhere}]))
+    assert attack_specs(sweep)[0]["_only"] == anywhere  # run_one marks it not applicable elsewhere
+    from splitfed.bench.sweep import _allowed
+
+    assert _allowed(anywhere, {"task": "classification", "setting": "ht"}.get)
+    assert not _allowed(anywhere, {"task": "classification", "setting": "hbt"}.get)
     defenses[2]["only"] = {"depth": ["hbt"]}  # type: ignore[index]
     with pytest.raises(ConfigError, match="only: unknown axes"):
         expand(*load_sweep(_sweep(workspace, "parts", defenses=defenses, parts=parts)))

@@ -45,6 +45,7 @@ sweep goes on. One recording of a run feeds all of its attacks and is deleted af
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
@@ -194,6 +195,10 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _axis_value(config: dict[str, Any], axis: str) -> Any:
+    return _get(config, AXES[axis])
+
+
 def _get(tree: dict[str, Any], dotted: str) -> Any:
     node: Any = tree
     for part in dotted.split("."):
@@ -218,23 +223,34 @@ def _base_config(sweep: SweepConfig, root: Path) -> dict[str, Any]:
     return base
 
 
-def _only(entry: str | dict[str, Any], kind: str = "defenses") -> dict[str, list[Any]]:
-    """The settings a ``defenses:`` (or ``attacks:``) entry is limited to (its ``only:``, grid
-    axes to lists of values; attacks may also name ``task``); empty: everywhere."""
+def _only(entry: str | dict[str, Any], kind: str = "defenses") -> list[dict[str, list[Any]]]:
+    """The settings a ``defenses:`` (or ``attacks:``) entry is limited to: its ``only:``, grid axes
+    to lists of values (attacks may also name ``task``), or a list of such alternatives (any one
+    suffices); empty: everywhere."""
     if isinstance(entry, str) or "only" not in entry:
-        return {}
+        return []
     only = entry["only"]
-    if not isinstance(only, dict) or not all(isinstance(v, list) and v for v in only.values()):
-        raise ConfigError(
-            f"sweep {kind}: {entry.get('name')}'s only: must map grid axes to lists of values; got {only!r}"
-        )
+    alternatives = only if isinstance(only, list) else [only]
     axes = set(AXES) | ({"task"} if kind == "attacks" else set())
-    unknown = sorted(set(only) - axes)
-    if unknown:
-        raise ConfigError(
-            f"sweep {kind}: {entry.get('name')}'s only: unknown axes {unknown}; axes: {sorted(axes)}"
-        )
-    return only
+    for alternative in alternatives:
+        if not isinstance(alternative, dict) or not all(
+            isinstance(v, list) and v for v in alternative.values()
+        ):
+            raise ConfigError(
+                f"sweep {kind}: {entry.get('name')}'s only: must map grid axes to lists of values "
+                f"(or be a list of such maps); got {only!r}"
+            )
+        unknown = sorted(set(alternative) - axes)
+        if unknown:
+            raise ConfigError(
+                f"sweep {kind}: {entry.get('name')}'s only: unknown axes {unknown}; axes: {sorted(axes)}"
+            )
+    return alternatives
+
+
+def _allowed(only: list[dict[str, list[Any]]], value: Callable[[str], Any]) -> bool:
+    """Whether a setting (``value(axis)``) is in one of the ``only`` alternatives (none: everywhere)."""
+    return not only or any(all(value(a) in v for a, v in alt.items()) for alt in only)
 
 
 def _strengths(entry: str | dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -276,8 +292,8 @@ def _expand_part(sweep: SweepConfig, root: Path) -> list[RunSpec]:
     combos = [
         dict(zip(axes, values, strict=True)) for values in itertools.product(*(sweep.grid[a] for a in axes))
     ]
-    strengths: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, list[Any]]]] = [
-        (NO_DEFENSE, {}, {}, {})
+    strengths: list[tuple[str, dict[str, Any], dict[str, Any], list[dict[str, list[Any]]]]] = [
+        (NO_DEFENSE, {}, {}, [])
     ] + [(*s, _only(entry)) for entry in sweep.defenses for s in _strengths(entry) if s[0] != NO_DEFENSE]
     out: dict[str, RunSpec] = {}
     for combo in combos or [{}]:
@@ -287,7 +303,7 @@ def _expand_part(sweep: SweepConfig, root: Path) -> list[RunSpec]:
                 _set(config, AXES[axis], value)
             if str(config.get("split", {}).get("setting", "ht")) == "ht":
                 config.setdefault("split", {})["tail_layers"] = 0
-            if any(_get(config, AXES[axis]) not in values for axis, values in only.items()):
+            if not _allowed(only, functools.partial(_axis_value, config)):
                 continue  # the entry's only: leaves this setting out
             config["defenses"] = [] if defense == NO_DEFENSE else [{"name": defense} | params]
             try:
@@ -426,9 +442,8 @@ def run_one(
             "spec": {k: v for k, v in spec.items() if not k.startswith("_")},
         }
         try:
-            only = spec.get("_only", {})
-            outside = {a: v for a, v in only.items() if run.spec.get(a) not in v}
-            reason = f"the sweep runs it only where {outside}" if outside else None
+            only = spec.get("_only", [])
+            reason = None if _allowed(only, run.spec.get) else f"the sweep runs it only where {only}"
             reason = reason or why_not_applicable(spec, recording)
             if reason is not None:
                 rows.append((attack_key, row | {"status": "not_applicable", "error": reason}))
