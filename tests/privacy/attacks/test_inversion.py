@@ -135,7 +135,7 @@ def test_an_attack_without_what_it_needs_is_a_clear_error(recordings: dict[str, 
 
 def test_build_attack_validates_names_and_parameters() -> None:
     assert build_attack({"name": "vmi", "steps": 7}).params()["steps"] == 7
-    with pytest.raises(AttackConfigError, match=r"unknown attack 'vim'.*available: bisr, bli"):
+    with pytest.raises(AttackConfigError, match=r"unknown attack 'vim'.*available: bisr, bisr_b, bli"):
         build_attack({"name": "vim"})
     with pytest.raises(AttackConfigError, match=r"vmi: steps: Input should be greater than or equal to 1"):
         build_attack({"name": "vmi", "steps": 0})

@@ -41,6 +41,8 @@ CASES = [
     ({"name": "vmi", "steps": 100}, "ht_lm"),
     ({"name": "ri", "steps": 100}, "ht_lm"),
     ({"name": "bisr"}, "ht_lm"),
+    ({"name": "bisr_b", "epochs": 20, "hidden": 256}, "ht_lm"),
+    ({"name": "bisr_b", "epochs": 20, "hidden": 256}, "hbt_lm"),
     ({"name": "linear"}, "ht_lm"),
     ({"name": "bli"}, "ht_lm"),
     ({"name": "bli"}, "ht_cls"),

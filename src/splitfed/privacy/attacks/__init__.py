@@ -21,6 +21,7 @@ from splitfed.privacy.attacks.base import (
     Reconstruction,
 )
 from splitfed.privacy.attacks.bisr import LearnedInversion
+from splitfed.privacy.attacks.bisr_backward import BackwardInversion
 from splitfed.privacy.attacks.control import noise_observations, noise_update
 from splitfed.privacy.attacks.label_inference import (
     BatchLabelInference,
@@ -49,6 +50,7 @@ ATTACKS: dict[str, type[Attack]] = {
     WhiteBoxInversion.name: WhiteBoxInversion,
     RelaxationInversion.name: RelaxationInversion,
     LearnedInversion.name: LearnedInversion,
+    BackwardInversion.name: BackwardInversion,
     NormScoring.name: NormScoring,
     DirectionScoring.name: DirectionScoring,
     BatchLabelInference.name: BatchLabelInference,
@@ -86,6 +88,7 @@ __all__ = [
     "AttackContext",
     "AttackError",
     "AttackResult",
+    "BackwardInversion",
     "BatchLabelInference",
     "DirectionScoring",
     "LearnedInversion",

@@ -5,7 +5,9 @@ Large Language Models: A Bidirectionally Enhanced Attack" (CCS 2024). The attack
 auxiliary text through the public head, trains an inversion model from the activations to the
 tokens (a per-position MLP, or one small transformer layer that also reads the neighbours),
 applies it to the intercepted activations and, optionally, refines its output by white-box
-optimization started from it (:class:`~splitfed.privacy.attacks.vmi.WhiteBoxInversion`).
+optimization started from it (:class:`~splitfed.privacy.attacks.vmi.WhiteBoxInversion`). The
+backward direction, from the gradients the data party returns (and both directions at once), is
+:mod:`splitfed.privacy.attacks.bisr_backward`.
 """
 
 from __future__ import annotations
