@@ -98,6 +98,22 @@ def train_inversion(
     model.eval()
 
 
+class InversionTrainingParams(BaseModel):
+    """How a learned inversion model trains on the auxiliary text (``bisr`` and ``bisr_b``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: Architecture = Field(
+        "mlp", description="inversion model: mlp (per position) or transformer"
+    )
+    hidden: int = Field(512, ge=1, le=65_536, description="width of the inversion model")
+    epochs: int = Field(40, ge=1, le=10_000, description="passes over the auxiliary text")
+    lr: float = Field(2e-3, gt=0.0, le=10.0, description="AdamW learning rate")
+    batch_size: int = Field(16, ge=1, le=65_536, description="auxiliary sequences per step")
+    train_noise: float = Field(
+        0.0, ge=0.0, le=100.0, description="training noise relative to each (unit-RMS) input's scale"
+    )
+
+
 class LearnedInversion(Attack):
     """Train an inversion model on auxiliary text through the public head; apply it, then refine.
 
@@ -126,20 +142,9 @@ class LearnedInversion(Attack):
     needs_auxiliary = True
     reports_baseline = True
 
-    class Params(BaseModel):
+    class Params(InversionTrainingParams):
         """Parameters of :class:`LearnedInversion`."""
 
-        model_config = ConfigDict(extra="forbid")
-        architecture: Architecture = Field(
-            "mlp", description="inversion model: mlp (per position) or transformer"
-        )
-        hidden: int = Field(512, ge=1, le=65_536, description="width of the inversion model")
-        epochs: int = Field(40, ge=1, le=10_000, description="passes over the auxiliary activations")
-        lr: float = Field(2e-3, gt=0.0, le=10.0, description="AdamW learning rate")
-        batch_size: int = Field(16, ge=1, le=65_536, description="auxiliary sequences per step")
-        train_noise: float = Field(
-            0.0, ge=0.0, le=100.0, description="training noise relative to each token's RMS"
-        )
         refine_steps: int = Field(0, ge=0, le=100_000, description="white-box refinement steps (0: none)")
         refine_lr: float = Field(0.02, gt=0.0, le=100.0, description="refinement learning rate")
 

@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from splitfed.privacy.attacks.base import (
@@ -61,7 +61,7 @@ from splitfed.privacy.attacks.base import (
     stack_activations,
     unstack,
 )
-from splitfed.privacy.attacks.bisr import Architecture, train_inversion
+from splitfed.privacy.attacks.bisr import Architecture, InversionTrainingParams, train_inversion
 from splitfed.privacy.attacks.metrics import IGNORE
 
 Direction = Literal["backward", "bidirectional"]
@@ -237,22 +237,11 @@ class BackwardInversion(Attack):
     needs_auxiliary = True
     reports_baseline = True
 
-    class Params(BaseModel):
+    class Params(InversionTrainingParams):
         """Parameters of :class:`BackwardInversion`."""
 
-        model_config = ConfigDict(extra="forbid")
         direction: Direction = Field(
             "backward", description="read the returned gradients (backward) or also the activations"
-        )
-        architecture: Architecture = Field(
-            "mlp", description="inversion model: mlp (per position) or transformer"
-        )
-        hidden: int = Field(512, ge=1, le=65_536, description="width of the inversion model")
-        epochs: int = Field(40, ge=1, le=10_000, description="passes over the auxiliary batches")
-        lr: float = Field(2e-3, gt=0.0, le=10.0, description="AdamW learning rate")
-        batch_size: int = Field(16, ge=1, le=65_536, description="auxiliary sequences per step")
-        train_noise: float = Field(
-            0.0, ge=0.0, le=100.0, description="training noise on each unit-RMS feature part"
         )
 
     def __init__(
