@@ -45,3 +45,15 @@ def test_binary_auc() -> None:
     assert binary_auc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
     assert binary_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
     assert math.isnan(binary_auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1])))
+
+
+def test_token_f1_chance_is_what_a_frequency_only_guess_scores() -> None:
+    from splitfed.privacy.attacks.metrics import majority_token_share, token_f1_chance, token_scores
+
+    true = torch.tensor([[5, 5, 6, 7], [5, 8, 5, 9]])
+    mask = torch.ones_like(true)
+    constant = token_scores([torch.full_like(true, 5)], [true], [mask])["token_f1"]
+    assert constant == pytest.approx(0.5)  # two 5s of four tokens per row: p 0.5, r 0.5
+    chance = token_f1_chance([true], [mask])
+    assert chance >= constant > majority_token_share([true], [mask]) - 1e-9  # F1 credits a 5 anywhere
+    assert token_f1_chance([true], [mask], seed=0) == chance  # seeded

@@ -309,7 +309,9 @@ class AttackResult:
         The same scores of the attack on its noise control: the same batches with every intercepted
         tensor replaced by noise of its shape and scale (empty unless the runner was asked for it).
     chance : float
-        The score of the best constant guess (majority token or majority class share).
+        Chance level of the attack's main score: token attacks, the token F1 of a guess that knows
+        only the token frequencies (:func:`~splitfed.privacy.attacks.metrics.token_f1_chance`);
+        label attacks, the majority class share.
     n_examples : int
         Sequences (token attacks) or labels (label attacks) scored.
     seconds : float

@@ -121,6 +121,27 @@ def majority_token_share(truth: Sequence[torch.Tensor], masks: Sequence[torch.Te
     return counts.most_common(1)[0][1] / total if total else 0.0
 
 
+def token_f1_chance(truth: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], seed: int = 0) -> float:
+    """Chance level of token F1: the better of two guesses that know only the true tokens'
+    frequencies, the most frequent token at every position and tokens drawn from their pooled
+    unigram distribution (seeded). Bag-of-tokens F1 credits a frequent token wherever it stands,
+    so this lies above :func:`majority_token_share` (the chance of exact-token accuracy)."""
+    counts: Counter[int] = Counter()
+    for true, mask in zip(truth, masks, strict=True):
+        counts.update(true[mask.bool()].tolist())
+    if not counts:
+        return 0.0
+    ids = torch.tensor(list(counts))
+    weights = torch.tensor([float(c) for c in counts.values()])
+    generator = torch.Generator().manual_seed(seed)
+    constant, drawn = [], []
+    for true in truth:
+        constant.append(torch.full_like(true, counts.most_common(1)[0][0]))
+        picks = torch.multinomial(weights, true.numel(), replacement=True, generator=generator)
+        drawn.append(ids[picks].reshape(true.shape).to(true.dtype))
+    return max(token_scores(guess, truth, masks)["token_f1"] for guess in (constant, drawn))
+
+
 def label_scores(predicted: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) -> dict[str, float]:
     """Label accuracy over every true label (``-100`` in the truth is skipped; a guess of ``-100`` is wrong).
 

@@ -36,8 +36,8 @@ from splitfed.privacy.attacks.metrics import (
     decode_examples,
     label_scores,
     majority_label_share,
-    majority_token_share,
     text_scores,
+    token_f1_chance,
     token_scores,
 )
 from splitfed.privacy.recording import GroundTruthReader, Record, RecordingReader, ground_truth_dir
@@ -299,7 +299,7 @@ def run_attack(
     result = AttackResult(attack.name, {}, seconds=seconds, params=attack.params())
     if attack.target == "tokens":
         result.metrics, ids, masks = _score_tokens(predicted, truths)
-        result.chance = majority_token_share(ids, masks)
+        result.chance = token_f1_chance(ids, masks, context.seed)
         result.n_examples = int(result.metrics.pop("sequences"))
         sent_masks = [t.attention_mask for t in truths]
         result.examples = [
@@ -527,7 +527,7 @@ def run_generation_attack(
 
     result = AttackResult(attack.name, score(predicted), seconds=seconds, params=attack.params())
     ids, masks = [t.input_ids for t in truths], [t.attention_mask for t in truths]
-    result.chance = majority_token_share(ids, masks)
+    result.chance = token_f1_chance(ids, masks, context.seed)
     result.n_examples = int(result.metrics.pop("sequences"))
     result.examples = [
         Reconstruction(o, r) for o, r in decode_examples(context.tokenizer, predicted, ids, masks, examples)
