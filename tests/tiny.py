@@ -247,6 +247,18 @@ def write_topic_csv(path, n: int = 96) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_binary_csv(path, n: int = 160, positive: float = 0.25) -> None:
+    """An imbalanced binary CSV (columns sentence, topic) whose classes use disjoint words."""
+    import random
+
+    rng = random.Random(0)
+    lines = ["sentence,topic"]
+    for _ in range(n):
+        label = int(rng.random() < positive)
+        lines.append(" ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(3, 8))) + f",t{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def run_config(root, out: str, **sections) -> dict:
     """A raw run config over the tiny model and CSV in ``root`` (``sections`` update top-level keys)."""
     raw = {

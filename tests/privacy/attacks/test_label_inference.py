@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from splitfed.config import parse_config
 from splitfed.privacy.attacks import AttackContext, AttackError, build_attack, run_attack
 from splitfed.run import train
-from tiny import TOPICS, run_config, save_tiny_pretrained, write_topic_csv
+from tiny import run_config, save_tiny_pretrained, write_binary_csv, write_topic_csv
 
 SPLITS = {
     "ht": {"setting": "ht", "head_layers": 1, "tail_layers": 0, "labels_at": "data"},
@@ -19,21 +18,11 @@ SPLITS = {
 }
 
 
-def _write_binary_csv(path: Path, n: int = 160, positive: float = 0.25) -> None:
-    """An imbalanced binary CSV whose classes use disjoint words."""
-    rng = random.Random(0)
-    lines = ["sentence,topic"]
-    for _ in range(n):
-        label = int(rng.random() < positive)
-        lines.append(" ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(3, 8))) + f",t{label}")
-    path.write_text("\n".join(lines) + "\n")
-
-
 @pytest.fixture(scope="module")
 def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("labels")
     save_tiny_pretrained(root / "model")
-    _write_binary_csv(root / "data.csv")
+    write_binary_csv(root / "data.csv")
     out = {}
     for name, split in SPLITS.items():
         raw = run_config(
@@ -134,7 +123,7 @@ def long_recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     """30 steps: the trained model fits most examples, and a few misfits dominate the gradient norms."""
     root = tmp_path_factory.mktemp("labels-long")
     save_tiny_pretrained(root / "model")
-    _write_binary_csv(root / "data.csv")
+    write_binary_csv(root / "data.csv")
     out = {}
     for name, split in SPLITS.items():
         raw = run_config(

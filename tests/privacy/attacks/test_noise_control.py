@@ -24,7 +24,14 @@ from splitfed.privacy.attacks import ATTACKS, AttackContext, Need, build_attack,
 from splitfed.privacy.attacks.metrics import token_scores
 from splitfed.privacy.attacks.runner import load_observations
 from splitfed.run import train
-from tiny import TOPICS, WORDS, run_config, save_tiny_pretrained, tiny_tokenizer, write_topic_csv
+from tiny import (
+    WORDS,
+    run_config,
+    save_tiny_pretrained,
+    tiny_tokenizer,
+    write_binary_csv,
+    write_topic_csv,
+)
 
 HT = {"setting": "ht", "head_layers": 1, "tail_layers": 0, "labels_at": "data"}
 HBT = {"setting": "hbt", "head_layers": 1, "tail_layers": 1}
@@ -55,21 +62,12 @@ CASES = [
 ]
 
 
-def _write_binary_csv(path: Path, n: int = 160, positive: float = 0.25) -> None:
-    rng = random.Random(0)
-    lines = ["sentence,topic"]
-    for _ in range(n):
-        label = int(rng.random() < positive)
-        lines.append(" ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(3, 8))) + f",t{label}")
-    path.write_text("\n".join(lines) + "\n")
-
-
 @pytest.fixture(scope="module")
 def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("noise-control")
     save_tiny_pretrained(root / "model")
     write_topic_csv(root / "lm.csv")
-    _write_binary_csv(root / "binary.csv")
+    write_binary_csv(root / "binary.csv")
     out = {"model": root / "model"}
     for name, (split, lm, steps) in RECORDINGS.items():
         train_section = {"steps": steps, "batch_size": 8, "eval_before": False, "eval_max_new_tokens": 0}
