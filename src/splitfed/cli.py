@@ -585,6 +585,13 @@ def attack(
     max_examples: Annotated[
         int | None, typer.Option(min=1, help="Attack at most this many recorded sequences.")
     ] = None,
+    window: Annotated[
+        str,
+        typer.Option(
+            help="With --max-examples: attack the run's first sequences or its last (a defense that "
+            "trains with the task, once trained)."
+        ),
+    ] = "first",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")
     ] = None,
@@ -615,6 +622,7 @@ def attack(
     from splitfed.config import load_config
     from splitfed.privacy.attack_runs import attack_context, attack_recording, auxiliary_texts
     from splitfed.privacy.attacks import ATTACKS, AttackConfigError, AttackError
+    from splitfed.privacy.attacks.runner import WINDOWS
 
     _quiet_libraries()
     try:
@@ -634,7 +642,16 @@ def attack(
             cfg, texts, max_examples=max_examples, progress=progress, ground_truth=ground_truth
         )
         phases = [p.strip() for p in phase.split(",") if p.strip()]
-        results = attack_recording(recording, specs, context, phases=phases, noise_control=noise_control)
+        if window not in WINDOWS:
+            raise AttackConfigError(f"--window {window!r}: use one of {', '.join(WINDOWS)}")
+        results = attack_recording(
+            recording,
+            specs,
+            context,
+            phases=phases,
+            noise_control=noise_control,
+            window="last" if window == "last" else "first",
+        )
     except _user_errors(AttackConfigError, AttackError) as err:
         _fail(str(err))
         return

@@ -19,6 +19,7 @@ A sweep's YAML names a base run config and the axes to vary::
     attacks: [{name: vmi, steps: 100}, bisr, bli]
     aux: test                                   # the attacker's auxiliary text (split or file)
     max_examples: 32                            # sequences attacked per run
+    window: last                                # ... the run's last ones (first: from its start)
     workers: 1                                  # runs in parallel (local processes)
     ray_cpus_per_run: 1                         # CPUs each run reserves on a Ray cluster
 
@@ -58,7 +59,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -122,6 +123,10 @@ class SweepConfig(BaseModel):
     aux: str = "test"
     phases: list[str] = Field(default_factory=lambda: ["train"])
     max_examples: int | None = Field(32, ge=1)
+    window: Literal["first", "last"] = Field(
+        "last",
+        description="attack each run's first max_examples sequences or its last (trained defenses trained)",
+    )
     mp_metric: str | None = None
     workers: int = Field(1, ge=1, le=64)
     ray_cpus_per_run: float = Field(1.0, gt=0, le=1024, description="CPUs per run with --ray")
@@ -393,6 +398,7 @@ def run_one(
     mp_metric: str | None,
     keep_recording: bool,
     threads: int | None = None,
+    window: Literal["first", "last"] = "last",
 ) -> RunOutcome:
     """Train ``run`` with a recording, attack the recording, and return the rows to store.
 
@@ -450,7 +456,7 @@ def run_one(
                 continue
             if context is None:
                 context = attack_context(cfg, auxiliary_texts(cfg, aux), max_examples=max_examples)
-            res = run_attack(build_attack(params), recording, context, phases=list(phases))
+            res = run_attack(build_attack(params), recording, context, phases=list(phases), window=window)
             ap_metric = next(
                 (m for m in ("token_f1", "label_accuracy", "accuracy", "auc") if m in res.metrics), None
             )
@@ -625,6 +631,7 @@ def run_sweep(
             "aux": sweep.aux,
             "phases": sweep.phases,
             "max_examples": sweep.max_examples,
+            "window": sweep.window,
             "mp_metric": sweep.mp_metric,
             "keep_recording": sweep.keep_recordings,
             "threads": threads,

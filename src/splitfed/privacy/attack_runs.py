@@ -23,6 +23,7 @@ from splitfed.privacy.attacks import (
     run_attack,
     run_generation_attack,
 )
+from splitfed.privacy.attacks.runner import Window
 
 #: Auxiliary examples read by default (enough for the learning-based attacks, cheap to encode).
 DEFAULT_AUX_EXAMPLES = 512
@@ -120,6 +121,7 @@ def attack_recording(
     phases: str | Sequence[str] = "train",
     baseline: bool = True,
     noise_control: bool = False,
+    window: Window = "first",
 ) -> list[AttackResult]:
     """Run each attack of ``specs`` (``{name: ..., <params>}`` or a name) on ``recording``.
 
@@ -128,6 +130,8 @@ def attack_recording(
     spec is validated before the first attack runs, so a typo in the last one does not cost the
     minutes the first ones take. ``noise_control`` also scores each attack on the same batches
     with what it intercepted replaced by noise of the same shape and scale (``result.control``).
+    ``window`` (training and evaluation crossings only): read the run's first
+    ``context.max_examples`` sequences or its last (see :func:`splitfed.privacy.attacks.run_attack`).
     """
     attacks = [build_attack(spec) for spec in specs]
     wanted = [phases] if isinstance(phases, str) else list(phases)
@@ -139,6 +143,14 @@ def attack_recording(
             for a in attacks
         ]
     return [
-        run_attack(a, recording, context, phases=phases, baseline=baseline, noise_control=noise_control)
+        run_attack(
+            a,
+            recording,
+            context,
+            phases=phases,
+            baseline=baseline,
+            noise_control=noise_control,
+            window=window,
+        )
         for a in attacks
     ]

@@ -22,6 +22,7 @@ from splitfed.privacy.attacks import (
     AttackError,
     build_attack,
     describe_attacks,
+    load_observations,
     run_attack,
 )
 from splitfed.run import train
@@ -121,6 +122,20 @@ def test_max_examples_limits_what_is_attacked(recordings: dict[str, Path], conte
     limited.max_examples = None
     result = run_attack(build_attack("linear"), recordings["plain"], limited, phases="eval")
     assert result.n_examples == 16  # two evaluations (before and after training) of 8 sequences
+
+
+def test_the_last_window_reads_the_end_of_the_run_in_order(recordings: dict[str, Path]) -> None:
+    needs = build_attack("linear").needs
+    first, _, _ = load_observations(recordings["plain"], needs, phases="train", max_examples=10)
+    last, truths, _ = load_observations(
+        recordings["plain"], needs, phases="train", max_examples=10, window="last"
+    )
+    # six training steps of 8 sequences: the first window is steps 1 and 2, the last steps 5 and 6
+    assert [o.step for o in first] == [1, 2] and [o.step for o in last] == [5, 6]
+    assert sum(t.input_ids.shape[0] for t in truths) == 10
+    assert last[0].tensors[("forward", "hidden")].shape[0] == 2  # the batch read last is cut to fit
+    with pytest.raises(AttackError, match="window 'middle'"):
+        load_observations(recordings["plain"], needs, window="middle")  # type: ignore[arg-type]
 
 
 def test_an_attack_without_what_it_needs_is_a_clear_error(recordings: dict[str, Path]) -> None:

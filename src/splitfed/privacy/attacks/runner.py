@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -44,6 +45,9 @@ from splitfed.privacy.recording import GroundTruthReader, Record, RecordingReade
 
 #: The recorded forwards an attack is run on, by default.
 PHASES = ("train", "eval")
+#: Which end of a run an attack reads its batches from (see :func:`run_attack`).
+WINDOWS = ("first", "last")
+Window = Literal["first", "last"]
 
 
 @dataclass
@@ -85,12 +89,15 @@ def load_observations(
     max_examples: int | None = None,
     progress: bool = False,
     ground_truth: str | Path | None = None,
+    window: Window = "first",
 ) -> tuple[list[Observation], list[Truth], dict[str, int | None]]:
     """What the attacker saw of each batch, its ground truth, and the recording's split facts.
 
     A batch is one recorded ``forward`` the model party received; a batch lacking a required
     tensor of ``needs`` (e.g. an evaluation batch has no ``backward``) is skipped. Reading stops
-    once ``max_examples`` sequences are in (the last batch is cut to fit).
+    once ``max_examples`` sequences are in (the last batch read is cut to fit). ``window``
+    ``"first"`` reads the run's batches from its start, ``"last"`` from its end (what crossed once
+    a trained defense had trained; the batches are still returned in the order they crossed).
 
     Returns
     -------
@@ -112,11 +119,13 @@ def load_observations(
     truths: list[Truth] = []
     facts: dict[str, int | None] = {"head_layers": None}
     sequences = 0
-    bar: Iterable[Record] = forwards
+    if window not in WINDOWS:
+        raise AttackError(f"window {window!r}: use one of {', '.join(WINDOWS)}")
+    bar: Iterable[Record] = forwards if window == "first" else forwards[::-1]
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(forwards, desc="reading", leave=False)
+        bar = tqdm(bar, desc="reading", total=len(forwards), leave=False)
     for forward in bar:
         if max_examples is not None and sequences >= max_examples:
             break
@@ -162,6 +171,9 @@ def load_observations(
             Observation(forward.client, forward.batch_id, forward.phase, forward.step, tensors)
         )
         truths.append(truth)
+    if window == "last":
+        observations.reverse()
+        truths.reverse()
     if not observations:
         wanted = ", ".join(f"{n.kind}.{n.tensor}" for n in needs if n.required)
         raise AttackError(
@@ -233,6 +245,7 @@ def run_attack(
     progress: bool | None = None,
     noise_control: bool = False,
     control_scale: Scale = "tensor",
+    window: Window = "first",
 ) -> AttackResult:
     """Run ``attack`` on the recording in ``recording`` and score it against its ground truth.
 
@@ -261,6 +274,10 @@ def run_attack(
         ``result.control``. It should be near ``result.chance``.
     control_scale : {"tensor", "position"}, default "tensor"
         The noise keeps each tensor's mean and standard deviation, or each position's.
+    window : {"first", "last"}, default "first"
+        Attack the run's first ``context.max_examples`` sequences or its last: a defense that
+        trains with the task (MID, NoPeek, adversarial training, TextObfuscator) protects little
+        at step 0, so ``"last"`` measures it once trained, ``"first"`` the run's worst moment.
 
     Returns
     -------
@@ -289,9 +306,15 @@ def run_attack(
         max_examples=context.max_examples,
         progress=context.progress,
         ground_truth=context.ground_truth,
+        window=window,
     )
     if context.head_layers is None:
         context.head_layers = facts["head_layers"]
+    if attack.sequence_labels and any(t.labels is not None and t.labels.dim() == 2 for t in truths):
+        raise AttackError(
+            f"attack {attack.name!r} infers one label per sequence, and this run's labels are per "
+            "position (a causal LM's next tokens); use the bli attack, which reads every position's token"
+        )
     known = known_labels(truths, attack.known_per_class, context.seed)
     start = time.perf_counter()
     predicted = _run_checked(attack, observations, context, known)
