@@ -371,6 +371,9 @@ class Attack:
     known_per_class: int = 0
     #: Whether the runner scores the linear baseline beside it (every inversion attack does).
     reports_baseline: ClassVar[bool] = False
+    #: Label attacks that infer one label per sequence (a classification task): the runner
+    #: refuses a run whose labels are per position (a causal LM's next tokens).
+    sequence_labels: ClassVar[bool] = False
     #: Binary label attacks: each observation's score of class 1 in the last run (the runner's AUC).
     positive_scores: list[torch.Tensor] | None = None
 

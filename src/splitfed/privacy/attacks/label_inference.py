@@ -114,6 +114,7 @@ class NormScoring(Attack):
 
     name = "ns"
     target = "labels"
+    sequence_labels = True
     needs = (_GRAD, _MASK, _LOGITS)
 
     class Params(BaseModel):
@@ -171,6 +172,7 @@ class DirectionScoring(Attack):
 
     name = "ds"
     target = "labels"
+    sequence_labels = True
     needs = (_GRAD, _MASK, _LOGITS)
 
     class Params(BaseModel):

@@ -50,6 +50,7 @@ class ModelCompletion(Attack):
 
     name = "model_completion"
     target = "labels"
+    sequence_labels = True
     needs = (Need("forward_result", "hidden"), Need("forward", "attention_mask"))
 
     class Params(BaseModel):
