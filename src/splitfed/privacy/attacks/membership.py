@@ -379,40 +379,63 @@ def membership_from_run(
     batch_size : int, default 16
     log : callable
     """
-    from splitfed.federated.strategies import FitConfig
-
     run = load_target_run(output_dir, log=log)
-    cfg, work = run.cfg, run.work
     members, non_members = run.members[:max_examples], run.non_members[:max_examples]
     aux = list(auxiliary) if auxiliary is not None else run.auxiliary
-    if references and not aux:
-        raise AttackError(
-            "reference models need auxiliary examples: pass auxiliary=[...] (disjoint from the run's "
-            "training and evaluation splits) or references=0"
-        )
-    finetune = cfg.federated.finetune.spec() if cfg.federated is not None else _whole_finetune(cfg)
-    steps = reference_steps or work.total_steps
-    fit = FitConfig.from_train(cfg.train, local_steps=steps)
-    from splitfed.run import load_run_model
-
-    num_labels = len(work.splits.label_names) if work.splits.label_names else None
-    models: list[ModelFn] = []
-    for k in range(references):
-        _, base = load_run_model(cfg, cfg.head, num_labels)
-        models.append(
-            train_reference(
-                base, aux, work.task, head=cfg.head, finetune=finetune, fit=fit, seed=cfg.train.seed + 1 + k
-            )
-        )
+    steps = reference_steps or run.work.total_steps
+    models = train_references(run, references, aux, steps=steps)
     return run_membership(
         run.model,
         models,
         members,
         non_members,
-        work.task,
+        run.work.task,
         batch_size=batch_size,
         params={"output_dir": str(output_dir), "reference_steps": steps, "auxiliary": len(aux)},
     )
+
+
+def train_references(
+    run: TargetRun, count: int, auxiliary: Sequence[Example], *, steps: int | None = None
+) -> list[ModelFn]:
+    """``count`` reference models for ``run``, fine-tuned as it was on ``auxiliary``, each with its own seed.
+
+    Each starts from the public pretrained model and is trained with the run's fine-tuning spec
+    (a split run's: the body's), batch size, optimizer and learning rate, for ``steps`` optimizer
+    steps (default: the run's own count).
+
+    Raises
+    ------
+    AttackError
+        When ``count`` > 0 and ``auxiliary`` is empty.
+    """
+    from splitfed.federated.strategies import FitConfig
+    from splitfed.run import load_run_model
+
+    if count and not auxiliary:
+        raise AttackError(
+            "reference models need auxiliary examples: pass auxiliary=[...] (disjoint from the run's "
+            "training and evaluation splits) or references=0"
+        )
+    cfg, work = run.cfg, run.work
+    finetune = cfg.federated.finetune.spec() if cfg.federated is not None else _whole_finetune(cfg)
+    fit = FitConfig.from_train(cfg.train, local_steps=steps or work.total_steps)
+    num_labels = len(work.splits.label_names) if work.splits.label_names else None
+    models: list[ModelFn] = []
+    for k in range(count):
+        _, base = load_run_model(cfg, cfg.head, num_labels)
+        models.append(
+            train_reference(
+                base,
+                auxiliary,
+                work.task,
+                head=cfg.head,
+                finetune=finetune,
+                fit=fit,
+                seed=cfg.train.seed + 1 + k,
+            )
+        )
+    return models
 
 
 def _whole_finetune(cfg: Any) -> Any:
