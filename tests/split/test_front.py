@@ -301,6 +301,9 @@ def test_a_defense_that_needs_a_tail_is_refused_in_ht_before_anything_is_attache
     assert attached == []
     system = _system(SplitSpec("hbt", 1, 1), "lora", DataFront([_Tracked()]))
     assert attached == [system.segments["tail"]]
+    ht = _system(SplitSpec("ht", 1), "lora", DataFront())
+    with pytest.raises(ValueError, match="defense needs_tail: it works on the tail's input"):
+        SplitGenerator(ht.segments["head"], ht.channel, tiny_tokenizer(), front=DataFront([_NeedsTail()]))
 
 
 class _Residual(Defense, torch.nn.Module):

@@ -265,6 +265,7 @@ class SplitGenerator:
         self.head, self.channel, self.tokenizer, self.tail = head, channel, tokenizer, tail
         #: The data party's defenses: prompts, embeddings and every position's activations pass them.
         self.front = front if front is not None else DataFront()
+        self.front.check_tail(tail is not None)  # a defense on the tail's input needs the tail (not HT)
         self.ground_truth = ground_truth
         self._prompts: list[str] = []
         self.decoding = decoding or DecodingConfig()
