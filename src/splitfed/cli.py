@@ -179,6 +179,15 @@ def fedtrain(
         typer.Option(help="Continue from the last checkpoint in output_dir (federated.checkpoint_every)."),
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    record: Annotated[
+        Path | None,
+        typer.Option(
+            "--record",
+            help="Record in this new directory what the server saw each round (the global adapters; each "
+            "client's update under plain aggregation, only the average under secagg or ckks; safetensors + "
+            "manifest.json) and, in its ground_truth/, each client's batches (for `splitfed audit`).",
+        ),
+    ] = None,
 ) -> None:
     """Federated LoRA fine-tuning simulated in one process: clients train adapters, the server aggregates.
 
@@ -186,7 +195,8 @@ def fedtrain(
     adapters on their partition, and averages the deltas through federated.aggregation (plain,
     ckks or secagg) and federated.strategy (fedavg, fedprox, fedadam, fedyogi). Writes results.json
     (config, metrics before and after, per-round history with bytes up and down) and the global
-    adapters (global/adapter.safetensors) to output_dir.
+    adapters (global/adapter.safetensors) to output_dir. With --record DIR also the server's view of
+    every round and, apart, the clients' batches: `splitfed audit` then inverts client updates.
     """
     from splitfed.config import load_config
 
@@ -195,12 +205,19 @@ def fedtrain(
         cfg = load_config(config, set_ or [])
         from splitfed.federated.simulation import fedtrain as run_federated
 
-        result = run_federated(cfg, resume=resume, progress=progress, log=lambda s: console.print(s))
+        result = run_federated(
+            cfg, resume=resume, progress=progress, log=lambda s: console.print(s), record=record
+        )
     except _user_errors() as err:
         _fail(str(err))
         return
     console.print(f"results: {result.output_dir / 'results.json'}")
     console.print(f"global adapters: {result.summary['adapters']}")
+    if "recording" in result.summary:
+        rec = result.summary["recording"]
+        console.print(
+            f"recording: {rec['directory']} (server's view: {rec['view']}); ground truth: {rec['ground_truth']}"
+        )
 
 
 def _tls(cert: Path | None, key: Path | None, ca: Path | None) -> TlsFiles | None:

@@ -41,6 +41,9 @@ from splitfed.federated.aggregators import keys as keyring
 
 #: ``train(client) -> (delta, weight)``: one client's local update, called once per client per round.
 TrainFn = Callable[[str], tuple[Mapping[str, torch.Tensor], float]]
+#: ``tap(round_id, client, payload, mask)``: an update payload exactly as the server received it
+#: (with the round's shared mask, whose layout it is in, or ``None``).
+ServerTap = Callable[[int, str, Payload, SharedMask | None], None]
 
 
 @dataclass
@@ -119,12 +122,24 @@ class SimulatedAggregation(ABC):
         The order every client flattens its update in (the global adapters' names and shapes).
     min_clients : int
         Fewest valid updates a round completes with.
+
+    Attributes
+    ----------
+    tap : ServerTap | None
+        Called with every update payload the server receives, as it receives it (before it is
+        combined): where a recording of the server's view reads the clients' uploads
+        (:class:`~splitfed.federated.recording.FederatedRecorder`). ``None``: nothing is tapped.
     """
 
     def __init__(self, make: Callable[[], Aggregator], layout: Layout, *, min_clients: int) -> None:
         self.make = make
         self.layout = layout
         self.min_clients = min_clients
+        self.tap: ServerTap | None = None
+
+    def _received(self, round_id: int, client: str, payload: Payload, mask: SharedMask | None) -> None:
+        if self.tap is not None:
+            self.tap(round_id, client, payload, mask)
 
     @abstractmethod
     def run(
@@ -174,6 +189,7 @@ class PlainRounds(SimulatedAggregation):
             payload = self._encode(delta if mask is None else mask.select(delta), weight, layout)
             outcome.encode_s += time.perf_counter() - t
             sizes.append(payload.nbytes)
+            self._received(round_id, client, payload, mask)
             return payload
 
         t = time.perf_counter()
@@ -264,6 +280,7 @@ class SecAggRounds(SimulatedAggregation):
                 delta = mask.select(delta)
             masked[client] = sessions[client].encode(delta, weight, layout=layout)
             outcome.encode_s += time.perf_counter() - t
+            self._received(round_id, client, masked[client], mask)
             del delta
         t = time.perf_counter()
         request = server.collect(masked)

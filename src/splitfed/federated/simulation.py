@@ -31,6 +31,11 @@ the round, which every client holds, and only the kept values are aggregated.
 
 Everything a round draws (the sample, each client's batches and dropout) derives from
 ``(train.seed, round, client)``, so a run resumed from a checkpoint repeats the uninterrupted one.
+
+With ``record=DIR`` (``fedtrain --record DIR``) a :class:`~splitfed.federated.recording.FederatedRecorder`
+keeps the server's view of every round (the global adapters, each client's update as the server
+decoded it, or under secagg and ckks only the average) and, apart, each client's batches: what
+``splitfed audit`` inverts and scores gradient inversion on.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from splitfed.federated.aggregators import AGGREGATORS, Aggregator, Layout, Shar
 from splitfed.federated.aggregators.pruning import kept_count, prune_ratio
 from splitfed.federated.client import ClientUpdate, client_seed, local_update
 from splitfed.federated.client_dp import ClientDP
+from splitfed.federated.recording import FederatedRecorder, check_new_federated_recording
 from splitfed.federated.rounds import SimulatedAggregation, simulated_aggregation
 from splitfed.federated.strategies import STRATEGIES, FitConfig, Strategy
 from splitfed.models.families import check_supported
@@ -254,6 +260,35 @@ class FederatedSimulation:
             else None
         )
         self._mask: tuple[int, SharedMask] | None = None  # the shared mask of the round it was made for
+        #: Records the server's view and the clients' batches (:meth:`attach`); ``None``: nothing is.
+        self.recorder: FederatedRecorder | None = None
+
+    def attach(self, recorder: FederatedRecorder) -> None:
+        """Record every following round into ``recorder``: the global adapters and fit at its start,
+        each client's collated batches, the uploads as the server receives them, the average."""
+        self.recorder = recorder
+        self.aggregation.tap = recorder.server_received
+
+    def recording_settings(self) -> dict[str, Any]:
+        """What a federated recording's manifest says about the run (all of it public to the server)."""
+        cfg, fed = self.cfg, self.fed
+        return {
+            "task": cfg.task,
+            "head": cfg.head,
+            "model": cfg.model.name,
+            "max_length": cfg.data.max_length,
+            "clients": fed.clients,
+            "clients_per_round": fed.clients_per_round,
+            "client_examples": [len(p) for p in self.parts],
+            "strategy": {"name": fed.strategy, **self.strategy.hyperparameters()},
+            "aggregation": fed.aggregation,
+            "finetune": fed.finetune.model_dump(mode="json"),
+            "local_steps": fed.local_steps,
+            "local_epochs": fed.local_epochs,
+            "dp": fed.dp.model_dump(mode="json") if fed.dp is not None else None,
+            "pruning": fed.pruning.model_dump(mode="json") if fed.pruning is not None else None,
+            "seed": cfg.train.seed,
+        }
 
     @property
     def aggregation(self) -> SimulatedAggregation:
@@ -320,9 +355,12 @@ class FederatedSimulation:
         (DP-FedAvg averages uniformly).
         """
         task, part = self.work.task, self.parts[index]
+        recorder, client = self.recorder, self.client_id(index)
 
         def loss_fn(batch_ids: list[int]) -> torch.Tensor:
             batch = task.collate([part[i] for i in batch_ids])
+            if recorder is not None:
+                recorder.client_batch(round_id, client, batch_ids, batch)
             logits = self.segment(**{k: batch[k] for k in INPUT_KEYS if k in batch})
             return task.loss(logits, batch)  # type: ignore[no-any-return]
 
@@ -351,6 +389,14 @@ class FederatedSimulation:
         )
         fit = self.strategy.configure_fit(round_id, self.base_fit)
         by_id = {self.client_id(i): i for i in sampled}
+        if self.recorder is not None:
+            self.recorder.start_round(
+                round_id,
+                global_adapters=self.global_state,
+                sampled=list(by_id),
+                fit=fit,
+                prune_ratio=self.prune_ratio(round_id),
+            )
         results: dict[int, tuple[float, int, int]] = {}
         norms: dict[int, float] = {}
 
@@ -365,6 +411,8 @@ class FederatedSimulation:
 
         mask = self.shared_mask(round_id)
         outcome = self.aggregation.run(round_id, [self.client_id(i) for i in sampled], train, mask=mask)
+        if self.recorder is not None:
+            self.recorder.end_round(round_id, average=outcome.average, clients=outcome.clients)
         self.global_state = self.strategy.apply(self.global_state, outcome.average, round_id)
         self.load_global()
         kept = [by_id[c] for c in outcome.clients]
@@ -494,7 +542,11 @@ def load_checkpoint(out: Path, sim: FederatedSimulation) -> tuple[int, list[dict
 
 
 def fedtrain(
-    cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print
+    cfg: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    record: str | Path | None = None,
 ) -> RunResult:
     """Run ``cfg``'s federated fine-tuning in one process (``splitfed fedtrain``).
 
@@ -503,6 +555,11 @@ def fedtrain(
     (``global/adapter.safetensors``) to ``cfg.output_dir``; with ``federated.checkpoint_every``,
     checkpoints that ``resume=True`` continues from.
 
+    With ``record``, a new directory, every round run is recorded there
+    (:mod:`splitfed.federated.recording`: the server's view, and the clients' batches apart in its
+    ``ground_truth/``), and ``results.json``'s ``recording`` says where, for ``splitfed audit``.
+    Resumed with ``resume=True``, a new recording holds the rounds run after the checkpoint.
+
     Raises
     ------
     ConfigError
@@ -510,6 +567,8 @@ def fedtrain(
         checkpoint made with other settings.
     FileNotFoundError
         ``resume=True`` without a checkpoint in ``output_dir``.
+    RecordingError
+        ``record`` exists and is not empty, is a file, or is ``output_dir`` (before anything loads).
     """
     fed = cfg.federated
     if fed is None:
@@ -527,6 +586,8 @@ def fedtrain(
         raise FileNotFoundError(
             f"--resume: no checkpoint in {out} (expected {out / CHECKPOINT}/progress.json); run without --resume"
         )
+    if record is not None:
+        check_new_federated_recording(record, output_dir=out)
     work = prepare(cfg, log)
     sim = FederatedSimulation(work, log)
     out.mkdir(parents=True, exist_ok=True)
@@ -549,6 +610,15 @@ def fedtrain(
         start, history = load_checkpoint(out, sim)
         history = [h for h in history if h["round"] <= start]
         log(f"resumed from {out / CHECKPOINT} at round {start}/{fed.rounds}")
+    recorder = None
+    if record is not None:
+        recorder = FederatedRecorder(
+            record,
+            aggregator=sim._make_aggregator(),
+            aggregation=fed.aggregation,
+            settings=sim.recording_settings(),
+        )
+        sim.attach(recorder)
     metrics_before = None
     with progress_bars(progress) as bar:
         if cfg.train.eval_before and start == 0:
@@ -559,14 +629,19 @@ def fedtrain(
         rounds_bar = bar.add_task("rounds", total=fed.rounds, completed=start, info="") if bar else None
         t_train = time.perf_counter()
         for round_id in range(start + 1, fed.rounds + 1):
-            record = sim.run_round(round_id)
-            history.append(record)
+            try:
+                entry = sim.run_round(round_id)
+            except BaseException:
+                if recorder is not None:  # no half-recorded round is left behind
+                    recorder.abort()
+                raise
+            history.append(entry)
             if fed.eval_every and round_id % fed.eval_every == 0 and round_id < fed.rounds:
                 mid = sim.evaluate(bar, f"eval @{round_id}")
-                record.update({f"eval_{k}": v for k, v in mid.items()})
+                entry.update({f"eval_{k}": v for k, v in mid.items()})
             if bar is not None:
-                shown = f"loss {record['train_loss']:.4f}" + "".join(
-                    f", {k} {v:.3f}" for k, v in record.items() if k.startswith("eval_")
+                shown = f"loss {entry['train_loss']:.4f}" + "".join(
+                    f", {k} {v:.3f}" for k, v in entry.items() if k.startswith("eval_")
                 )
                 bar.update(rounds_bar, advance=1, info=shown)
             if fed.checkpoint_every and round_id % fed.checkpoint_every == 0:
@@ -576,7 +651,16 @@ def fedtrain(
         metrics_after = sim.evaluate(bar, "eval (after)", final=True)
         timings["eval_after_s"] = time.perf_counter() - t
     log(f"{cfg.data.eval_split} after federated fine-tuning:  {format_metrics(metrics_after)}")
-    summary = _summary(sim, out, metrics_before, metrics_after, history, timings, start)
+    recording = None
+    if recorder is not None:
+        recorder.close()
+        recording = recorder.summary()
+        log(
+            f"recording: {recording['directory']} ({recording['rounds']} rounds, {recording['updates']} client "
+            f"updates, {recording['stored_bytes'] / 1e6:.1f} MB; server's view: {recording['view']}); "
+            f"ground truth: {recording['ground_truth']}"
+        )
+    summary = _summary(sim, out, metrics_before, metrics_after, history, timings, start, recording)
     log(
         f"{len(history) - sum(1 for h in history if h['round'] <= start)} round(s) in {timings['train_s']:.1f} s; per round "
         f"{summary['bytes_per_round']['up'] / 1e6:.2f} MB up, {summary['bytes_per_round']['down'] / 1e6:.2f} MB down "
@@ -597,6 +681,7 @@ def _summary(
     history: list[dict[str, Any]],
     timings: dict[str, float],
     start: int,
+    recording: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cfg, fed = sim.cfg, sim.fed
     adapter = write_adapter(
@@ -643,6 +728,8 @@ def _summary(
         "adapters": str(adapter),
         "history": history,
     }
+    if recording is not None:
+        summary["recording"] = recording
     write_results(out, summary)
     return summary
 
