@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from splitfed.bench.store import ResultStore
-from splitfed.bench.sweep import expand, load_sweep, run_sweep
+from splitfed.bench.sweep import expand, load_sweep, plan, run_sweep
 from splitfed.cli import app
 from splitfed.config import ConfigError
 from splitfed.privacy import defenses
@@ -53,6 +53,20 @@ def test_the_grid_expands_to_each_setting_s_undefended_run_and_every_strength(wo
     assert len({r.key for r in runs}) == len(runs)
     with pytest.raises(ConfigError, match="unknown grid axes"):
         load_sweep(_sweep(workspace, "bad", grid={"colour": ["red"]}))
+
+
+def test_the_estimate_counts_training_and_attacks_of_the_stored_runs(workspace: Path, tmp_path: Path) -> None:
+    sweep, root = load_sweep(_sweep(workspace, "estimate", workers=2))
+    runs = expand(sweep, root)
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        assert plan(sweep, root, store).estimate_s is None  # nothing stored: no figure to go on
+        for run in runs[:2]:
+            store.put_run(run.key, sweep=sweep.name, spec=run.spec, status="done", seconds=10.0)
+            for name in ("vmi", "bli"):
+                store.put_attack(run.key, name, attack=name, spec={"name": name}, status="done", seconds=5.0)
+        the_plan = plan(sweep, root, store)
+    # (10 s training + 2 x 5 s attacks) per run, 4 runs left, 2 at a time
+    assert the_plan.stored == {r.key for r in runs[:2]} and the_plan.estimate_s == pytest.approx(40.0)
 
 
 class Explodes(Defense):

@@ -556,14 +556,16 @@ class SweepPlan:
 
 def plan(sweep: SweepConfig, root: Path, store: ResultStore, *, parallel: int | None = None) -> SweepPlan:
     """Expand ``sweep`` and compare it with ``store``; estimate the time left from stored runs' times
-    with ``parallel`` runs at once (default: the sweep's ``workers``)."""
+    (training and attacks) with ``parallel`` runs at once (default: the sweep's ``workers``)."""
     runs = expand(sweep, root)
     attacks = attack_specs(sweep)
     stored = {r.key for r in runs if store.has_run(r.key)}
     done = [r for r in store.runs(sweep.name) if r.status == "done" and r.seconds]
     estimate = None
     if done:
-        per_run = sum(float(r.seconds or 0.0) for r in done) / len(done)
+        per_run = sum(
+            float(r.seconds or 0.0) + sum(float(a.seconds or 0.0) for a in store.attacks(r.key)) for r in done
+        ) / len(done)
         estimate = per_run * (len(runs) - len(stored)) / (parallel or sweep.workers)
     return SweepPlan(runs, stored, attacks, estimate)
 
@@ -616,7 +618,13 @@ def run_sweep(
             the_plan = plan(sweep, root, store, parallel=parallel)
             where = f"Ray at {ray_address}: {parallel} at a time, {cpus:g} CPU{'s' if cpus != 1 else ''} each"
         total, done = len(the_plan.runs), len(the_plan.stored)
-        eta = f", about {the_plan.estimate_s / 60:.1f} min left" if the_plan.estimate_s else ""
+        eta = (
+            f", about {the_plan.estimate_s / 60:.1f} min left"
+            if the_plan.estimate_s
+            else ", the time left estimated once a run is done"
+            if todo
+            else ""
+        )
         log(
             f"sweep {sweep.name}: {total} runs x {len(the_plan.attacks)} attacks; {done} stored, {len(todo)} to run{eta} "
             f"({where}); results in {store.path}"
@@ -648,9 +656,10 @@ def run_sweep(
             done += 1
             status = outcome.run["status"]
             left = (time.perf_counter() - started) / (done - len(the_plan.stored)) * (total - done) / parallel
+            what = [str(run.spec["defense"]), str(run.spec["strength"] or ""), str(run.spec["setting"])]
             message = (
-                f"{run.spec['defense']} {run.spec['strength'] or ''} {run.spec['setting']} "
-                f"head={run.spec['head_layers']}: {status} in {outcome.seconds:.0f} s"
+                " ".join(w for w in what if w)
+                + f" head={run.spec['head_layers']} seed={run.spec['seed']}: {status} in {outcome.seconds:.0f} s"
                 + (f" ({outcome.run.get('error')})" if status != "done" else "")
                 + f"; about {left / 60:.1f} min left"
             )
