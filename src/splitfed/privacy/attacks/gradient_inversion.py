@@ -174,17 +174,27 @@ class InversionResult:
 
 
 class _Matcher:
-    """The gradient distance of a batch's inputs to the observed LoRA gradient."""
+    """The gradient distance of a batch's inputs to the observed LoRA gradient.
 
-    def __init__(self, model: nn.Module, observed: Mapping[str, torch.Tensor], alpha: float) -> None:
-        self.model, self.alpha = model, alpha
+    With ``scale_free``, a candidate's gradient is first rescaled to the observed one's total norm:
+    the distance of directions, for a gradient clipped by an unknown factor (``max_grad_norm``).
+    """
+
+    def __init__(
+        self, model: nn.Module, observed: Mapping[str, torch.Tensor], alpha: float, scale_free: bool = False
+    ) -> None:
+        self.model, self.alpha, self.scale_free = model, alpha, scale_free
         self.params = lora_parameters(model, list(observed))
         self.targets = [observed[n].float() for n in self.params]
         self.scales = [t.norm().clamp(min=1e-12) for t in self.targets]
+        self.total = torch.stack([t.norm() for t in self.targets]).norm().clamp(min=1e-12)
         self.embeddings = _embeddings(model)
 
     def distance(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         total = torch.zeros((), device=self.embeddings.device)
+        if self.scale_free:
+            norm = torch.stack([g.float().norm() for g in grads]).norm().clamp(min=1e-12)
+            grads = [g * (self.total / norm) for g in grads]
         for g, t, s in zip(grads, self.targets, self.scales, strict=True):
             diff = (g.float() - t) / s
             total = total + diff.pow(2).sum() + self.alpha * diff.abs().sum() / diff.numel() ** 0.5
@@ -227,6 +237,7 @@ def invert_lora_gradient(
     bag_threshold: float = 0.3,
     refine_passes: int = 2,
     seed: int = 0,
+    scale_free: bool = False,
 ) -> InversionResult:
     """Reconstruct the tokens whose causal-LM LoRA gradient is ``observed``.
 
@@ -256,10 +267,13 @@ def invert_lora_gradient(
     refine_passes : int, default 2
         Passes of greedy swaps and substitutions (0: none).
     seed : int, default 0
+    scale_free : bool, default False
+        Match directions only (each candidate gradient rescaled to the observed total norm): for
+        an update whose gradient was clipped (``max_grad_norm``) by a factor the attacker does not know.
     """
     if seq_len < 2:
         raise AttackError(f"a causal-LM gradient needs at least 2 tokens; got seq_len={seq_len}")
-    matcher = _Matcher(model, observed, alpha)
+    matcher = _Matcher(model, observed, alpha, scale_free)
     device = matcher.embeddings.device
     vocab = matcher.embeddings.shape[0]
     residuals = bag_of_words(model, observed)
