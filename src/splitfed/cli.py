@@ -854,6 +854,21 @@ def audit(
     membership_examples: Annotated[
         int, typer.Option(min=1, help="Members membership inference scores, and as many non-members.")
     ] = 100,
+    max_updates: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Client updates (secagg: round averages) gradient inversion attacks on a fedtrain --record "
+            "recording; each is a gradient-matching search.",
+        ),
+    ] = 2,
+    recording: Annotated[
+        Path | None,
+        typer.Option(
+            "--recording",
+            help="The run's recording, if not where results.json says (train/fedtrain --record DIR).",
+        ),
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the audit as JSON here.")
     ] = None,
@@ -862,8 +877,10 @@ def audit(
 
     On a split run's recording: inversion and label inference, as the model party. On the
     fine-tuned model: membership inference (loss threshold; reference models and LiRA with
-    --membership-references). On a federated run: membership inference, and why gradient
-    inversion of the clients' updates cannot run.
+    --membership-references). On a federated run recorded with fedtrain --record: gradient
+    inversion of up to --max-updates client updates from round 2 on (one SGD step of a causal LM:
+    local_steps 1, optimizer sgd, no DP, pruning or LoRA dropout), scored against the clients'
+    batches; under secagg, of the round's average. Where it cannot run, the audit says why.
     """
     import json
 
@@ -882,6 +899,8 @@ def audit(
             max_mp_drop=max_mp_drop,
             membership_references=membership_references,
             membership_examples=membership_examples,
+            max_updates=max_updates,
+            recording=recording,
             log=lambda s: console.print(s),
         )
     except _user_errors(AttackConfigError, AttackError, StoreError) as err:

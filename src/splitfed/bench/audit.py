@@ -9,10 +9,16 @@ party would:
 * ``membership`` on the fine-tuned model (a split run's party adapters, a federated run's global
   adapters) over the run's training examples against its held-out ones: the loss-threshold attack
   by default, reference-model calibration and offline LiRA with ``membership_references``;
-* ``gradient_inversion`` of a federated client's LoRA update, where the run kept the updates the
-  server saw. No run does yet: ``fedtrain`` stores no per-client update, and secure aggregation
-  shows the server none. The audit says so as a finding (``not applicable: ...``) with what a run
-  would have to keep, rather than leaving the attack out.
+* ``gradient_inversion`` of a federated client's LoRA update, on a ``fedtrain --record DIR``
+  recording (:mod:`splitfed.federated.recording`): each of a few client updates as the server
+  decoded it, at the global adapters its client started from, scored against the client's batch
+  in the recording's ``ground_truth/``. It applies where one update is one SGD step of a causal LM
+  (``federated.local_steps: 1``, ``train.optimizer: sgd``, no client-level DP, pruning or LoRA
+  dropout) from round 2 on (peft starts LoRA's B at zero, so round 1's lora_A gradients are zero).
+  Under ``secagg`` the server decodes only the round's average, which is attacked the same way and
+  scored against whichever client's batch it matches best; under ``ckks`` the server reads only
+  ciphertexts. Where the attack does not apply (or the run kept no recording) the finding says why
+  (``not applicable: ...``), and what a run would have to keep, rather than leaving the attack out.
 
 Each finding says whether its attack recovers more than chance (:data:`LEAK_MARGIN` above it; for
 an AUC also at least two standard deviations of a guess's AUC at the sample size). Given a
@@ -37,6 +43,22 @@ LEAK_MARGIN = 0.05
 MODEL_ATTACKS = ("membership", "gradient_inversion")
 #: Members (and as many non-members) the audit's membership attack scores by default.
 MEMBERSHIP_EXAMPLES = 100
+#: Client updates (secagg: round averages) the audit's gradient inversion attacks by default; each
+#: is a gradient-matching search of many double-backward passes through the model.
+INVERSION_UPDATES = 2
+#: What a ``gradient_inversion`` spec may set besides its name: how many updates, and the options
+#: of :func:`~splitfed.privacy.attacks.gradient_inversion.invert_lora_gradient`.
+INVERSION_OPTIONS = (
+    "max_updates",
+    "steps",
+    "lr",
+    "alpha",
+    "candidates",
+    "bag_threshold",
+    "refine_passes",
+    "seed",
+    "scale_free",
+)
 
 
 @dataclass
@@ -83,7 +105,8 @@ class Audit:
     ----------
     run_dir : Path
     recording : Path | None
-        The split run's recording (``None`` for a federated run, which records nothing).
+        The run's recording: a split run's crossings, a federated run's server view
+        (``fedtrain --record``); ``None`` for a federated run recorded without one.
     findings : list of Finding
     kind : str, default "split"
         ``split`` (``splitfed train``) or ``federated`` (``splitfed fedtrain``).
@@ -104,13 +127,15 @@ class Audit:
         }
 
 
-def _finished_run(run_dir: Path) -> tuple[RunConfig, Path | None]:
-    """The run's config and (split runs) its recording, from its results.json."""
+def _finished_run(run_dir: Path, recording: Path | None = None) -> tuple[RunConfig, Path | None]:
+    """The run's config and its recording (``recording``, else the one its results.json names)."""
     results = run_dir / "results.json"
     if not results.is_file():
         raise ConfigError(f"{run_dir} has no results.json: audit a finished run's output_dir")
     summary = json.loads(results.read_text())
     federated = (summary.get("config") or {}).get("federated") is not None
+    if recording is not None:
+        return parse_config(summary["config"]), Path(recording)
     recording = (summary.get("recording") or {}).get("directory")
     if not recording and not federated:
         raise ConfigError(
@@ -147,6 +172,8 @@ def audit_run(
     max_mp_drop: float = 0.05,
     membership_references: int = 0,
     membership_examples: int | None = MEMBERSHIP_EXAMPLES,
+    max_updates: int = INVERSION_UPDATES,
+    recording: str | Path | None = None,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> Audit:
@@ -175,6 +202,12 @@ def audit_run(
         0: the loss-threshold attack alone. A ``membership`` spec's ``references`` overrides it.
     membership_examples : int | None, default 100
         Members scored by membership inference, and as many non-members (``None``: all).
+    max_updates : int, default 2
+        Client updates (under secagg: round averages) gradient inversion attacks, from round 2 on;
+        a ``gradient_inversion`` spec's ``max_updates`` overrides it.
+    recording : str | Path | None
+        The run's recording, where it is not (or no longer) where ``results.json`` says: a split
+        run's ``--record`` directory, or a federated run's ``fedtrain --record`` directory.
     progress : bool, default False
     log : callable
         Progress lines (loading the run, training reference models).
@@ -185,7 +218,7 @@ def audit_run(
     from splitfed.protocol import KINDS
 
     run_dir = Path(run_dir)
-    cfg, recording = _finished_run(run_dir)
+    cfg, recording = _finished_run(run_dir, None if recording is None else Path(recording))
     federated = cfg.federated is not None
     asked = attacks is not None
     names = attacks if attacks is not None else [*(() if federated else sorted(ATTACKS)), *MODEL_ATTACKS]
@@ -208,7 +241,9 @@ def audit_run(
             )
             continue
         if name == "gradient_inversion":
-            found = _gradient_inversion(cfg, asked=asked)
+            found = _gradient_inversion(
+                cfg, asked=asked, recording=recording, spec=spec, max_updates=max_updates, log=log
+            )
             if found is not None:
                 findings.append(found)
             continue
@@ -219,14 +254,14 @@ def audit_run(
         reason = (
             "a federated run crosses no split, so nothing was recorded to attack "
             "(its attacks are membership and gradient_inversion)"
-            if recording is None
+            if federated or recording is None
             else why_not_applicable(spec, recording)
         )
         if reason is not None:
             if asked:  # asked for by name: say why it did not run
                 findings.append(Finding(name, crossing, None, None, None, None, f"not applicable: {reason}"))
             continue
-        assert recording is not None
+        assert recording is not None and not federated
         if context is None:
             context = attack_context(
                 cfg, auxiliary_texts(cfg, aux), max_examples=max_examples, progress=progress
@@ -330,13 +365,30 @@ def _membership(
     )
 
 
-def _gradient_inversion(cfg: RunConfig, *, asked: bool) -> Finding | None:
-    """Why gradient inversion of a client's LoRA update cannot run on this run, and what it would need.
+def _gradient_inversion(
+    cfg: RunConfig,
+    *,
+    asked: bool,
+    recording: Path | None = None,
+    spec: dict[str, Any] | None = None,
+    max_updates: int = INVERSION_UPDATES,
+    log: Callable[[str], None] = lambda s: None,
+) -> Finding | None:
+    """Gradient inversion of a federated client's LoRA update, on the run's recording where it applies.
 
-    ``None`` for a split run that exchanged no adapters in the clear, unless the attack was asked for.
+    On a ``fedtrain --record`` recording of a run whose update is one SGD step of a causal LM, the
+    attack runs (:func:`_invert_recorded`); otherwise the finding says why it cannot (``not
+    applicable: ...``) and what a run would have to keep. ``None`` for a split run that exchanged
+    no adapters in the clear, unless the attack was asked for.
     """
     crossing = "one client's LoRA update (to the server)"
     fed = cfg.federated
+    spec = dict(spec or {"name": "gradient_inversion"})
+    unknown = sorted(set(spec) - {"name", *INVERSION_OPTIONS})
+    if unknown:
+        raise ConfigError(
+            f"gradient_inversion takes {', '.join(INVERSION_OPTIONS)}; got {', '.join(unknown)}"
+        )
 
     def finding(verdict: str, detail: str) -> Finding:
         return Finding(
@@ -366,12 +418,17 @@ def _gradient_inversion(cfg: RunConfig, *, asked: bool) -> Finding | None:
             "a split run exchanges no federated client updates",
             "gradient_inversion attacks the updates a fedtrain server aggregates",
         )
-    if fed.aggregation in ("ckks", "secagg"):
+    if fed.aggregation == "ckks" or (fed.aggregation == "secagg" and recording is None):
         return finding(
             f"{fed.aggregation} aggregation shows the server no client's update",
             "secagg gives the server only the sum of the round's masked updates, ckks only ciphertexts; "
             "inverting a sum of clients' updates spans too many tokens to recover text "
-            "(splitfed.privacy.attacks.gradient_inversion)",
+            "(splitfed.privacy.attacks.gradient_inversion)"
+            + (
+                "; record the run (fedtrain --record DIR) to attack secagg's sum"
+                if fed.aggregation == "secagg"
+                else ""
+            ),
         )
     unlike = []
     if cfg.task != "causal_lm":
@@ -389,16 +446,234 @@ def _gradient_inversion(cfg: RunConfig, *, asked: bool) -> Finding | None:
         unlike.append("client-level DP clips each update and noises the sum")
     if fed.pruning is not None:
         unlike.append("pruning zeroes part of each update")
-    return finding(
-        "fedtrain records no client updates",
-        f"the server of this run saw every sampled client's update in the clear ({fed.aggregation} "
-        "aggregation), so gradient inversion would apply, but fedtrain keeps only per-round losses and "
-        "bytes (results.json) and the final global adapters (global/adapter.safetensors). An audit "
-        "needs, per round: the global adapters the clients started from, each client's update as the "
-        "server decoded it, the clients' learning rate, and, apart as ground truth, each client's batch "
-        "tokens"
-        + (f". This run also differs from what the attack inverts: {'; '.join(unlike)}" if unlike else ""),
+    if fed.finetune.dropout > 0:
+        unlike.append(
+            f"its LoRA dropout is {fed.finetune.dropout:g}: the attack models a client without dropout"
+        )
+    if recording is None:
+        return finding(
+            "fedtrain records no client updates",
+            f"the server of this run saw every sampled client's update in the clear ({fed.aggregation} "
+            "aggregation), so gradient inversion would apply, but this run was not recorded: fedtrain "
+            "keeps only per-round losses and bytes (results.json) and the final global adapters "
+            "(global/adapter.safetensors). An audit needs, per round: the global adapters the clients "
+            "started from, each client's update as the server decoded it, the clients' learning rate, "
+            "and, apart as ground truth, each client's batch tokens; `splitfed fedtrain CONFIG --record "
+            "DIR` keeps them"
+            + (
+                f". This run also differs from what the attack inverts: {'; '.join(unlike)}" if unlike else ""
+            ),
+        )
+    if unlike:
+        return finding(
+            "; ".join(unlike),
+            f"the recording {recording} keeps the server's view, but the attack inverts one SGD step of a "
+            "causal LM's LoRA adapters (federated.local_steps 1, train.optimizer sgd, no client-level DP, "
+            "pruning or LoRA dropout)",
+        )
+    options = {k: v for k, v in spec.items() if k not in ("name", "max_updates")}
+    return _invert_recorded(
+        cfg, recording, limit=int(spec.get("max_updates", max_updates)), options=options, log=log
     )
+
+
+def _invert_recorded(
+    cfg: RunConfig, path: Path, *, limit: int, options: dict[str, Any], log: Callable[[str], None]
+) -> Finding:
+    """Invert up to ``limit`` recorded client updates (secagg: round averages) from round 2 on.
+
+    Each is turned into the client's gradient (``-update / lr``, less weight decay's share) at the
+    global adapters of its round, inverted by
+    :func:`~splitfed.privacy.attacks.gradient_inversion.run_gradient_inversion` and scored against
+    the first (only) local step's tokens in the recording's ground truth; the finding averages
+    token F1, bag-of-words F1 and chance (the token F1 of uniform guessing) over them.
+    """
+    import torch
+
+    from splitfed.federated.recording import (
+        AGGREGATE,
+        FederatedGroundTruth,
+        FederatedRecording,
+    )
+    from splitfed.federated.simulation import whole_model
+    from splitfed.models.partition import apply_finetune
+    from splitfed.privacy.attacks.gradient_inversion import gradient_from_update, run_gradient_inversion
+    from splitfed.privacy.recording import RecordingError
+    from splitfed.run import load_run_model
+
+    assert cfg.federated is not None
+    if limit < 1:
+        raise ConfigError(f"gradient_inversion max_updates must be >= 1, got {limit}")
+    rec = FederatedRecording(path)
+    truth = FederatedGroundTruth(path / str(rec.manifest.get("ground_truth", "ground_truth")))
+    blind = rec.view == AGGREGATE
+    crossing = (
+        f"the round's average of the clients' updates ({cfg.federated.aggregation}: all the server decodes)"
+        if blind
+        else "one client's LoRA update (to the server)"
+    )
+    rounds = sorted(r for r in rec.rounds if r >= 2)
+    if not rounds:
+        return Finding(
+            "gradient_inversion",
+            crossing,
+            None,
+            None,
+            None,
+            None,
+            "not applicable: the recording holds no round after the first",
+            detail=f"{path} holds rounds {sorted(rec.rounds)}; in round 1 the global LoRA B matrices are "
+            "zero (peft's initialisation), so every lora_A gradient is zero and the update gives no bag of "
+            "words to search from; record at least 2 rounds",
+        )
+    targets = [(r, c) for r in rounds for c in ([None] if blind else rec.clients(r))]
+    tokenizer, model = load_run_model(cfg, cfg.head, None)
+    segment = whole_model(model, cfg.head)
+    apply_finetune(segment, cfg.federated.finetune.spec())
+    params = segment.named_model_parameters(trainable_only=True)
+    model.eval()
+    vocab = int(getattr(model, "get_input_embeddings")().weight.shape[0])  # noqa: B009 (nn.Module's loose typing)
+    results: list[tuple[str, int, Any]] = []
+    skipped: list[str] = []
+    clipped = looked = 0
+    for round_id, client in targets:
+        if len(results) == limit:
+            break
+        looked += 1
+        fit = rec.fit(round_id)
+        kept = rec.clients(round_id) if not blind else list(rec.rounds[round_id].get("clients", []))
+        batches = [(c, truth.steps(round_id, c)[0]) for c in ([client] if client else kept)]
+        usable = [(c, b) for c, b in batches if _whole_sequences(b)]
+        label = f"round {round_id}" + (f" {client}" if client else "")
+        if len(usable) < len(batches):
+            skipped.append(
+                f"{label}: {'its' if client else 'some clients'} batch is padded or has non-target tokens "
+                "(the attack inverts unpadded sequences, every token a target)"
+            )
+        if not usable:
+            continue
+        shape = usable[0][1]["input_ids"].shape
+        truths = [b["input_ids"] for _, b in usable if b["input_ids"].shape == shape]
+        start = rec.global_adapters(round_id)
+        if set(start) != set(params):
+            raise RecordingError(
+                f"{path / rec.rounds[round_id]['global']} holds other adapters than this model and "
+                f"federated.finetune make (e.g. {sorted(set(start) ^ set(params))[:3]})"
+            )
+        with torch.no_grad():
+            for name, tensor in start.items():
+                params[name].copy_(tensor)
+        delta = rec.average(round_id) if blind else rec.update(round_id, client)  # type: ignore[arg-type]
+        observed = gradient_from_update(delta, float(fit["lr"]))
+        if fit.get("weight_decay"):
+            # SGD's step is -lr * (grad + weight_decay * w) at the global adapters w: take the decay out
+            observed = {n: g - float(fit["weight_decay"]) * start[n].float() for n, g in observed.items()}
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in observed.values()))
+        scale_free = bool(fit.get("max_grad_norm")) and norm >= float(fit["max_grad_norm"]) * (1 - 1e-3)
+        clipped += scale_free
+        log(
+            f"gradient inversion of {label} ({'average of ' + str(len(kept)) + ' clients' if blind else 'update'})"
+        )
+        result = run_gradient_inversion(
+            model,
+            observed,
+            truths[0] if len(truths) == 1 else truths,
+            tokenizer=tokenizer,
+            **({"scale_free": True} if scale_free else {}) | options,
+        )
+        if len(truths) > 1:  # scored in the attacker's favour, so is chance
+            result.chance = _best_match_chance(truths, vocab)
+        results.append((label, len(truths), result))
+    if not results:
+        return Finding(
+            "gradient_inversion",
+            crossing,
+            None,
+            None,
+            None,
+            None,
+            "not applicable: no recorded batch is a set of whole unpadded sequences",
+            detail="; ".join(skipped),
+        )
+    mean = lambda key: sum(r.metrics[key] for _, _, r in results) / len(results)  # noqa: E731
+    score, chance = mean("token_f1"), sum(r.chance or 0.0 for _, _, r in results) / len(results)
+    metrics = {
+        k: mean(k) for k in ("token_f1", "token_precision", "token_recall", "token_accuracy", "bag_f1")
+    } | {"updates": float(len(results))}
+    per = ", ".join(
+        f"{label} {r.metrics['token_f1']:.2f} (bag {r.metrics['bag_f1']:.2f})" for label, _, r in results
+    )
+    seq = int(results[0][2].params.get("seq_len", 0))
+    if blind:
+        what = (
+            f"{len(results)} round average(s) of the clients' updates, all the {cfg.federated.aggregation} "
+            "server decodes, each inverted as if one client's and scored against whichever client's batch "
+            f"it matches best, in the attacker's favour (of {', '.join(str(n) for _, n, _ in results)} "
+            "clients)"
+        )
+    else:
+        what = f"{len(results)} client update(s), each as the server decoded it from its upload"
+    detail = (
+        f"{what}, at the global adapters its round started from (gradient = -update / lr"
+        + (" - weight_decay * adapters" if any(rec.fit(r).get("weight_decay") for r in rounds) else "")
+        + f"); token F1 (bag-of-words F1): {per}; chance is uniform guessing's token F1 "
+        f"({seq} tokens of a {vocab}-token vocabulary"
+        + (", scored against the best-matching client as the attack is)" if blind else ")")
+        + (
+            f"; {clipped} update(s) were clipped to train.max_grad_norm (their gradient's scale is lost), "
+            "so their gradients were matched in direction only (scale_free)"
+            if clipped
+            else ""
+        )
+        + ("; skipped: " + "; ".join(skipped) if skipped else "")
+        + (
+            f"; {len(targets) - looked} more recorded update(s) not attacked (--max-updates)"
+            if len(targets) > looked
+            else ""
+        )
+    )
+    examples = [
+        {"original": f"[{label}] {e.original}", "reconstructed": e.reconstructed}
+        for label, _, r in results
+        for e in r.examples[:1]
+    ]
+    return Finding(
+        "gradient_inversion",
+        crossing,
+        "token_f1",
+        score,
+        None,
+        chance,
+        _verdict(score, chance),
+        examples,
+        metrics=metrics,
+        detail=detail,
+    )
+
+
+def _best_match_chance(truths: Sequence[Any], vocab: int, *, draws: int = 200, seed: int = 0) -> float:
+    """The mean token F1 of uniform random tokens scored against whichever of ``truths`` they match
+    best: chance for a reconstruction scored that way (one truth: about ``seq / vocab``)."""
+    import torch
+
+    from splitfed.privacy.attacks.metrics import token_scores
+
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        guess = torch.randint(0, vocab, tuple(truths[0].shape), generator=generator)
+        total += max(token_scores([guess], [t], [torch.ones_like(t)])["token_f1"] for t in truths)
+    return total / draws
+
+
+def _whole_sequences(batch: dict[str, Any]) -> bool:
+    """Whether a recorded batch is what the attack inverts: no padding, every token a target."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if mask is not None and not bool((mask != 0).all()):
+        return False
+    return labels is None or bool((labels == ids).all())
 
 
 def _suggestions(store: str | Path, max_mp_drop: float) -> dict[str, str]:
