@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from splitfed.atomic import replace_json
 from splitfed.protocol import KINDS, finishes_step, in_step
 from splitfed.protocol import phase_of as protocol_phase_of
 from splitfed.transport.channel import Direction, Message, MetaValue
@@ -333,9 +334,7 @@ class _ShardWriter:
             "shards": self.shards,
             "records": self.records,
         }
-        tmp = self.directory / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, self.directory / MANIFEST)
+        replace_json(self.directory / MANIFEST, manifest)
 
     def close(self) -> None:
         """Write what is buffered and mark the recording complete (idempotent)."""

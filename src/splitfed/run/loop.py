@@ -7,8 +7,6 @@ drives the steps and reports.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -27,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from splitfed.atomic import replace_json
 from splitfed.models.partition import Segment
 from splitfed.run.callbacks import Callback, LoopState, default_callbacks, next_sync
 from splitfed.run.checkpoints import CHECKPOINT, load_checkpoint, save_adapters
@@ -225,9 +224,7 @@ def train_loop(
 
 def write_results(out: Path, summary: dict[str, Any]) -> None:
     """Write ``out/results.json`` atomically (a reader never sees half of it)."""
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "results.json")
+    replace_json(out / "results.json", summary, indent=2)
 
 
 def compute_share(work: Workload, segments: dict[str, Segment]) -> dict[str, Any] | None:
