@@ -221,11 +221,14 @@ def tiny_tokenizer():
     )
 
 
-def save_tiny_pretrained(directory, family: str = "llama") -> str:
-    """Save a tiny random causal LM of ``family`` with :func:`tiny_tokenizer` as a local model dir."""
+def save_tiny_pretrained(directory, family: str = "llama", **overrides: Any) -> str:
+    """Save a tiny random causal LM of ``family`` with :func:`tiny_tokenizer` as a local model dir
+    (``overrides`` set its config's attributes, e.g. ``attention_dropout=0.1``)."""
     torch.manual_seed(0)
     config = tiny_config(family)
     config.vocab_size = VOCAB
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
@@ -257,6 +260,52 @@ def write_binary_csv(path, n: int = 160, positive: float = 0.25) -> None:
         label = int(rng.random() < positive)
         lines.append(" ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(3, 8))) + f",t{label}")
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_sentence_csv(path, n: int, words: tuple[int, int] = (5, 5), seed: int = 0) -> None:
+    """A one-column CSV (column sentence) of ``n`` sentences of :data:`WORDS`, each of
+    ``words[0]`` to ``words[1]`` words: a causal LM's training text."""
+    import random
+
+    rng = random.Random(seed)
+    low, high = words
+    lines = ["sentence"]
+    for _ in range(n):
+        length = low if low == high else rng.randint(low, high)
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(length)))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def sentence_root(root, n: int, words: tuple[int, int] = (5, 5), **model: Any):
+    """``root`` with a tiny causal LM (``model``: its config overrides) in ``root/model`` and
+    :func:`write_sentence_csv`'s ``n`` sentences in ``root/data.csv``; returns ``root``."""
+    save_tiny_pretrained(root / "model", **model)
+    write_sentence_csv(root / "data.csv", n, words)
+    return root
+
+
+#: Train settings under which each federated client's update is one plain SGD step (-lr * gradient).
+SGD_STEP = {"optimizer": "sgd", "max_grad_norm": None}
+
+
+def causal_lm_config(
+    root, out: str, *, max_train: int, max_eval: int, train: dict, federated: dict | None = None
+) -> dict:
+    """A raw causal LM run config over :func:`sentence_root`'s model and sentences, without
+    evaluation before training or generation (``train`` and ``federated`` fill their sections)."""
+    return run_config(
+        root,
+        out,
+        task="causal_lm",
+        data={
+            "task": "causal_lm",
+            "columns": {"text": "sentence"},
+            "max_train": max_train,
+            "max_eval": max_eval,
+        },
+        train={"eval_before": False, "eval_max_new_tokens": 0, **train},
+        **({} if federated is None else {"federated": federated}),
+    )
 
 
 def run_config(root, out: str, **sections) -> dict:

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import json
-import random
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+import splitfed.federated.recording as recording_module
 import splitfed.federated.simulation as simulation
 from splitfed.cli import app
 from splitfed.config import parse_config
-from splitfed.federated.recording import FederatedGroundTruth, FederatedRecording
+from splitfed.federated.recording import (
+    FederatedGroundTruth,
+    FederatedRecording,
+    check_new_federated_recording,
+)
 from splitfed.federated.simulation import fedtrain, whole_model
 from splitfed.models.partition import FinetuneSpec, apply_finetune
 from splitfed.privacy.attacks.gradient_inversion import client_gradient, lora_parameters
 from splitfed.privacy.recording import RecordingError
-from tiny import WORDS, run_config, save_tiny_pretrained
+from tiny import SGD_STEP, causal_lm_config, sentence_root
 
 LR = 0.5
 #: One SGD step of a causal LM per client: each update is -lr * the gradient of its batch.
@@ -35,30 +41,12 @@ FED = {
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fedrecord")
-    save_tiny_pretrained(root / "model")
-    rng = random.Random(0)
-    lines = ["sentence"] + [" ".join(rng.choice(WORDS) for _ in range(5)) for _ in range(24)]
-    (root / "data.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return sentence_root(tmp_path_factory.mktemp("fedrecord"), 24)
 
 
 def _raw(root: Path, out: str, **fed: object) -> dict:
-    return run_config(
-        root,
-        out,
-        task="causal_lm",
-        data={"task": "causal_lm", "columns": {"text": "sentence"}, "max_train": 12, "max_eval": 4},
-        train={
-            "lr": LR,
-            "batch_size": 2,
-            "optimizer": "sgd",
-            "max_grad_norm": None,
-            "eval_before": False,
-            "eval_max_new_tokens": 0,
-        },
-        federated=FED | fed,
-    )
+    train = {"lr": LR, "batch_size": 2, **SGD_STEP}
+    return causal_lm_config(root, out, max_train=12, max_eval=4, train=train, federated=FED | fed)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,9 @@ def test_the_recording_holds_each_round_s_global_adapters_updates_and_average(
     root: Path, recorded: Path
 ) -> None:
     summary = json.loads((root / "plain" / "results.json").read_text())
-    assert summary["recording"]["directory"] == str(recorded) and summary["recording"]["updates"] == 6
+    assert (
+        summary["recording"]["directory"] == str(recorded.resolve()) and summary["recording"]["updates"] == 6
+    )
     rec = FederatedRecording(recorded)
     assert rec.complete and rec.view == "client_updates" and sorted(rec.rounds) == [1, 2]
     assert rec.settings["aggregation"] == "plain" and rec.settings["finetune"]["r"] == 4
@@ -214,3 +204,173 @@ def test_an_interrupted_run_leaves_its_finished_rounds_and_no_half_round(
         "round-0001",
     ]
     assert sorted(FederatedGroundTruth(tmp_path / "rec" / "ground_truth").rounds) == [1]
+
+
+def _tamper(recording: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
+    path = recording / name
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_manifest_cannot_name_a_file_outside_the_recording(recorded: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    shutil.copy(recorded / "round-0001" / "global.safetensors", secret / "x.safetensors")
+    copy = tmp_path / "rec"
+    shutil.copytree(recorded, copy)
+    # a traversal, and an absolute path, to a readable safetensors file outside the recording
+    _tamper(copy, "manifest.json", lambda m: m["rounds"][0].update({"global": "../secret/x.safetensors"}))
+    with pytest.raises(
+        RecordingError, match=r"manifest\.json .*rounds\[0\] \(round 1\) global .*\.\./secret"
+    ):
+        FederatedRecording(copy)
+    absolute = str(secret / "x.safetensors")
+    _tamper(
+        copy,
+        "manifest.json",
+        lambda m: (
+            m["rounds"][0].update({"global": "round-0001/global.safetensors"})
+            or m["rounds"][1]["updates"]["client-0"].update({"file": absolute})
+        ),
+    )
+    with pytest.raises(RecordingError, match=r"round 2\) update of 'client-0' file names '/"):
+        FederatedRecording(copy)
+    _tamper(
+        copy,
+        "manifest.json",
+        lambda m: m["rounds"][1]["updates"]["client-0"].update(
+            {"file": "round-0002/update-client-0.safetensors"}
+        ),
+    )
+    rec = FederatedRecording(copy)  # restored: readable again
+    _tamper(copy, "manifest.json", lambda m: m.update({"ground_truth": str(secret)}))
+    with pytest.raises(RecordingError, match=r"manifest\.json .*its ground_truth names '/"):
+        FederatedRecording(copy)
+    _tamper(
+        copy,
+        "ground_truth/manifest.json",
+        lambda m: m["rounds"][1]["clients"]["client-1"].update(
+            {"file": "round-0002/../../../secret/x.safetensors"}
+        ),
+    )
+    with pytest.raises(
+        RecordingError, match=r"ground_truth/manifest\.json .*round 2\) client 'client-1' file"
+    ):
+        FederatedGroundTruth(copy / "ground_truth")
+    # a round directory that links outside the recording is refused as its files load
+    shutil.rmtree(copy / "round-0002")
+    shutil.copytree(recorded / "round-0002", secret / "round-0002")
+    (copy / "round-0002").symlink_to(secret / "round-0002")
+    with pytest.raises(RecordingError, match="leads outside"):
+        rec.average(2)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "change", "message"),
+    [
+        ("manifest.json", lambda m: m["rounds"][1].pop("round"), r"rounds\[1\] has no 'round'"),
+        ("manifest.json", lambda m: m["rounds"][1].pop("global"), r"rounds\[1\] \(round 2\) has no 'global'"),
+        ("manifest.json", lambda m: m.pop("view"), r"the manifest has no 'view'"),
+        (
+            "manifest.json",
+            lambda m: m["rounds"][0].update({"round": "1"}),
+            r"'round' is '1' \(str\), not int",
+        ),
+        ("manifest.json", lambda m: m["rounds"].append(7), r"rounds\[2\] is int, not an object"),
+        (
+            "manifest.json",
+            lambda m: m["rounds"][1]["updates"]["client-2"].pop("weight"),
+            r"update of 'client-2' has no 'weight'",
+        ),
+        (
+            "ground_truth/manifest.json",
+            lambda m: m["rounds"][0]["clients"]["client-0"].pop("file"),
+            r"round 1\) client 'client-0' has no 'file'",
+        ),
+        (
+            "ground_truth/manifest.json",
+            lambda m: m["rounds"][0]["clients"]["client-0"].update({"steps": "1"}),
+            r"'steps' is '1' \(str\), not int",
+        ),
+    ],
+)
+def test_a_structurally_damaged_manifest_is_refused_naming_what_is_missing(
+    recorded: Path,
+    tmp_path: Path,
+    manifest: str,
+    change,
+    message: str,  # type: ignore[no-untyped-def]
+) -> None:
+    copy = tmp_path / "rec"
+    shutil.copytree(recorded, copy)
+    _tamper(copy, manifest, change)
+    path = copy / manifest
+    with pytest.raises(RecordingError, match=rf"{re.escape(str(path))} is damaged: .*{message}"):
+        FederatedRecording(copy)
+        FederatedGroundTruth(copy / "ground_truth")
+
+
+def test_a_recording_that_holds_the_output_dir_is_refused_before_anything_loads(
+    root: Path, tmp_path: Path
+) -> None:
+    cfg = parse_config(_raw(root, str(tmp_path / "rec" / "run")))
+    with pytest.raises(RecordingError, match="holds the run's output_dir"):
+        fedtrain(cfg, progress=False, log=lambda s: None, record=tmp_path / "rec")
+    assert not (tmp_path / "rec").exists()
+    cfg = parse_config(_raw(root, str(tmp_path / "out")))
+    for inside in ("global", "checkpoint/x"):  # what the run writes itself
+        with pytest.raises(RecordingError, match="which the run writes itself"):
+            fedtrain(cfg, progress=False, log=lambda s: None, record=tmp_path / "out" / inside)
+    assert not (tmp_path / "out").exists()
+    check_new_federated_recording(tmp_path / "out" / "recording", output_dir=tmp_path / "out")  # apart: fine
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("where", "aborted"),
+    [("server", True), ("truth", True), ("server", False)],
+    ids=["server", "truth", "killed"],
+)
+def test_an_interrupted_commit_leaves_no_temporary_or_unlisted_round(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, aborted: bool
+) -> None:
+    """Round 2 interrupted as it commits one side's files; ``killed``: the process died as the
+    server's round was renamed into place, so nothing ran after (no abort)."""
+    original = recording_module._RoundFiles.commit
+    rec = tmp_path / "rec"
+    side = rec if where == "server" else rec / "ground_truth"
+
+    def commit(self) -> None:  # type: ignore[no-untyped-def]
+        if self.name == "round-0002" and self.final.parent == side:
+            raise _Crash
+        original(self)
+
+    monkeypatch.setattr(recording_module._RoundFiles, "commit", commit)
+    if not aborted:
+        monkeypatch.setattr(recording_module.FederatedRecorder, "abort", lambda self: None)
+    with pytest.raises(_Crash):
+        fedtrain(parse_config(_raw(root, f"crash-{where}")), progress=False, log=lambda s: None, record=rec)
+    assert (
+        sorted(FederatedRecording(rec).rounds)
+        == [1]
+        == sorted(FederatedGroundTruth(rec / "ground_truth").rounds)
+    )
+    truth = sorted(p.name for p in (rec / "ground_truth").iterdir())
+    assert not [name for name in truth if name.endswith(".tmp")]  # the truth is committed first
+    if aborted:  # abort removes what the manifests do not name
+        assert sorted(p.name for p in rec.iterdir()) == ["ground_truth", "manifest.json", "round-0001"]
+        assert truth == ["manifest.json", "round-0001"]
+
+
+def test_recording_changes_nothing_in_the_run(root: Path, recorded: Path) -> None:
+    unrecorded = fedtrain(parse_config(_raw(root, "unrecorded")), progress=False, log=lambda s: None)
+    recorded_run = json.loads((root / "plain" / "results.json").read_text())
+    assert [h["train_loss"] for h in unrecorded.history] == [h["train_loss"] for h in recorded_run["history"]]
+    a = load_file(str(unrecorded.output_dir / "global" / "adapter.safetensors"))
+    b = load_file(str(root / "plain" / "global" / "adapter.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert unrecorded.summary["metrics_after"] == recorded_run["metrics_after"]

@@ -29,8 +29,12 @@ client's loss where it collates a batch, so no aggregator or training code knows
 Only safetensors and JSON are written, never pickles. A round is built in a hidden temporary
 directory and renamed into place before the manifest (itself replaced atomically) names it, so an
 interrupted run leaves the complete rounds before it and no half-written file; the manifests say
-``"complete": false`` until the run ends. :class:`FederatedRecording` reads the server's view and
-:class:`FederatedGroundTruth` the clients' batches, each refusing a missing or damaged file by name.
+``"complete": false`` until the run ends (the ground truth's round is renamed first, and an
+interrupted round's directories are removed). :class:`FederatedRecording` reads the server's view and
+:class:`FederatedGroundTruth` the clients' batches, each refusing by name a missing or damaged file, a
+manifest entry missing or of the wrong type, and any file name other than the recorder's own
+``round-NNNN/<name>.safetensors`` inside the recording (:func:`recorded_path`), so a manifest cannot
+make them read a file elsewhere.
 """
 
 from __future__ import annotations
@@ -38,18 +42,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from splitfed.atomic import replace_json
 from splitfed.federated.aggregators import Aggregator, Payload, PlainAggregator, SharedMask
 from splitfed.federated.strategies.base import FitConfig
 from splitfed.privacy.recording import GROUND_TRUTH, MANIFEST, RecordingError, check_new_recording
+
+if TYPE_CHECKING:
+    from splitfed.config import RunConfig
 
 FORMAT = "splitfed-federated-recording"
 TRUTH_FORMAT = "splitfed-federated-ground-truth"
@@ -59,6 +68,25 @@ CLIENT_UPDATES = "client_updates"
 AGGREGATE = "aggregate"
 #: The batch tensors of one local step kept as ground truth (``step<k>.<name>``).
 TRUTH_TENSORS = ("input_ids", "attention_mask", "labels")
+#: The only file names a manifest may give: what the recorder writes, ``round-NNNN/<name>.safetensors``
+#: (a name of letters, digits, ``.``, ``_`` and ``-``, no directory), so none can point elsewhere.
+RECORDED_FILE = re.compile(r"round-\d{4,}/[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")
+#: The settings :func:`config_settings` derives from a run's configuration, which a recording
+#: must share with the run it is audited for.
+CHECKED_SETTINGS = (
+    "task",
+    "model",
+    "max_length",
+    "clients",
+    "clients_per_round",
+    "aggregation",
+    "finetune",
+    "local_steps",
+    "local_epochs",
+    "dp",
+    "pruning",
+    "seed",
+)
 
 _VIEW_NOTES = {
     "plain": "the server sees every client's update in the clear: update-<client>.safetensors is each "
@@ -71,18 +99,37 @@ _VIEW_NOTES = {
 }
 
 
+#: What fedtrain writes into its output_dir, where a recording would mix with the run's own files.
+RUN_OUTPUTS = ("results.json", "global", "checkpoint")
+
+
 def check_new_federated_recording(directory: str | Path, *, output_dir: str | Path | None = None) -> None:
     """Raise :class:`~splitfed.privacy.recording.RecordingError` unless ``directory`` can take a new
-    federated recording: it must not exist or be an empty directory, and not be ``output_dir``.
+    federated recording: it must not exist or be an empty directory, and be apart from
+    ``output_dir``: not the same directory, not holding it, and not one of the run's own outputs
+    in it (:data:`RUN_OUTPUTS`; a recording elsewhere inside output_dir is fine).
 
     Lets ``fedtrain --record`` fail before it loads a model rather than after.
     """
     directory = Path(directory)
     check_new_recording(directory)
-    if output_dir is not None and directory.resolve() == Path(output_dir).resolve():
-        raise RecordingError(
-            f"--record {directory} is the run's output_dir; record into a directory of its own"
-        )
+    if output_dir is not None:
+        record, out = directory.resolve(), Path(output_dir).resolve()
+        if record == out:
+            raise RecordingError(
+                f"--record {directory} is the run's output_dir; record into a directory of its own"
+            )
+        if out.is_relative_to(record):
+            raise RecordingError(
+                f"--record {directory} holds the run's output_dir {output_dir}: the run would write into "
+                "the recording; record into a directory outside output_dir's path (e.g. a sibling of it)"
+            )
+        if record.is_relative_to(out) and record.relative_to(out).parts[0] in RUN_OUTPUTS:
+            raise RecordingError(
+                f"--record {directory} is inside {out / record.relative_to(out).parts[0]}, which the run "
+                f"writes itself ({', '.join(RUN_OUTPUTS)} in output_dir); record elsewhere, e.g. "
+                f"{out / 'recording'}"
+            )
     if directory.is_dir():
         entries = sorted(p.name for p in directory.iterdir())
         if entries:
@@ -92,10 +139,25 @@ def check_new_federated_recording(directory: str | Path, *, output_dir: str | Pa
             )
 
 
-def _replace_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def config_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The recording settings (:data:`CHECKED_SETTINGS`) that follow from a federated run's config."""
+    fed = cfg.federated
+    if fed is None:
+        raise RecordingError("a split run's configuration has no federated recording settings")
+    return {
+        "task": cfg.task,
+        "model": cfg.model.name,
+        "max_length": cfg.data.max_length,
+        "clients": fed.clients,
+        "clients_per_round": fed.clients_per_round,
+        "aggregation": fed.aggregation,
+        "finetune": fed.finetune.model_dump(mode="json"),
+        "local_steps": fed.local_steps,
+        "local_epochs": fed.local_epochs,
+        "dp": fed.dp.model_dump(mode="json") if fed.dp is not None else None,
+        "pruning": fed.pruning.model_dump(mode="json") if fed.pruning is not None else None,
+        "seed": cfg.train.seed,
+    }
 
 
 def _save(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
@@ -191,8 +253,8 @@ class FederatedRecorder:
         self._write_manifests()
 
     def _write_manifests(self) -> None:
-        _replace_json(self.directory / MANIFEST, self.manifest)
-        _replace_json(self.truth_directory / MANIFEST, self.truth)
+        replace_json(self.directory / MANIFEST, self.manifest, indent=1)
+        replace_json(self.truth_directory / MANIFEST, self.truth, indent=1)
 
     def start_round(
         self,
@@ -206,8 +268,8 @@ class FederatedRecorder:
         """Begin ``round_id``: the global adapters its ``sampled`` clients start from, and their ``fit``."""
         if self._round is not None:
             raise RecordingError(f"round {round_id} started before round {self._round['round']} ended")
-        self._files = _RoundFiles(self.directory, round_id)
         self._truth_files = _RoundFiles(self.truth_directory, round_id)
+        self._files = _RoundFiles(self.directory, round_id)
         self._batches = {}
         self._round = {
             "round": round_id,
@@ -266,8 +328,10 @@ class FederatedRecorder:
                 "steps": len(steps),
                 "examples": [ids for ids, _ in steps],
             }
-        files.commit()
+        # The clients' batches first: an interruption between the two leaves a round of ground truth
+        # that no manifest names (abort removes it), never a server round without its truth.
         self._truth_files.commit()
+        files.commit()
         self.stored_bytes += files.bytes
         self.updates += len(entry["updates"])
         self.manifest["rounds"].append(entry)
@@ -276,11 +340,19 @@ class FederatedRecorder:
         self._round, self._files, self._truth_files, self._batches = None, None, None, {}
 
     def abort(self) -> None:
-        """Discard the unfinished round of an interrupted run; the manifests keep ``complete: false``
-        and the rounds finished before."""
+        """Discard the unfinished round of an interrupted run: its temporary directories and any of
+        its directories already renamed into place before the manifests named them, as well as a
+        temporary round an earlier interruption left. The manifests keep ``complete: false`` and
+        the rounds finished before."""
+        listed = {r["round"] for r in self.manifest["rounds"]}
         for files in (self._files, self._truth_files):
             if files is not None:
                 shutil.rmtree(files.tmp, ignore_errors=True)
+                if self._round is not None and self._round["round"] not in listed:
+                    shutil.rmtree(files.final, ignore_errors=True)
+        for parent in (self.directory, self.truth_directory):
+            for leftover in parent.glob(".round-*.tmp"):
+                shutil.rmtree(leftover, ignore_errors=True)
         self._round, self._files, self._truth_files, self._batches = None, None, None, {}
 
     def close(self) -> None:
@@ -292,20 +364,102 @@ class FederatedRecorder:
     def summary(self) -> dict[str, Any]:
         """Where the recording is and what it holds (results.json's ``recording``)."""
         return {
-            "directory": str(self.directory),
+            "directory": str(self.directory.resolve()),
             "kind": "federated",
             "view": self.view,
             "rounds": len(self.manifest["rounds"]),
             "updates": self.updates,
             "stored_bytes": self.stored_bytes,
-            "ground_truth": str(self.truth_directory),
+            "ground_truth": str(self.truth_directory.resolve()),
         }
 
 
 # ---------------------------------------------------------------------- reading
 
 
-def _read_manifest(path: Path, expected: str) -> dict[str, Any]:
+def recorded_path(directory: Path, relative: object, *, manifest: Path, entry: str) -> Path:
+    """``directory / relative`` for a file a manifest names, refused unless the recorder could have
+    written it: ``round-NNNN/<name>.safetensors`` (:data:`RECORDED_FILE`) that, links followed,
+    stays inside ``directory``. ``entry`` says which of the manifest's entries named it."""
+    if not isinstance(relative, str) or not RECORDED_FILE.fullmatch(relative):
+        raise RecordingError(
+            f"{manifest} is damaged or was tampered with: its {entry} names {relative!r}, not a file "
+            "the recorder writes (round-NNNN/<name>.safetensors inside the recording); nothing outside "
+            "the recording is read. Use the recording as fedtrain --record wrote it"
+        )
+    path = directory / relative
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise RecordingError(
+            f"{manifest} is damaged or was tampered with: its {entry} {relative!r} leads outside "
+            f"{directory} (to {path.resolve()}, through a link); nothing outside the recording is read"
+        )
+    return path
+
+
+def _damaged(path: Path, what: str) -> RecordingError:
+    return RecordingError(
+        f"{path} is damaged: {what}; it is not as fedtrain --record writes it (record the run again)"
+    )
+
+
+def _field(path: Path, where: str, entry: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """``entry[key]``, refused by name unless it is there and of ``kind`` (a bool is no number)."""
+    if key not in entry:
+        raise _damaged(path, f"{where} has no {key!r}")
+    value = entry[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise _damaged(path, f"{where}'s {key!r} is {value!r:.80} ({type(value).__name__}), not {names}")
+    return value
+
+
+def _check_rounds(path: Path, manifest: dict[str, Any], *, truth: bool) -> dict[int, dict[str, Any]]:
+    """The manifest's rounds by number, each entry's keys and types checked and each file it names
+    checked by :func:`recorded_path`."""
+    rounds: dict[int, dict[str, Any]] = {}
+    for i, entry in enumerate(manifest["rounds"]):
+        where = f"rounds[{i}]"
+        if not isinstance(entry, dict):
+            raise _damaged(path, f"{where} is {type(entry).__name__}, not an object")
+        round_id = _field(path, where, entry, "round", int)
+        where = f"rounds[{i}] (round {round_id})"
+        if round_id in rounds:
+            raise _damaged(path, f"{where} is listed twice")
+        if truth:
+            clients = _field(path, where, entry, "clients", dict)
+            for client, files in clients.items():
+                at = f"{where} client {client!r}"
+                if not isinstance(files, dict):
+                    raise _damaged(path, f"{at} is {type(files).__name__}, not an object")
+                recorded_path(
+                    path.parent, _field(path, at, files, "file", str), manifest=path, entry=f"{at} file"
+                )
+                if _field(path, at, files, "steps", int) < 1:
+                    raise _damaged(path, f"{at} has {files['steps']} steps")
+                _field(path, at, files, "examples", list)
+        else:
+            _field(path, where, entry, "fit", dict)
+            _field(path, where, entry, "sampled", list)
+            _field(path, where, entry, "clients", list)
+            for key in ("global", "average"):
+                recorded_path(
+                    path.parent, _field(path, where, entry, key, str), manifest=path, entry=f"{where} {key}"
+                )
+            for client, update in _field(path, where, entry, "updates", dict).items():
+                at = f"{where} update of {client!r}"
+                if not isinstance(update, dict):
+                    raise _damaged(path, f"{at} is {type(update).__name__}, not an object")
+                recorded_path(
+                    path.parent, _field(path, at, update, "file", str), manifest=path, entry=f"{at} file"
+                )
+                _field(path, at, update, "weight", (int, float))
+        rounds[round_id] = entry
+    return rounds
+
+
+def _read_manifest(path: Path, expected: str) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The manifest at ``path`` of format ``expected``, and its rounds by number, checked."""
     if not path.is_file():
         raise RecordingError(
             f"{path} is missing: {path.parent} is not a federated recording (fedtrain --record DIR writes one)"
@@ -323,11 +477,22 @@ def _read_manifest(path: Path, expected: str) -> dict[str, Any]:
         )
     if not isinstance(manifest.get("rounds"), list):
         raise RecordingError(f"{path} is damaged: it lists no rounds")
-    return manifest
+    if expected == FORMAT:
+        view = _field(path, "the manifest", manifest, "view", str)
+        if view not in (CLIENT_UPDATES, AGGREGATE):
+            raise _damaged(path, f"its view is {view!r}, not {CLIENT_UPDATES!r} or {AGGREGATE!r}")
+        _field(path, "the manifest", manifest, "settings", dict)
+        if _field(path, "the manifest", manifest, "ground_truth", str) != GROUND_TRUTH:
+            raise RecordingError(
+                f"{path} is damaged or was tampered with: its ground_truth names "
+                f"{manifest['ground_truth']!r}; the recorder keeps the clients' batches in {GROUND_TRUTH}/ "
+                "inside the recording, and nothing outside it is read"
+            )
+    return manifest, _check_rounds(path, manifest, truth=expected == TRUTH_FORMAT)
 
 
-def _load(directory: Path, relative: str) -> dict[str, torch.Tensor]:
-    path = directory / relative
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` (a :func:`recorded_path`), refused by name if missing or damaged."""
     if not path.is_file():
         raise RecordingError(f"{path} is missing: the recording is incomplete or was moved in part")
     try:
@@ -346,13 +511,14 @@ class FederatedRecording:
     Raises
     ------
     RecordingError
-        When the manifest is missing, damaged or of another format; files are checked as they load.
+        When the manifest is missing, damaged (an entry missing or of the wrong type) or of another
+        format, or names a file outside the recording; files are checked as they load.
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.manifest = _read_manifest(self.directory / MANIFEST, FORMAT)
-        self.rounds: dict[int, dict[str, Any]] = {int(r["round"]): r for r in self.manifest["rounds"]}
+        self.manifest_path = self.directory / MANIFEST
+        self.manifest, self.rounds = _read_manifest(self.manifest_path, FORMAT)
 
     @property
     def view(self) -> str:
@@ -369,6 +535,27 @@ class FederatedRecording:
         """Whether the run finished (an interrupted run's recording holds its complete rounds)."""
         return bool(self.manifest.get("complete"))
 
+    def ground_truth(self) -> FederatedGroundTruth:
+        """The clients' batches, in the recording's ``ground_truth/`` (for scoring only)."""
+        return FederatedGroundTruth(self.directory / GROUND_TRUTH)
+
+    def check_settings(self, cfg: RunConfig, *, run: str | Path) -> None:
+        """Raise :class:`RecordingError` naming each setting (:data:`CHECKED_SETTINGS`) in which the
+        recording differs from ``cfg``, the configuration of the run in ``run``."""
+        expected = json.loads(json.dumps(config_settings(cfg)))
+        recorded = self.settings
+        differ = [
+            f"{key}: recorded {recorded.get(key)!r}, the run's {expected[key]!r}"
+            for key in CHECKED_SETTINGS
+            if recorded.get(key) != expected[key]
+        ]
+        if differ:
+            raise RecordingError(
+                f"the recording {self.directory} was not made by the run in {run}: its settings differ "
+                f"({'; '.join(differ)}); give the --recording that fedtrain --record wrote for this run "
+                "(results.json's recording.directory says where)"
+            )
+
     def _round(self, round_id: int) -> dict[str, Any]:
         if round_id not in self.rounds:
             raise RecordingError(
@@ -376,13 +563,25 @@ class FederatedRecording:
             )
         return self.rounds[round_id]
 
+    def _file(self, round_id: int, key: str) -> Path:
+        return recorded_path(
+            self.directory,
+            self._round(round_id)[key],
+            manifest=self.manifest_path,
+            entry=f"round {round_id} {key}",
+        )
+
     def fit(self, round_id: int) -> dict[str, Any]:
         """The clients' :class:`FitConfig` of ``round_id`` as a dict (lr, optimizer, steps, ...)."""
         return dict(self._round(round_id)["fit"])
 
+    def global_path(self, round_id: int) -> Path:
+        """The file of the global adapters the clients of ``round_id`` started from."""
+        return self._file(round_id, "global")
+
     def global_adapters(self, round_id: int) -> dict[str, torch.Tensor]:
         """The global adapters the clients of ``round_id`` started from."""
-        return _load(self.directory, self._round(round_id)["global"])
+        return _load(self.global_path(round_id))
 
     def clients(self, round_id: int) -> list[str]:
         """The clients whose updates the server recorded in ``round_id`` (none under secagg or ckks)."""
@@ -396,11 +595,14 @@ class FederatedRecording:
                 f"{self.directory} holds no update of {client!r} in round {round_id}"
                 + (f" (it holds {sorted(updates)})" if updates else f" (the server's view is {self.view})")
             )
-        return _load(self.directory, updates[client]["file"])
+        entry = f"round {round_id} update of {client!r} file"
+        return _load(
+            recorded_path(self.directory, updates[client]["file"], manifest=self.manifest_path, entry=entry)
+        )
 
     def average(self, round_id: int) -> dict[str, torch.Tensor]:
         """The decoded sample-weighted average of ``round_id``'s updates."""
-        return _load(self.directory, self._round(round_id)["average"])
+        return _load(self._file(round_id, "average"))
 
 
 class FederatedGroundTruth:
@@ -414,35 +616,40 @@ class FederatedGroundTruth:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        manifest = _read_manifest(self.directory / MANIFEST, TRUTH_FORMAT)
-        self.rounds: dict[int, dict[str, Any]] = {int(r["round"]): r for r in manifest["rounds"]}
+        self.manifest_path = self.directory / MANIFEST
+        _, self.rounds = _read_manifest(self.manifest_path, TRUTH_FORMAT)
 
     def steps(self, round_id: int, client: str) -> list[dict[str, torch.Tensor]]:
         """Each local step's batch of ``client`` in ``round_id``: input_ids, attention_mask, labels,
         example_ids."""
         entry = self.rounds.get(round_id, {}).get("clients", {}).get(client)
         if entry is None:
-            raise RecordingError(
-                f"{self.directory / MANIFEST} holds no batch of {client!r} in round {round_id}"
-            )
-        tensors = _load(self.directory, entry["file"])
+            raise RecordingError(f"{self.manifest_path} holds no batch of {client!r} in round {round_id}")
+        path = recorded_path(
+            self.directory,
+            entry["file"],
+            manifest=self.manifest_path,
+            entry=f"round {round_id} {client!r} file",
+        )
+        tensors = _load(path)
         out = []
         for k in range(int(entry["steps"])):
             names = (*TRUTH_TENSORS, "example_ids")
             step = {n: tensors[f"step{k}.{n}"] for n in names if f"step{k}.{n}" in tensors}
             if "input_ids" not in step:
-                raise RecordingError(
-                    f"{self.directory / entry['file']} is damaged: it lacks step{k}.input_ids"
-                )
+                raise RecordingError(f"{path} is damaged: it lacks step{k}.input_ids")
             out.append(step)
         return out
 
 
 __all__ = [
     "AGGREGATE",
+    "CHECKED_SETTINGS",
     "CLIENT_UPDATES",
     "FederatedGroundTruth",
     "FederatedRecorder",
     "FederatedRecording",
     "check_new_federated_recording",
+    "config_settings",
+    "recorded_path",
 ]

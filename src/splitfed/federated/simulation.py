@@ -60,7 +60,11 @@ from splitfed.federated.aggregators import AGGREGATORS, Aggregator, Layout, Shar
 from splitfed.federated.aggregators.pruning import kept_count, prune_ratio
 from splitfed.federated.client import ClientUpdate, client_seed, local_update
 from splitfed.federated.client_dp import ClientDP
-from splitfed.federated.recording import FederatedRecorder, check_new_federated_recording
+from splitfed.federated.recording import (
+    FederatedRecorder,
+    check_new_federated_recording,
+    config_settings,
+)
 from splitfed.federated.rounds import SimulatedAggregation, simulated_aggregation
 from splitfed.federated.strategies import STRATEGIES, FitConfig, Strategy
 from splitfed.models.families import check_supported
@@ -271,23 +275,10 @@ class FederatedSimulation:
 
     def recording_settings(self) -> dict[str, Any]:
         """What a federated recording's manifest says about the run (all of it public to the server)."""
-        cfg, fed = self.cfg, self.fed
-        return {
-            "task": cfg.task,
-            "head": cfg.head,
-            "model": cfg.model.name,
-            "max_length": cfg.data.max_length,
-            "clients": fed.clients,
-            "clients_per_round": fed.clients_per_round,
+        return config_settings(self.cfg) | {
+            "head": self.cfg.head,
             "client_examples": [len(p) for p in self.parts],
-            "strategy": {"name": fed.strategy, **self.strategy.hyperparameters()},
-            "aggregation": fed.aggregation,
-            "finetune": fed.finetune.model_dump(mode="json"),
-            "local_steps": fed.local_steps,
-            "local_epochs": fed.local_epochs,
-            "dp": fed.dp.model_dump(mode="json") if fed.dp is not None else None,
-            "pruning": fed.pruning.model_dump(mode="json") if fed.pruning is not None else None,
-            "seed": cfg.train.seed,
+            "strategy": {"name": self.fed.strategy, **self.strategy.hyperparameters()},
         }
 
     @property
@@ -568,7 +559,8 @@ def fedtrain(
     FileNotFoundError
         ``resume=True`` without a checkpoint in ``output_dir``.
     RecordingError
-        ``record`` exists and is not empty, is a file, or is ``output_dir`` (before anything loads).
+        ``record`` exists and is not empty, is a file, is ``output_dir``, holds it, or is inside one
+        of the run's own outputs there (before anything loads).
     """
     fed = cfg.federated
     if fed is None:
