@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -213,102 +214,94 @@ def _tamper(recording: Path, name: str, change) -> None:  # type: ignore[no-unty
     path.write_text(json.dumps(manifest))
 
 
-def test_a_manifest_cannot_name_a_file_outside_the_recording(recorded: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("manifest", "change", "message"),
+    [
+        (  # a traversal to a readable safetensors file outside the recording
+            "manifest.json",
+            lambda m, secret: m["rounds"][0].update({"global": "../secret/x.safetensors"}),
+            r"damaged or was tampered with: its rounds\[0\] \(round 1\) global names '\.\./secret/x\.safetensors'",
+        ),
+        (  # an absolute path to it
+            "manifest.json",
+            lambda m, secret: m["rounds"][1]["updates"]["client-0"].update(
+                {"file": f"{secret}/x.safetensors"}
+            ),
+            r"damaged or was tampered with: its rounds\[1\] \(round 2\) update of 'client-0' file names '/",
+        ),
+        (
+            "manifest.json",
+            lambda m, secret: m.update({"ground_truth": str(secret)}),
+            r"damaged or was tampered with: its ground_truth names '/",
+        ),
+        (
+            "ground_truth/manifest.json",
+            lambda m, secret: m["rounds"][1]["clients"]["client-1"].update(
+                {"file": "round-0002/../../../secret/x.safetensors"}
+            ),
+            r"damaged or was tampered with: its rounds\[1\] \(round 2\) client 'client-1' file names 'round-0002/\.\./",
+        ),
+        (
+            "manifest.json",
+            lambda m, secret: m["rounds"][1].pop("round"),
+            r"damaged: rounds\[1\] has no 'round'",
+        ),
+        (
+            "manifest.json",
+            lambda m, secret: m["rounds"][1].pop("global"),
+            r"damaged: rounds\[1\] \(round 2\) has no 'global'",
+        ),
+        ("manifest.json", lambda m, secret: m.pop("view"), r"damaged: the manifest has no 'view'"),
+        (
+            "manifest.json",
+            lambda m, secret: m["rounds"][0].update({"round": "1"}),
+            r"damaged: .*'round' is '1' \(str\), not int",
+        ),
+        (
+            "manifest.json",
+            lambda m, secret: m["rounds"].append(7),
+            r"damaged: rounds\[2\] is int, not an object",
+        ),
+        (
+            "manifest.json",
+            lambda m, secret: m["rounds"][1]["updates"]["client-2"].pop("weight"),
+            r"damaged: .*update of 'client-2' has no 'weight'",
+        ),
+        (
+            "ground_truth/manifest.json",
+            lambda m, secret: m["rounds"][0]["clients"]["client-0"].pop("file"),
+            r"damaged: .*round 1\) client 'client-0' has no 'file'",
+        ),
+        (
+            "ground_truth/manifest.json",
+            lambda m, secret: m["rounds"][0]["clients"]["client-0"].update({"steps": "1"}),
+            r"damaged: .*'steps' is '1' \(str\), not int",
+        ),
+    ],
+)
+def test_a_bad_manifest_is_refused_naming_the_manifest_and_the_entry(
+    recorded: Path, tmp_path: Path, manifest: str, change: Callable[[dict, Path], object], message: str
+) -> None:
+    """A file outside the recording (a traversal, an absolute path), or a round entry missing a key
+    or of the wrong type, is refused as the manifest is read."""
     secret = tmp_path / "secret"
     secret.mkdir()
     shutil.copy(recorded / "round-0001" / "global.safetensors", secret / "x.safetensors")
     copy = tmp_path / "rec"
     shutil.copytree(recorded, copy)
-    # a traversal, and an absolute path, to a readable safetensors file outside the recording
-    _tamper(copy, "manifest.json", lambda m: m["rounds"][0].update({"global": "../secret/x.safetensors"}))
-    with pytest.raises(
-        RecordingError, match=r"manifest\.json .*rounds\[0\] \(round 1\) global .*\.\./secret"
-    ):
+    _tamper(copy, manifest, lambda m: change(m, secret))
+    with pytest.raises(RecordingError, match=rf"{re.escape(str(copy / manifest))} is {message}"):
         FederatedRecording(copy)
-    absolute = str(secret / "x.safetensors")
-    _tamper(
-        copy,
-        "manifest.json",
-        lambda m: (
-            m["rounds"][0].update({"global": "round-0001/global.safetensors"})
-            or m["rounds"][1]["updates"]["client-0"].update({"file": absolute})
-        ),
-    )
-    with pytest.raises(RecordingError, match=r"round 2\) update of 'client-0' file names '/"):
-        FederatedRecording(copy)
-    _tamper(
-        copy,
-        "manifest.json",
-        lambda m: m["rounds"][1]["updates"]["client-0"].update(
-            {"file": "round-0002/update-client-0.safetensors"}
-        ),
-    )
-    rec = FederatedRecording(copy)  # restored: readable again
-    _tamper(copy, "manifest.json", lambda m: m.update({"ground_truth": str(secret)}))
-    with pytest.raises(RecordingError, match=r"manifest\.json .*its ground_truth names '/"):
-        FederatedRecording(copy)
-    _tamper(
-        copy,
-        "ground_truth/manifest.json",
-        lambda m: m["rounds"][1]["clients"]["client-1"].update(
-            {"file": "round-0002/../../../secret/x.safetensors"}
-        ),
-    )
-    with pytest.raises(
-        RecordingError, match=r"ground_truth/manifest\.json .*round 2\) client 'client-1' file"
-    ):
         FederatedGroundTruth(copy / "ground_truth")
-    # a round directory that links outside the recording is refused as its files load
-    shutil.rmtree(copy / "round-0002")
-    shutil.copytree(recorded / "round-0002", secret / "round-0002")
-    (copy / "round-0002").symlink_to(secret / "round-0002")
-    with pytest.raises(RecordingError, match="leads outside"):
-        rec.average(2)
 
 
-@pytest.mark.parametrize(
-    ("manifest", "change", "message"),
-    [
-        ("manifest.json", lambda m: m["rounds"][1].pop("round"), r"rounds\[1\] has no 'round'"),
-        ("manifest.json", lambda m: m["rounds"][1].pop("global"), r"rounds\[1\] \(round 2\) has no 'global'"),
-        ("manifest.json", lambda m: m.pop("view"), r"the manifest has no 'view'"),
-        (
-            "manifest.json",
-            lambda m: m["rounds"][0].update({"round": "1"}),
-            r"'round' is '1' \(str\), not int",
-        ),
-        ("manifest.json", lambda m: m["rounds"].append(7), r"rounds\[2\] is int, not an object"),
-        (
-            "manifest.json",
-            lambda m: m["rounds"][1]["updates"]["client-2"].pop("weight"),
-            r"update of 'client-2' has no 'weight'",
-        ),
-        (
-            "ground_truth/manifest.json",
-            lambda m: m["rounds"][0]["clients"]["client-0"].pop("file"),
-            r"round 1\) client 'client-0' has no 'file'",
-        ),
-        (
-            "ground_truth/manifest.json",
-            lambda m: m["rounds"][0]["clients"]["client-0"].update({"steps": "1"}),
-            r"'steps' is '1' \(str\), not int",
-        ),
-    ],
-)
-def test_a_structurally_damaged_manifest_is_refused_naming_what_is_missing(
-    recorded: Path,
-    tmp_path: Path,
-    manifest: str,
-    change,
-    message: str,  # type: ignore[no-untyped-def]
-) -> None:
+def test_a_round_that_links_outside_the_recording_is_refused(recorded: Path, tmp_path: Path) -> None:
     copy = tmp_path / "rec"
-    shutil.copytree(recorded, copy)
-    _tamper(copy, manifest, change)
-    path = copy / manifest
-    with pytest.raises(RecordingError, match=rf"{re.escape(str(path))} is damaged: .*{message}"):
+    shutil.copytree(recorded, copy, ignore=shutil.ignore_patterns("round-0002"))
+    shutil.copytree(recorded / "round-0002", tmp_path / "elsewhere")
+    (copy / "round-0002").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RecordingError, match=r"global 'round-0002/global\.safetensors' leads outside"):
         FederatedRecording(copy)
-        FederatedGroundTruth(copy / "ground_truth")
 
 
 def test_a_recording_that_holds_the_output_dir_is_refused_before_anything_loads(
