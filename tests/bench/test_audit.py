@@ -12,7 +12,7 @@ from splitfed.bench.audit import Finding, audit_run
 from splitfed.cli import app
 from splitfed.config import ConfigError, parse_config
 from splitfed.run import train
-from tiny import run_config, save_tiny_pretrained, write_topic_csv
+from tiny import SGD_STEP, causal_lm_config, run_config, save_tiny_pretrained, sentence_root, write_topic_csv
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +84,15 @@ def test_membership_is_audited_on_the_fine_tuned_model_and_gradient_inversion_sa
 @pytest.fixture(scope="module")
 def federated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fedtrain of a tiny causal LM on 16 sentences: two clients, two rounds of 4 steps fit them."""
-    import random
-
     from splitfed.federated.simulation import fedtrain
-    from tiny import WORDS
 
-    root = tmp_path_factory.mktemp("audit_fed")
-    save_tiny_pretrained(root / "model")
-    rng = random.Random(0)
-    lines = ["sentence"] + [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 8))) for _ in range(80)]
-    (root / "data.csv").write_text("\n".join(lines) + "\n")
-    raw = run_config(
+    root = sentence_root(tmp_path_factory.mktemp("audit_fed"), 80, (5, 8))
+    raw = causal_lm_config(
         root,
         "fed",
-        task="causal_lm",
-        data={"task": "causal_lm", "columns": {"text": "sentence"}, "max_train": 16, "max_eval": 16},
-        train={"lr": 1e-2, "batch_size": 8, "eval_before": False, "eval_max_new_tokens": 0},
+        max_train=16,
+        max_eval=16,
+        train={"lr": 1e-2, "batch_size": 8},
         federated={"clients": 2, "rounds": 2, "local_steps": 4},
     )
     return fedtrain(parse_config(raw), progress=False, log=lambda s: None).output_dir
@@ -204,35 +197,19 @@ QUICK_INVERSION = {"name": "gradient_inversion", "steps": 20, "refine_passes": 0
 
 @pytest.fixture(scope="module")
 def inversion_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import random
-
-    from tiny import WORDS
-
-    root = tmp_path_factory.mktemp("audit_inversion")
-    save_tiny_pretrained(root / "model")
-    rng = random.Random(0)
-    lines = ["sentence"] + [" ".join(rng.choice(WORDS) for _ in range(5)) for _ in range(40)]
-    (root / "data.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return sentence_root(tmp_path_factory.mktemp("audit_inversion"), 40)
 
 
 def _recorded_fedtrain(root: Path, name: str, **fed: object) -> Path:
     """fedtrain of a tiny causal LM with one SGD step per client (batch 1, 6 tokens), recorded."""
     from splitfed.federated.simulation import fedtrain
 
-    raw = run_config(
+    raw = causal_lm_config(
         root,
         name,
-        task="causal_lm",
-        data={"task": "causal_lm", "columns": {"text": "sentence"}, "max_train": 16, "max_eval": 8},
-        train={
-            "lr": 0.5,
-            "batch_size": 1,
-            "optimizer": "sgd",
-            "max_grad_norm": None,
-            "eval_before": False,
-            "eval_max_new_tokens": 0,
-        },
+        max_train=16,
+        max_eval=8,
+        train={"lr": 0.5, "batch_size": 1, **SGD_STEP},
         federated={
             "clients": 4,
             "rounds": 2,
@@ -299,13 +276,82 @@ def test_the_audit_says_why_a_recorded_run_cannot_be_inverted(inversion_root: Pa
 def test_the_audit_of_a_damaged_recording_names_the_file(inversion_root: Path, tmp_path: Path) -> None:
     import shutil
 
-    from splitfed.privacy.recording import RecordingError
-
     run = inversion_root / "plain"
     damaged = tmp_path / "rec"
     shutil.copytree(inversion_root / "plain_rec", damaged)
     (damaged / "round-0002" / "global.safetensors").write_bytes(b"\0" * 16)
-    with pytest.raises(RecordingError, match=r"round-0002/global\.safetensors is damaged"):
-        audit_run(run, attacks=[QUICK_INVERSION], recording=damaged)
+    (found,) = audit_run(run, attacks=[QUICK_INVERSION], recording=damaged).findings
+    assert found.verdict.startswith("failed: RecordingError: ") and found.score is None
+    assert "round-0002/global.safetensors is damaged" in found.verdict
     result = CliRunner().invoke(app, ["audit", str(run), "--recording", str(tmp_path / "nowhere")])
     assert result.exit_code != 0 and "manifest.json is missing" in result.output
+
+
+def test_a_recording_gone_since_the_run_loses_no_other_finding(inversion_root: Path) -> None:
+    import json
+    import shutil
+
+    run = _recorded_fedtrain(inversion_root, "gone")
+    named = json.loads((run / "results.json").read_text())["recording"]["directory"]
+    assert Path(named).is_absolute() and Path(named) == (inversion_root / "gone_rec").resolve()
+    shutil.rmtree(named)
+    member, inversion = audit_run(run, membership_examples=8).findings
+    assert member.attack == "membership" and member.score is not None
+    assert inversion.attack == "gradient_inversion" and inversion.verdict.startswith("failed: RecordingError")
+    assert f"{named}/manifest.json is missing" in inversion.verdict
+
+
+def test_a_recording_of_another_run_is_refused_naming_the_difference(
+    inversion_root: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from splitfed.privacy.recording import RecordingError
+
+    other = tmp_path / "other_rec"
+    shutil.copytree(inversion_root / "plain_rec", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"] |= {"seed": 7, "aggregation": "secagg"}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    run = inversion_root / "plain"
+    with pytest.raises(
+        RecordingError, match=r"aggregation: recorded 'secagg', the run's 'plain'; seed: recorded 7"
+    ):
+        audit_run(run, attacks=[QUICK_INVERSION], recording=other)
+    result = CliRunner().invoke(app, ["audit", str(run), "--recording", str(other)])
+    assert result.exit_code != 0 and "was not made by the run" in " ".join(result.output.split())
+    # named by results.json (moved, then another put in its place): a finding, not an abort
+    moved = tmp_path / "run"
+    moved.mkdir()
+    summary = json.loads((run / "results.json").read_text())
+    summary["recording"]["directory"] = str(other)
+    (moved / "results.json").write_text(json.dumps(summary))
+    (found,) = audit_run(moved, attacks=[QUICK_INVERSION]).findings
+    assert (
+        found.verdict.startswith("failed: RecordingError")
+        and "seed: recorded 7, the run's 0" in found.verdict
+    )
+
+
+def test_dropout_in_the_model_makes_inversion_not_applicable(inversion_root: Path, tmp_path: Path) -> None:
+    import json
+
+    from transformers import GPT2Config, LlamaConfig
+
+    from splitfed.bench.audit import model_dropout
+
+    assert model_dropout(LlamaConfig()) == {}
+    # GPT-2's summary head's dropout does not act on a causal LM
+    assert model_dropout(GPT2Config()) == {"attn_pdrop": 0.1, "embd_pdrop": 0.1, "resid_pdrop": 0.1}
+    save_tiny_pretrained(tmp_path / "model", attention_dropout=0.25)
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = json.loads((inversion_root / "plain" / "results.json").read_text())
+    summary["config"]["model"]["name"] = str(tmp_path / "model")
+    (run / "results.json").write_text(json.dumps(summary))
+    (found,) = audit_run(run, attacks=["gradient_inversion"]).findings
+    assert (
+        found.verdict.startswith("not applicable: its model ") and "attention_dropout 0.25" in found.verdict
+    )
+    assert "dropout in the model" in (found.detail or "")

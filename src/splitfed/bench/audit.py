@@ -13,12 +13,16 @@ party would:
   recording (:mod:`splitfed.federated.recording`): each of a few client updates as the server
   decoded it, at the global adapters its client started from, scored against the client's batch
   in the recording's ``ground_truth/``. It applies where one update is one SGD step of a causal LM
-  (``federated.local_steps: 1``, ``train.optimizer: sgd``, no client-level DP, pruning or LoRA
-  dropout) from round 2 on (peft starts LoRA's B at zero, so round 1's lora_A gradients are zero).
+  (``federated.local_steps: 1``, ``train.optimizer: sgd``, no client-level DP, pruning, LoRA
+  dropout or dropout in the model's config) from round 2 on (peft starts LoRA's B at zero, so
+  round 1's lora_A gradients are zero).
   Under ``secagg`` the server decodes only the round's average, which is attacked the same way and
   scored against whichever client's batch it matches best; under ``ckks`` the server reads only
   ciphertexts. Where the attack does not apply (or the run kept no recording) the finding says why
   (``not applicable: ...``), and what a run would have to keep, rather than leaving the attack out.
+  A recording that cannot be read (moved or deleted since the run, damaged, made by another run) is
+  a finding ``failed: ...`` that names the file, so the other attacks' findings stand; one named
+  with ``recording=`` (``--recording``) is checked against the run's settings before anything loads.
 
 Each finding says whether its attack recovers more than chance (:data:`LEAK_MARGIN` above it; for
 an AUC also at least two standard deviations of a guess's AUC at the sample size). Given a
@@ -127,6 +131,13 @@ class Audit:
         }
 
 
+def _unscored(
+    attack: str, crossing: str, verdict: str, *, detail: str | None = None, chance: float | None = None
+) -> Finding:
+    """A finding without a score: ``not applicable: ...`` or ``failed: ...``."""
+    return Finding(attack, crossing, None, None, None, chance, verdict, detail=detail)
+
+
 def _finished_run(run_dir: Path, recording: Path | None = None) -> tuple[RunConfig, Path | None]:
     """The run's config and its recording (``recording``, else the one its results.json names)."""
     results = run_dir / "results.json"
@@ -135,7 +146,12 @@ def _finished_run(run_dir: Path, recording: Path | None = None) -> tuple[RunConf
     summary = json.loads(results.read_text())
     federated = (summary.get("config") or {}).get("federated") is not None
     if recording is not None:
-        return parse_config(summary["config"]), Path(recording)
+        cfg = parse_config(summary["config"])
+        if federated:  # named by hand: refuse one of another run (or none) before anything loads
+            from splitfed.federated.recording import FederatedRecording
+
+            FederatedRecording(recording).check_settings(cfg, run=run_dir)
+        return cfg, Path(recording)
     recording = (summary.get("recording") or {}).get("directory")
     if not recording and not federated:
         raise ConfigError(
@@ -207,10 +223,19 @@ def audit_run(
         a ``gradient_inversion`` spec's ``max_updates`` overrides it.
     recording : str | Path | None
         The run's recording, where it is not (or no longer) where ``results.json`` says: a split
-        run's ``--record`` directory, or a federated run's ``fedtrain --record`` directory.
+        run's ``--record`` directory, or a federated run's ``fedtrain --record`` directory (its
+        settings must be the run's).
     progress : bool, default False
     log : callable
         Progress lines (loading the run, training reference models).
+
+    Raises
+    ------
+    ConfigError
+        No results.json, a split run without a recording, or an attack spec it cannot take.
+    RecordingError
+        A federated ``recording`` that is missing, damaged, or made with settings other than the
+        run's (model, fine-tuning, aggregation, seed, ...), each named.
     """
     from splitfed.bench.sweep import why_not_applicable
     from splitfed.privacy.attack_runs import attack_context, auxiliary_texts
@@ -241,9 +266,16 @@ def audit_run(
             )
             continue
         if name == "gradient_inversion":
-            found = _gradient_inversion(
-                cfg, asked=asked, recording=recording, spec=spec, max_updates=max_updates, log=log
-            )
+            try:
+                found = _gradient_inversion(
+                    cfg, asked=asked, recording=recording, spec=spec, max_updates=max_updates, log=log
+                )
+            except ConfigError:  # the spec itself is wrong: the caller's to fix
+                raise
+            except AttackError as err:  # one failing attack does not lose the others' findings
+                found = _inversion_not_applicable(str(err))
+            except Exception as err:  # a recording moved, damaged or of another run: named in err
+                found = _unscored(name, _INVERSION_CROSSING, f"failed: {type(err).__name__}: {err}")
             if found is not None:
                 findings.append(found)
             continue
@@ -259,7 +291,7 @@ def audit_run(
         )
         if reason is not None:
             if asked:  # asked for by name: say why it did not run
-                findings.append(Finding(name, crossing, None, None, None, None, f"not applicable: {reason}"))
+                findings.append(_unscored(name, crossing, f"not applicable: {reason}"))
             continue
         assert recording is not None and not federated
         if context is None:
@@ -269,12 +301,10 @@ def audit_run(
         try:
             result = run_attack(attack, recording, context, phases="train")
         except AttackError as err:  # the attack refuses this run's setting (e.g. bli on an HBT classifier)
-            findings.append(Finding(name, crossing, None, None, None, None, f"not applicable: {err}"))
+            findings.append(_unscored(name, crossing, f"not applicable: {err}"))
             continue
         except Exception as err:  # one failing attack does not lose the others' findings
-            findings.append(
-                Finding(name, crossing, None, None, None, None, f"failed: {type(err).__name__}: {err}")
-            )
+            findings.append(_unscored(name, crossing, f"failed: {type(err).__name__}: {err}"))
             continue
         metric = next(
             (m for m in ("token_f1", "label_accuracy", "accuracy", "auc") if m in result.metrics), None
@@ -330,7 +360,7 @@ def _membership(
             log=log,
         )
     except (AttackError, ConfigError, FileNotFoundError, ValueError) as err:
-        return Finding("membership", crossing, None, None, None, 0.5, f"not applicable: {err}")
+        return _unscored("membership", crossing, f"not applicable: {err}", chance=0.5)
     metric = "lira_auc" if references else "loss_auc"
     score, m = result.metrics[metric], result.metrics
     members, non_members = int(result.params["members"]), int(result.params["non_members"])
@@ -365,6 +395,32 @@ def _membership(
     )
 
 
+#: What gradient inversion reads where the server decodes each client's update.
+_INVERSION_CROSSING = "one client's LoRA update (to the server)"
+#: Dropout settings of a model config that do not act on a causal LM (other heads' dropout).
+_OTHER_HEADS_DROPOUT = ("classifier", "summary", "seq_classif", "qa_")
+
+
+def _inversion_not_applicable(why: str, detail: str | None = None) -> Finding:
+    return _unscored("gradient_inversion", _INVERSION_CROSSING, f"not applicable: {why}", detail=detail)
+
+
+def model_dropout(config: Any) -> dict[str, float]:
+    """The dropout probabilities above zero in a transformers model ``config`` that act on a causal
+    LM's forward pass (``attention_dropout``, ``hidden_dropout_prob``, GPT-2's ``resid_pdrop``, ...;
+    not a classifier's or summary head's): each makes a training step's gradient random."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {
+        key: float(value)
+        for key, value in sorted(values.items())
+        if ("dropout" in key or key.endswith("_pdrop"))
+        and not key.startswith(_OTHER_HEADS_DROPOUT)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+    }
+
+
 def _gradient_inversion(
     cfg: RunConfig,
     *,
@@ -381,7 +437,6 @@ def _gradient_inversion(
     applicable: ...``) and what a run would have to keep. ``None`` for a split run that exchanged
     no adapters in the clear, unless the attack was asked for.
     """
-    crossing = "one client's LoRA update (to the server)"
     fed = cfg.federated
     spec = dict(spec or {"name": "gradient_inversion"})
     unknown = sorted(set(spec) - {"name", *INVERSION_OPTIONS})
@@ -390,21 +445,9 @@ def _gradient_inversion(
             f"gradient_inversion takes {', '.join(INVERSION_OPTIONS)}; got {', '.join(unknown)}"
         )
 
-    def finding(verdict: str, detail: str) -> Finding:
-        return Finding(
-            "gradient_inversion",
-            crossing,
-            None,
-            None,
-            None,
-            None,
-            f"not applicable: {verdict}",
-            detail=detail,
-        )
-
     if fed is None:
         if cfg.train.fedavg_every and cfg.train.fedavg_aggregation == "plain":
-            return finding(
+            return _inversion_not_applicable(
                 "this split run's adapter averaging is not a client's one-step update",
                 "the model party saw each data party's head adapters in the clear (train.fedavg_every "
                 f"{cfg.train.fedavg_every}, fedavg_aggregation plain): a leak, but of many split steps "
@@ -414,12 +457,12 @@ def _gradient_inversion(
             )
         if not asked:
             return None
-        return finding(
+        return _inversion_not_applicable(
             "a split run exchanges no federated client updates",
             "gradient_inversion attacks the updates a fedtrain server aggregates",
         )
     if fed.aggregation == "ckks" or (fed.aggregation == "secagg" and recording is None):
-        return finding(
+        return _inversion_not_applicable(
             f"{fed.aggregation} aggregation shows the server no client's update",
             "secagg gives the server only the sum of the round's masked updates, ckks only ciphertexts; "
             "inverting a sum of clients' updates spans too many tokens to recover text "
@@ -450,8 +493,18 @@ def _gradient_inversion(
         unlike.append(
             f"its LoRA dropout is {fed.finetune.dropout:g}: the attack models a client without dropout"
         )
+    if recording is not None:
+        from splitfed.models.loading import load_model_config
+
+        dropout = model_dropout(load_model_config(cfg.model.name))
+        if dropout:
+            unlike.append(
+                f"its model {cfg.model.name} trains with dropout ("
+                + ", ".join(f"{k} {v:g}" for k, v in dropout.items())
+                + "): each client's gradient is of a random sub-network the attack cannot rerun"
+            )
     if recording is None:
-        return finding(
+        return _inversion_not_applicable(
             "fedtrain records no client updates",
             f"the server of this run saw every sampled client's update in the clear ({fed.aggregation} "
             "aggregation), so gradient inversion would apply, but this run was not recorded: fedtrain "
@@ -465,11 +518,11 @@ def _gradient_inversion(
             ),
         )
     if unlike:
-        return finding(
+        return _inversion_not_applicable(
             "; ".join(unlike),
             f"the recording {recording} keeps the server's view, but the attack inverts one SGD step of a "
             "causal LM's LoRA adapters (federated.local_steps 1, train.optimizer sgd, no client-level DP, "
-            "pruning or LoRA dropout)",
+            "pruning, LoRA dropout or dropout in the model)",
         )
     options = {k: v for k, v in spec.items() if k not in ("name", "max_updates")}
     return _invert_recorded(
@@ -490,11 +543,7 @@ def _invert_recorded(
     """
     import torch
 
-    from splitfed.federated.recording import (
-        AGGREGATE,
-        FederatedGroundTruth,
-        FederatedRecording,
-    )
+    from splitfed.federated.recording import AGGREGATE, FederatedRecording
     from splitfed.federated.simulation import whole_model
     from splitfed.models.partition import apply_finetune
     from splitfed.privacy.attacks.gradient_inversion import gradient_from_update, run_gradient_inversion
@@ -505,22 +554,19 @@ def _invert_recorded(
     if limit < 1:
         raise ConfigError(f"gradient_inversion max_updates must be >= 1, got {limit}")
     rec = FederatedRecording(path)
-    truth = FederatedGroundTruth(path / str(rec.manifest.get("ground_truth", "ground_truth")))
+    rec.check_settings(cfg, run=cfg.output_dir)
+    truth = rec.ground_truth()
     blind = rec.view == AGGREGATE
     crossing = (
         f"the round's average of the clients' updates ({cfg.federated.aggregation}: all the server decodes)"
         if blind
-        else "one client's LoRA update (to the server)"
+        else _INVERSION_CROSSING
     )
     rounds = sorted(r for r in rec.rounds if r >= 2)
     if not rounds:
-        return Finding(
+        return _unscored(
             "gradient_inversion",
             crossing,
-            None,
-            None,
-            None,
-            None,
             "not applicable: the recording holds no round after the first",
             detail=f"{path} holds rounds {sorted(rec.rounds)}; in round 1 the global LoRA B matrices are "
             "zero (peft's initialisation), so every lora_A gradient is zero and the update gives no bag of "
@@ -557,7 +603,7 @@ def _invert_recorded(
         start = rec.global_adapters(round_id)
         if set(start) != set(params):
             raise RecordingError(
-                f"{path / rec.rounds[round_id]['global']} holds other adapters than this model and "
+                f"{rec.global_path(round_id)} holds other adapters than this model and "
                 f"federated.finetune make (e.g. {sorted(set(start) ^ set(params))[:3]})"
             )
         with torch.no_grad():
@@ -585,13 +631,9 @@ def _invert_recorded(
             result.chance = _best_match_chance(truths, vocab)
         results.append((label, len(truths), result))
     if not results:
-        return Finding(
+        return _unscored(
             "gradient_inversion",
             crossing,
-            None,
-            None,
-            None,
-            None,
             "not applicable: no recorded batch is a set of whole unpadded sequences",
             detail="; ".join(skipped),
         )

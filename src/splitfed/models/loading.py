@@ -49,6 +49,14 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
+def load_model_config(name: str) -> Any:
+    """The transformers config of the model ``name`` (an asset, a local directory or a hub id),
+    without its weights."""
+    from transformers import AutoConfig
+
+    return _load("model", name, AutoConfig.from_pretrained)
+
+
 def load_model(
     name: str,
     head: str,
@@ -70,13 +78,12 @@ def load_model(
         If ``name`` is neither an asset, a local model directory nor a reachable hub id.
     """
     from transformers import (
-        AutoConfig,
         AutoModelForCausalLM,
         AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
     )
 
-    check_supported(_load("model", name, AutoConfig.from_pretrained), head)
+    check_supported(load_model_config(name), head)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
     if head == "classification":
         if not num_labels:
