@@ -3,16 +3,20 @@
 Runs the sweeps ``examples/bench/monotonicity.yaml`` (smollm2-135m, fortunes-topic, HT split
 after 2 blocks, three strengths of every defense that works in HT) and
 ``examples/bench/monotonicity_hbt.yaml`` (the same in HBT 2 + 2, for split-and-denoise, which
-needs the data party's tail); runs already in a store are skipped. Then it reads each SQLite
-store and prints, per defense, strength and targeted attack, the main-task performance (MP) and
-the AP, weakest to strongest with that sweep's undefended run first.
+needs the data party's tail); 40 training steps, two seeds, the attacks reading each run's last
+training batch (8 sequences), so that a defense that trains with the task has trained. Runs
+already in a store are skipped (the stores, under ``benchmarks/results/``, are committed). Then
+it reads each SQLite store and prints, per defense, strength and targeted attack, the main-task
+performance (MP), the AP and the attack's chance level, weakest to strongest with that sweep's
+undefended run first.
 
 AP counts as monotone when, along that order, it never rises by more than the tolerance: the
 larger of ``--tol`` and the spread of AP over the sweep's seeds at any one point (with one seed,
-``--tol`` alone). Which parameter is the strength, and which way it grows, is
+``--tol`` alone); an AP at or below its chance level counts as chance (an attack that recovers
+nothing wobbles around it). Which parameter is the strength, and which way it grows, is
 :data:`STRENGTH`; which attacks a defense is meant to stop is :data:`TARGETED`.
 
-    python benchmarks/defense_monotonicity.py                 # both sweeps (hours on 2 cores; resumable)
+    python benchmarks/defense_monotonicity.py                 # both sweeps (about 1 h on 2 cores; resumable)
     python benchmarks/defense_monotonicity.py --table-only    # print the table of a stored sweep
     python benchmarks/defense_monotonicity.py --quick         # grad_topk at 2 strengths, 2 steps,
                                                               # bli label inference (< 1 minute)
@@ -84,8 +88,8 @@ UNTARGETED = {
     "dp_sgd": "targets membership inference on the data party's parameters, which these sweeps do not run",
 }
 
-#: ``(MP values, AP values)`` over seeds, keyed by (defense, strength value, attack).
-Cells = dict[tuple[str, float | None, str], tuple[list[float], list[float]]]
+#: ``(MP values, AP values, chance levels)`` over seeds, keyed by (defense, strength value, attack).
+Cells = dict[tuple[str, float | None, str], tuple[list[float], list[float], list[float]]]
 
 
 def quick_sweep(sweep: SweepConfig, out: Path) -> SweepConfig:
@@ -110,7 +114,7 @@ def quick_sweep(sweep: SweepConfig, out: Path) -> SweepConfig:
 
 def collect(store: ResultStore, sweep: str) -> Cells:
     """MP and AP of every done run and attack of ``sweep`` in ``store``, grouped over seeds."""
-    cells: Cells = defaultdict(lambda: ([], []))
+    cells: Cells = defaultdict(lambda: ([], [], []))
     for run in store.runs(sweep):
         if run.status != "done" or run.mp is None:
             continue
@@ -119,17 +123,23 @@ def collect(store: ResultStore, sweep: str) -> Cells:
         value = run.spec.get("strength", {}).get(param) if defense != NO_DEFENSE else None
         for attack in store.attacks(run.key):
             if attack.status == "done" and attack.ap is not None:
-                mp, ap = cells[(defense, value, attack.attack)]
+                mp, ap, chance = cells[(defense, value, attack.attack)]
                 mp.append(float(run.mp))
                 ap.append(float(attack.ap))
+                chance.append(float(attack.chance or 0.0))
     return cells
 
 
-def monotone(aps: list[list[float]], tol: float) -> bool:
-    """Whether the mean APs (weakest strength first) never rise by more than ``tol`` or the seed spread."""
+def monotone(aps: list[list[float]], tol: float, chance: list[float] | None = None) -> bool:
+    """Whether the mean APs (weakest strength first) never rise by more than ``tol`` or the seed spread.
+
+    An AP at or below its chance level (``chance``, one per point) counts as that level: an attack
+    that recovers nothing scores around chance, and its wobble there is not a weaker defense.
+    """
     spread = max((max(a) - min(a) for a in aps), default=0.0)
     allowed = max(tol, spread)
-    means = [statistics.fmean(a) for a in aps]
+    floors = chance or [0.0] * len(aps)
+    means = [max(statistics.fmean(a), floor) for a, floor in zip(aps, floors, strict=True)]
     return all(later <= earlier + allowed for earlier, later in itertools.pairwise(means))
 
 
@@ -137,14 +147,16 @@ def report(cells: Cells, tol: float) -> dict[str, bool]:
     """Print the defense x strength x attack table; return whether AP is monotone for each defense."""
     defenses = sorted({d for d, _, _ in cells if d != NO_DEFENSE})
     verdicts: dict[str, bool] = {}
-    print(f"{'defense':14s} {'strength':>22s} {'attack':8s} {'MP':>6s} {'AP':>6s} {'seeds':>5s}")
+    print(
+        f"{'defense':14s} {'strength':>22s} {'attack':8s} {'MP':>6s} {'AP':>6s} {'chance':>6s} {'seeds':>5s}"
+    )
     for defense in defenses:
         param, direction = STRENGTH.get(defense, ("", 1))
         values = sorted({v for d, v, _ in cells if d == defense}, key=lambda v: direction * float(v or 0))
         ok = True
         if not TARGETED.get(defense):
             for v in values:
-                mps = [mp for (d, value, _), (mp, _) in cells.items() if d == defense and value == v]
+                mps = [mp for (d, value, _), (mp, _, _) in cells.items() if d == defense and value == v]
                 print(
                     f"{defense:14s} {f'{param}={v}':>22s} {'-':8s} {statistics.fmean(mps[0]):6.3f} {'-':>6s}"
                 )
@@ -157,13 +169,13 @@ def report(cells: Cells, tol: float) -> dict[str, bool]:
             points = [(v, c) for v, c in points if c is not None]
             if len(points) < 2:
                 continue
-            for v, (mp, ap) in points:
+            for v, (mp, ap, chance) in points:
                 label = "none" if v is None else f"{param}={v}"
                 print(
                     f"{defense:14s} {label:>22s} {attack:8s} {statistics.fmean(mp):6.3f} "
-                    f"{statistics.fmean(ap):6.3f} {len(ap):5d}"
+                    f"{statistics.fmean(ap):6.3f} {statistics.fmean(chance):6.3f} {len(ap):5d}"
                 )
-            attack_ok = monotone([c[1] for _, c in points], tol)
+            attack_ok = monotone([c[1] for _, c in points], tol, [statistics.fmean(c[2]) for _, c in points])
             print(f"{'':14s} {'':>22s} {attack:8s} AP monotone: {'yes' if attack_ok else 'NO'}")
             ok = ok and attack_ok
         verdicts[defense] = ok
