@@ -18,6 +18,14 @@ see :mod:`splitfed.privacy.defenses.text_sanitizer`), afresh for every token occ
 So ``epsilon`` acts twice: a large budget shrinks the radius (``E r ≈ Δ / epsilon * sqrt(2 d)``)
 until the list holds only ``x``, and sharpens the draw towards ``x``; a small one widens the list
 to the whole vocabulary and flattens the draw towards uniform.
+
+In a wide embedding space the radius hardly varies (the norm of ``d`` i.i.d. Laplace coordinates
+concentrates around its mean), so the useful budgets lie in a narrow band, set by the vocabulary's
+geometry rather than by the textbook range of 1 to 10. Measured on ``smollm2-135m`` (``d = 576``)
+over fortunes text, the fraction of tokens kept is 0 at ``epsilon`` ≤ 18, 0.04 at 22, 0.16 at 24,
+0.60 at 28, 0.96 at 32 and 1.00 from 40 on; on ``minilm-l6`` (``d = 384``) 0.06 at 18, 0.47 at 21,
+0.88 at 24 and 1.00 from 32 on. Calibrate ``epsilon`` per model before comparing it with SanText's
+or CusText's.
 """
 
 from __future__ import annotations
