@@ -872,6 +872,7 @@ def audit(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the audit as JSON here.")
     ] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bars on the attacks' optimization loops.")] = True,
 ) -> None:
     """How much does this run leak? Every attack that applies to what crossed, with a verdict against chance.
 
@@ -902,6 +903,7 @@ def audit(
             max_updates=max_updates,
             recording=recording,
             log=lambda s: console.print(s),
+            progress=progress,
         )
     except _user_errors(AttackConfigError, AttackError, StoreError) as err:
         _fail(str(err))

@@ -60,6 +60,7 @@ INVERSION_OPTIONS = (
     "candidates",
     "bag_threshold",
     "refine_passes",
+    "last_candidates",
     "seed",
     "scale_free",
 )
@@ -268,7 +269,13 @@ def audit_run(
         if name == "gradient_inversion":
             try:
                 found = _gradient_inversion(
-                    cfg, asked=asked, recording=recording, spec=spec, max_updates=max_updates, log=log
+                    cfg,
+                    asked=asked,
+                    recording=recording,
+                    spec=spec,
+                    max_updates=max_updates,
+                    log=log,
+                    progress=progress,
                 )
             except ConfigError:  # the spec itself is wrong: the caller's to fix
                 raise
@@ -429,6 +436,7 @@ def _gradient_inversion(
     spec: dict[str, Any] | None = None,
     max_updates: int = INVERSION_UPDATES,
     log: Callable[[str], None] = lambda s: None,
+    progress: bool = False,
 ) -> Finding | None:
     """Gradient inversion of a federated client's LoRA update, on the run's recording where it applies.
 
@@ -524,7 +532,7 @@ def _gradient_inversion(
             "causal LM's LoRA adapters (federated.local_steps 1, train.optimizer sgd, no client-level DP, "
             "pruning, LoRA dropout or dropout in the model)",
         )
-    options = {k: v for k, v in spec.items() if k not in ("name", "max_updates")}
+    options = {k: v for k, v in spec.items() if k not in ("name", "max_updates")} | {"progress": progress}
     return _invert_recorded(
         cfg, recording, limit=int(spec.get("max_updates", max_updates)), options=options, log=log
     )
@@ -640,10 +648,20 @@ def _invert_recorded(
     mean = lambda key: sum(r.metrics[key] for _, _, r in results) / len(results)  # noqa: E731
     score, chance = mean("token_f1"), sum(r.chance or 0.0 for _, _, r in results) / len(results)
     metrics = {
-        k: mean(k) for k in ("token_f1", "token_precision", "token_recall", "token_accuracy", "bag_f1")
+        k: mean(k)
+        for k in (
+            "token_f1",
+            "token_precision",
+            "token_recall",
+            "token_accuracy",
+            "rouge_l",
+            "exact_sequences",
+            "bag_f1",
+        )
     } | {"updates": float(len(results))}
     per = ", ".join(
-        f"{label} {r.metrics['token_f1']:.2f} (bag {r.metrics['bag_f1']:.2f})" for label, _, r in results
+        f"{label} {r.metrics['token_f1']:.2f} (bag {r.metrics['bag_f1']:.2f}, ROUGE-L {r.metrics['rouge_l']:.2f})"
+        for label, _, r in results
     )
     seq = int(results[0][2].params.get("seq_len", 0))
     if blind:
@@ -658,7 +676,7 @@ def _invert_recorded(
     detail = (
         f"{what}, at the global adapters its round started from (gradient = -update / lr"
         + (" - weight_decay * adapters" if any(rec.fit(r).get("weight_decay") for r in rounds) else "")
-        + f"); token F1 (bag-of-words F1): {per}; chance is uniform guessing's token F1 "
+        + f"); token F1 (bag-of-words F1, ROUGE-L): {per}; chance is uniform guessing's token F1 "
         f"({seq} tokens of a {vocab}-token vocabulary"
         + (", scored against the best-matching client as the attack is)" if blind else ")")
         + (

@@ -113,3 +113,24 @@ def test_a_clipped_gradient_is_matched_in_direction_with_scale_free(setup: dict)
     print("scale-free", free.metrics, "plain distance", scaled.metrics)
     assert free.metrics["token_f1"] >= 0.7
     assert free.metrics["token_f1"] >= scaled.metrics["token_f1"] + 0.3
+
+
+def test_the_last_token_is_scored_exactly_over_the_whole_vocabulary(setup: dict) -> None:
+    """The bag of words cannot see the last token (only a label): the gradient is affine in its
+    one-hot, so the distance's change for every vocabulary token there comes at once, equal to
+    recomputing the gradient per token, and its best is the true one."""
+    from splitfed.privacy.attacks.gradient_inversion import _Matcher
+
+    for k in range(2):
+        text = setup["texts"][k]
+        matcher = _Matcher(setup["model"], setup["grads"][k], alpha=0.0)
+        wrong = text.clone()
+        wrong[0, -1] = 5 if int(text[0, -1]) != 5 else 6
+        changes = matcher.last_changes(wrong)
+        assert changes.shape == (1, 97)
+        base = matcher.hard(wrong)
+        for c in (int(text[0, -1]), 7, 20, 40):
+            trial = wrong.clone()
+            trial[0, -1] = c
+            assert float(changes[0, c]) == pytest.approx(matcher.hard(trial) - base, rel=1e-3, abs=1e-4)
+        assert int(changes.argmin()) == int(text[0, -1])

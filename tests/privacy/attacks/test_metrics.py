@@ -57,3 +57,19 @@ def test_token_f1_chance_is_what_a_frequency_only_guess_scores() -> None:
     chance = token_f1_chance([true], [mask])
     assert chance >= constant > majority_token_share([true], [mask]) - 1e-9  # F1 credits a 5 anywhere
     assert token_f1_chance([true], [mask], seed=0) == chance  # seeded
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_subsequence() -> None:
+    from splitfed.privacy.attacks.metrics import lcs_length, rouge_l, token_scores
+
+    assert lcs_length([1, 2, 3, 4], [2, 4, 1]) == 2
+    assert rouge_l([1, 2, 3], [1, 2, 3]) == 1.0
+    assert rouge_l([3, 2, 1], [1, 2, 3]) == pytest.approx(1 / 3)  # a bag match, out of order
+    assert rouge_l([], [1]) == 0.0 and rouge_l([5], [1]) == 0.0
+    truth = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    guess = torch.tensor([[1, 2, 3, 4], [7, 6, 5, 9]])
+    scores = token_scores([guess], [truth], [mask])
+    assert scores["token_f1"] == 1.0  # both bags are right
+    assert scores["rouge_l"] == pytest.approx((1 + 1 / 3) / 2)
+    assert scores["exact_sequences"] == 0.5

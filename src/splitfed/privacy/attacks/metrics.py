@@ -16,10 +16,34 @@ import torch
 IGNORE = -100
 
 
+def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence of two token lists (dynamic programming)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(predicted: Sequence[int], truth: Sequence[int]) -> float:
+    """ROUGE-L F-measure of two token lists: the LCS's F1 of its precision and recall (Lin 2004)."""
+    if not predicted or not truth:
+        return 0.0
+    lcs = lcs_length(predicted, truth)
+    if not lcs:
+        return 0.0
+    p, r = lcs / len(predicted), lcs / len(truth)
+    return 2 * p * r / (p + r)
+
+
 def token_scores(
     predicted: Sequence[torch.Tensor], truth: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
 ) -> dict[str, float]:
-    """Token precision, recall, F1 (per sequence, averaged) and exact-token accuracy.
+    """Token precision, recall, F1, ROUGE-L and exact-sequence rate (per sequence, averaged) and
+    exact-token accuracy.
 
     Parameters
     ----------
@@ -31,9 +55,10 @@ def token_scores(
     Returns
     -------
     dict
-        ``token_precision``, ``token_recall``, ``token_f1``, ``token_accuracy`` and ``sequences``.
+        ``token_precision``, ``token_recall``, ``token_f1``, ``token_accuracy``, ``rouge_l``,
+        ``exact_sequences`` (the share of sequences recovered token for token) and ``sequences``.
     """
-    precision, recall, f1 = [], [], []
+    precision, recall, f1, rouge, exact = [], [], [], [], []
     hits = total = 0
     for pred, true, mask in zip(predicted, truth, masks, strict=True):
         if pred.shape != true.shape:
@@ -53,12 +78,16 @@ def token_scores(
             precision.append(p)
             recall.append(r)
             f1.append(2 * p * r / (p + r) if p + r else 0.0)
+            rouge.append(rouge_l(p_tokens, t_tokens))
+            exact.append(float(p_tokens == t_tokens))
     n = max(len(f1), 1)
     return {
         "token_precision": sum(precision) / n,
         "token_recall": sum(recall) / n,
         "token_f1": sum(f1) / n,
         "token_accuracy": hits / max(total, 1),
+        "rouge_l": sum(rouge) / n,
+        "exact_sequences": sum(exact) / n,
         "sequences": float(len(f1)),
     }
 
@@ -79,10 +108,10 @@ def text_scores(
     Returns
     -------
     dict
-        ``token_precision``, ``token_recall``, ``token_f1``, ``token_accuracy``, ``aligned_rows`` and
-        ``sequences``.
+        ``token_precision``, ``token_recall``, ``token_f1``, ``token_accuracy``, ``aligned_rows``,
+        ``rouge_l``, ``exact_sequences`` (as :func:`token_scores`) and ``sequences``.
     """
-    precision, recall, f1 = [], [], []
+    precision, recall, f1, rouge, exact = [], [], [], [], []
     hits = total = aligned = 0
     for pred, p_mask, true, t_mask in zip(predicted, predicted_masks, truth, truth_masks, strict=True):
         if pred.shape[0] != true.shape[0]:
@@ -97,6 +126,8 @@ def text_scores(
             precision.append(p)
             recall.append(r)
             f1.append(2 * p * r / (p + r) if p + r else 0.0)
+            rouge.append(rouge_l(p_tokens, t_tokens))
+            exact.append(float(p_tokens == t_tokens))
             if len(p_tokens) == len(t_tokens):
                 aligned += 1
                 hits += sum(a == b for a, b in zip(p_tokens, t_tokens, strict=True))
@@ -108,6 +139,8 @@ def text_scores(
         "token_f1": sum(f1) / n,
         "token_accuracy": hits / max(total, 1),
         "aligned_rows": aligned / n,
+        "rouge_l": sum(rouge) / n,
+        "exact_sequences": sum(exact) / n,
         "sequences": float(len(f1)),
     }
 

@@ -545,6 +545,8 @@ def run_generation_attack(
             "prompt_token_accuracy": prompt["token_accuracy"],
             "generated_token_f1": generated["token_f1"],
             "generated_token_accuracy": generated["token_accuracy"],
+            "prompt_rouge_l": prompt["rouge_l"],
+            "generated_rouge_l": generated["rouge_l"],
         }
         return out
 
