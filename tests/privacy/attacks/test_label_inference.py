@@ -163,3 +163,13 @@ def test_model_completion_labels_examples_from_the_body_outputs(
 def test_model_completion_needs_the_body_outputs_of_hbt(recordings: dict[str, Path]) -> None:
     with pytest.raises(AttackError, match=r"forward_result\.hidden"):
         run_attack(build_attack("model_completion"), recordings["ht"], AttackContext())
+
+
+def test_an_attack_told_every_label_it_reads_refuses_to_score(recordings: dict[str, Path]) -> None:
+    """Known labels that cover every example read leave none to score: an error, not an AP of 0."""
+    for name in ("ns", "ds"):
+        told = build_attack({"name": name, "known_per_class": 8})
+        with pytest.raises(AttackError, match="none is left to score"):
+            run_attack(told, recordings["ht"], AttackContext(max_examples=8))
+    some = build_attack({"name": "ns", "known_per_class": 2})
+    assert run_attack(some, recordings["ht"], AttackContext(max_examples=8)).n_examples == 4

@@ -339,6 +339,13 @@ def run_attack(
             result.control.pop("sequences")
         return result
     labels = _scored_labels(observations, truths, known)
+    if not any(bool((t != IGNORE).any()) for t in labels):
+        told = sum(int((k != IGNORE).sum()) for k in known.values())
+        raise AttackError(
+            f"attack {attack.name!r} was told {told} labels (known_per_class {attack.known_per_class}), "
+            "every example it read, so none is left to score: attack more examples (max_examples, "
+            "--max-examples, or an earlier window) or give it fewer known labels (known_per_class)"
+        )
     result.metrics = _score_labels(attack, predicted, labels)
     result.n_examples = int(result.metrics.pop("labels"))
     result.chance = majority_label_share(labels)
