@@ -187,7 +187,7 @@ def start_server(
     """Build the model party of ``cfg`` and serve it on ``host:port`` (``port=0`` picks a free one).
 
     ``record``: a new directory where the model party records every data-party message it
-    receives, as decoded (the honest-but-curious model party's view; see
+    receives, as decoded, and each reply it sends (the honest-but-curious model party's view; see
     :class:`~splitfed.privacy.recording.RecordingWriter`).
 
     ``adapters``: a ``splitfed train`` output directory whose model-party adapters to load.
@@ -248,7 +248,7 @@ def start_server(
     if record is not None:
         from splitfed.privacy.recording import RecordingWriter
 
-        recording = RecordingWriter(record, directions="to_model", tap="model_party")
+        recording = RecordingWriter(record, tap="model_party")
     hidden = int(model.config.hidden_size)
     service = ModelPartyService(
         party,

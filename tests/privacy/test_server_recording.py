@@ -59,7 +59,12 @@ def test_the_model_party_records_what_it_decoded_bit_for_bit(
     assert torch.equal(forward[0].tensor("attention_mask"), mask)
     assert torch.equal(backward[0].tensor("grad"), grad)
     assert forward[0].client == "hospital" and forward[0].phase == "train"
-    assert {r.direction for r in reader} == {"to_model"}
+    # Its own replies too (the model party knows what it sent), paired with their request.
+    (reply,) = list(reader.records(kinds="forward_result"))
+    assert reply.direction == "to_data" and reply.phase == "train" and reply.client == "hospital"
+    # Recorded as computed, before the codec: encoded, it is what the data party received.
+    assert torch.equal(decode(encode("hidden", reply.tensor("hidden"), name)), out.tensors["hidden"])
+    assert {r.direction for r in reader} == {"to_model", "to_data"}
 
 
 def test_a_server_recording_lines_up_with_the_joined_party_s_ground_truth(

@@ -199,7 +199,8 @@ class ModelPartyService:
     recorder : Callable[[Direction, Message], None] | None
         The attacker's view: every data-party message that passed validation, as decoded (after
         compression and the data party's defenses), with the party's id in its ``client``
-        metadata (e.g. a :class:`~splitfed.privacy.recording.RecordingWriter`).
+        metadata, then the model party's reply to it (direction ``"to_data"``), e.g. a
+        :class:`~splitfed.privacy.recording.RecordingWriter`.
 
     Consistency: a training step holds the step lock from its first message to its update, so
     shared adapters see whole steps; every call into the model party holds the compute lock, so
@@ -448,17 +449,30 @@ class ModelPartyService:
                 f"max_length {max_length} exceeds the session's limit of {limits.max_seq}", ErrorCode.LIMIT
             )
 
+    def _record(self, direction: Direction, message: Message) -> None:
+        if self.recorder is None:
+            return
+        with self._record_lock:
+            try:
+                self.recorder(direction, message)
+            except Exception as err:  # a full disk must not refuse the parties' messages
+                log.error("recording failed (%s); the model party goes on without recording", err)
+                self.recorder = None
+
     def _handle(self, session: _Session, message: Message) -> Message | None:
         self._check(session, message)
         message.meta["client"] = session.client
+        self._record("to_model", message)
+        reply = self._dispatch(session, message)
+        if reply is not None and self.recorder is not None:
+            # Its own replies are part of the model party's view (HBT attacks run the public tail on
+            # them). The recorder pairs a reply with its request by kind and batch id.
+            batch_id = reply.meta.get("batch_id", message.meta.get("batch_id"))
+            self._record("to_data", Message(reply.kind, reply.tensors, {**reply.meta, "batch_id": batch_id}))
+        return reply
+
+    def _dispatch(self, session: _Session, message: Message) -> Message | None:
         meta = message.meta
-        if self.recorder is not None:
-            with self._record_lock:
-                try:
-                    self.recorder("to_model", message)
-                except Exception as err:  # a full disk must not refuse the parties' messages
-                    log.error("recording failed (%s); the model party goes on without recording", err)
-                    self.recorder = None
         if message.kind == "fedavg":
             if session.in_step:
                 raise SessionError("fedavg between steps only: finish the step (its update) first")

@@ -19,11 +19,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from splitfed.config import parse_config
-from splitfed.privacy.attacks import ATTACKS, AttackContext, Need, build_attack, run_attack
+from splitfed.config import RunConfig, parse_config
+from splitfed.privacy.attacks import ATTACKS, AttackContext, AttackResult, Need, build_attack, run_attack
 from splitfed.privacy.attacks.metrics import token_scores
 from splitfed.privacy.attacks.runner import load_observations
 from splitfed.run import train
+from splitfed.runtime import join, start_server
 from tiny import (
     WORDS,
     run_config,
@@ -62,19 +63,50 @@ CASES = [
 ]
 
 
+def _run_config(root: Path, name: str, transport: str) -> RunConfig:
+    split, lm, steps = RECORDINGS[name]
+    train_section = {"steps": steps, "batch_size": 8, "eval_before": False, "eval_max_new_tokens": 0}
+    raw = run_config(root, f"{transport}-{name}", split=split, train=train_section, **(LM if lm else {}))
+    raw["data"]["path"] = str(root / ("lm.csv" if lm else "binary.csv"))
+    if not lm:
+        raw["model"]["num_labels"] = 2  # a served model party sees no data to count classes from
+    return parse_config(raw)
+
+
 @pytest.fixture(scope="module")
 def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("noise-control")
     save_tiny_pretrained(root / "model")
     write_topic_csv(root / "lm.csv")
     write_binary_csv(root / "binary.csv")
-    out = {"model": root / "model"}
-    for name, (split, lm, steps) in RECORDINGS.items():
-        train_section = {"steps": steps, "batch_size": 8, "eval_before": False, "eval_max_new_tokens": 0}
-        raw = run_config(root, f"run-{name}", split=split, train=train_section, **(LM if lm else {}))
-        raw["data"]["path"] = str(root / ("lm.csv" if lm else "binary.csv"))
-        train(parse_config(raw), progress=False, log=lambda s: None, record=root / name)
+    out = {"model": root / "model", "root": root}
+    for name in RECORDINGS:
+        train(_run_config(root, name, "local"), progress=False, log=lambda s: None, record=root / name)
         out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(recordings: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
+    """The same runs over gRPC: the model party's ``serve --record`` view and the joined data
+    party's ``join --record`` directory, whose ground truth scores it."""
+    root, out = recordings["root"], {}
+    for name in RECORDINGS:
+        cfg = _run_config(root, name, "grpc")
+        server = start_server(cfg, port=0, record=root / f"served-{name}", log=lambda s: None)
+        try:
+            party = root / f"joined-{name}"
+            join(
+                cfg,
+                f"127.0.0.1:{server.port}",
+                client_id="clinic",
+                progress=False,
+                log=lambda s: None,
+                record=party,
+            )
+        finally:
+            server.stop()
+        out[name] = (root / f"served-{name}", party)
     return out
 
 
@@ -167,3 +199,37 @@ def test_position_scaled_noise_keeps_the_norms_norm_scoring_reads(
         control_scale="position",
     )
     assert result.control["auc"] >= 0.7
+
+
+def _headline(result: AttackResult) -> tuple[float, float]:
+    """The attack's main score and its bar: token F1 or label AUC (or accuracy) clearly above chance."""
+    if "token_f1" in result.metrics:
+        return result.metrics["token_f1"], result.chance + 0.5
+    if "auc" in result.metrics:
+        return result.metrics["auc"], 0.7
+    return result.metrics["label_accuracy"], result.chance + 0.1
+
+
+@pytest.mark.parametrize(("spec", "recording"), CASES, ids=lambda c: c if isinstance(c, str) else c["name"])
+def test_an_attack_reads_the_model_party_s_grpc_recording_as_it_reads_an_in_process_one(
+    recordings: dict[str, Path],
+    served: dict[str, tuple[Path, Path]],
+    model: torch.nn.Module,
+    cache: dict[Any, Any],
+    spec: dict[str, Any],
+    recording: str,
+) -> None:
+    # The run over gRPC is the run in process (same seed and batches): the server's view, scored
+    # by the joined party's ground truth, must give the attack what the in-process recording gives.
+    server_view, party = served[recording]
+    context = _context(model, recording, cache)
+    context.ground_truth = party / "ground_truth"
+    remote = run_attack(build_attack(spec), server_view, context, phases="train")
+    local = run_attack(
+        build_attack(spec), recordings[recording], _context(model, recording, cache), phases="train"
+    )
+    print(spec["name"], recording, "grpc", remote.metrics, "in process", local.metrics)
+    assert remote.n_examples == local.n_examples > 0
+    (score, bar), (same, _) = _headline(remote), _headline(local)
+    assert abs(score - same) <= 0.05, (remote.metrics, local.metrics)
+    assert score >= bar, (remote.metrics, remote.chance)
