@@ -83,6 +83,10 @@ def load_adapters(
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor)
+        for role in roles:
+            loaded = getattr(segments.get(role), "loaded", None)  # the front: its defenses' hook
+            if callable(loaded) and set(saved) & set(segments[role].named_model_parameters()):
+                loaded()
 
 
 def save_checkpoint(

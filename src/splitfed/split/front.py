@@ -200,6 +200,10 @@ class Defense:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned (called on ``--resume``)."""
 
+    def on_loaded(self) -> None:
+        """Its parameters were just loaded from adapter files: a defense that initializes itself
+        from the first batch it sees (MID's PCA start) must not overwrite them."""
+
 
 def _overrides(defense: Defense, hook: str) -> bool:
     return getattr(type(defense), hook) is not getattr(Defense, hook)
@@ -409,6 +413,12 @@ class DataFront(nn.Module):
             if entry:
                 state[f"{i}_{d.name or type(d).__name__}"] = entry
         return state
+
+    def loaded(self) -> None:
+        """Tell every defense its parameters came from adapter files (:meth:`Defense.on_loaded`)."""
+        for d in self.defenses:
+            if _overrides(d, "on_loaded"):
+                d.on_loaded()
 
     def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`checkpoint_state` returned (the defenses must be the same, in order)."""

@@ -113,3 +113,47 @@ def test_a_tail_bottleneck_is_refused_in_ht_and_head_alone_is_not(split_system, 
         split_system([{"name": "mid", "where": where}], setting="ht")
     system = split_system([{"name": "mid", "where": "head"}], setting="ht")
     assert system.data_party.front.trains_before_crossing
+
+
+def test_the_pca_start_passes_the_first_batch_s_principal_subspace_through() -> None:
+    torch.manual_seed(0)
+    basis = torch.randn(3, 10)
+    x = torch.randn(2, 6, 3) @ basis + 5.0  # rank 3 around an offset: a width-3 code holds it all
+    mid = MID(hidden_size=10, bottleneck=3)
+    out = mid.on_activations(x, FrontContext("eval"))
+    torch.testing.assert_close(out, x, atol=1e-4, rtol=1e-4)  # the task starts undefended
+    assert mid.head_bottleneck is not None
+    mu, logvar = mid.head_bottleneck.encoder(x).chunk(2, dim=-1)
+    torch.testing.assert_close(mu.reshape(-1, 3).var(0), torch.ones(3), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logvar, torch.full_like(logvar, -4.0))
+    # Fitted once: a later batch goes through the same bottleneck, it does not refit.
+    weight = mid.head_bottleneck.encoder.weight.detach().clone()
+    mid.on_activations(torch.randn(2, 6, 10), FrontContext("train"))
+    assert torch.equal(mid.head_bottleneck.encoder.weight, weight)
+    random = MID(hidden_size=10, bottleneck=3, init="random")
+    assert not torch.allclose(random.on_activations(x, FrontContext("eval")), x, atol=0.5)
+
+
+def test_loaded_adapters_are_not_refitted_and_padding_is_not_fitted(split_system, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from splitfed.run.checkpoints import load_adapters, save_adapters
+
+    system = split_system([{"name": "mid", "bottleneck": 4, "weight": 0.1}])
+    system.data_party.train_step(tiny_batch("classification"))
+    save_adapters(system.segments, tmp_path, ("data_party",))
+    fresh = split_system([{"name": "mid", "bottleneck": 4, "weight": 0.1}])
+    load_adapters(fresh.segments, tmp_path, ("data_party",))
+    (mid,) = fresh.data_party.front.defenses
+    assert mid.head_bottleneck is not None and bool(mid.head_bottleneck.fitted)
+    (trained,) = system.data_party.front.defenses
+    mid.on_activations(torch.randn(2, 5, mid.head_bottleneck.decoder.out_features), FrontContext("eval"))
+    assert torch.equal(mid.head_bottleneck.encoder.weight, trained.head_bottleneck.encoder.weight)
+    # Padding does not enter the fit: the same real tokens under more padding fit the same.
+    x, mask = torch.randn(1, 5, 6), torch.tensor([[1, 1, 1, 1, 1]])
+    padded = torch.cat([x, torch.full((1, 3, 6), 100.0)], 1)
+    a, b = MID(hidden_size=6, bottleneck=2), MID(hidden_size=6, bottleneck=2)
+    a.on_activations(x, FrontContext("eval", attention_mask=mask))
+    b.on_activations(
+        padded, FrontContext("eval", attention_mask=torch.cat([mask, torch.zeros(1, 3)], 1).long())
+    )
+    assert a.head_bottleneck is not None and b.head_bottleneck is not None
+    torch.testing.assert_close(a.head_bottleneck.decoder.bias, b.head_bottleneck.decoder.bias)

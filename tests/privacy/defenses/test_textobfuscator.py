@@ -34,7 +34,7 @@ def test_kmeans_recovers_well_separated_blobs() -> None:
 def test_tokens_of_one_cluster_become_indistinguishable_up_to_noise() -> None:
     model = tiny_model("llama", "classification")
     table = model.model.embed_tokens.weight.detach()
-    clean_obf = _obfuscator(model, noise_scale=0.0)
+    clean_obf = _obfuscator(model, noise_scale=0.0, obfuscate="embeddings")
     labels = clean_obf.labels
     assert labels.shape == (97,) and len(set(labels.tolist())) > 1
     ids = torch.arange(97)[None, :]
@@ -47,7 +47,7 @@ def test_tokens_of_one_cluster_become_indistinguishable_up_to_noise() -> None:
     # Without ids, the nearest center gives the same clusters.
     assert torch.equal(clean_obf.cluster_of(table[ids]), labels[None, :])
     # With noise: same-cluster outputs differ by the noise only, far less than across clusters.
-    noisy = _obfuscator(model, noise_scale=0.05).on_embeddings(table[ids], ctx)[0]
+    noisy = _obfuscator(model, noise_scale=0.05, obfuscate="embeddings").on_embeddings(table[ids], ctx)[0]
     rms = float(table.pow(2).mean().sqrt())
     same = labels[:, None] == labels[None, :]
     gaps = torch.cdist(noisy, noisy)
@@ -57,6 +57,27 @@ def test_tokens_of_one_cluster_become_indistinguishable_up_to_noise() -> None:
     assert float(gaps[~same].min()) > 1.5 * float(gaps[off_diagonal].max())
     assert noisy.dtype == table.dtype
     assert clean_obf.on_embeddings(table[ids].bfloat16(), ctx).dtype == torch.bfloat16
+
+
+def test_by_default_the_representations_get_noise_scaled_to_their_real_tokens_rms() -> None:
+    model = tiny_model("llama", "classification")
+    obf = _obfuscator(model, noise_scale=0.5)
+    table = model.model.embed_tokens.weight.detach()
+    ids = torch.arange(40).reshape(2, 20)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 10:] = 0
+    ctx = FrontContext("eval", input_ids=ids, attention_mask=mask)
+    assert torch.equal(obf.on_embeddings(table[ids], ctx), table[ids])  # the words are kept
+    torch.manual_seed(0)
+    hidden = 3.0 * torch.randn(2, 20, 512)
+    hidden[1, 10:] = 1000.0  # padding must not set the scale
+    out = obf.on_activations(hidden, ctx)
+    assert isinstance(out, torch.Tensor)
+    rms = float(hidden[mask.bool()].pow(2).mean().sqrt())
+    assert float((out - hidden).std()) == pytest.approx(0.5 * rms, rel=0.05)
+    off = _obfuscator(model, noise_scale=0.5, phases=["train"])
+    off.on_embeddings(table[ids], ctx)
+    assert torch.equal(off.on_activations(hidden, ctx), hidden)  # not in its phases
 
 
 def _system(weight: float):  # type: ignore[no-untyped-def]

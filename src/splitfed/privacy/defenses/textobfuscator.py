@@ -10,14 +10,21 @@ What this implementation does, and how it differs from the paper:
 
 * clusters: k-means (``n_clusters``, ``iterations`` Lloyd steps from seeded distinct random
   rows) over the model's token embedding matrix, once in :meth:`TextObfuscator.setup`;
-* obfuscation (``on_embeddings``, in training, evaluation and generation): each token's
-  embedding becomes its cluster's center plus Gaussian noise of standard deviation
-  ``noise_scale * rms(embedding matrix)`` per coordinate. The paper instead keeps the word
-  embeddings and learns the obfuscation during fine-tuning; the centers here are fixed;
+* obfuscation, ``obfuscate: representations`` (the paper's, the default): the word embeddings
+  are kept; the head's output (the privatization layer's representations, what crosses) gets
+  Gaussian noise of standard deviation ``noise_scale`` times the RMS of the batch's real-token
+  representations, in training, evaluation and generation, and the cluster loss below pulls each
+  word's representation towards its cluster's prototype while the task trains;
+* obfuscation, ``obfuscate: embeddings`` (a stronger, cruder variant): each token's embedding
+  becomes its cluster's center plus Gaussian noise of standard deviation
+  ``noise_scale * rms(embedding matrix)`` per coordinate, so the head only ever sees clusters.
+  Measured on smollm2-135m topic classification (40 LoRA steps, 100 clusters): MP at chance at
+  every noise scale, because 100 clusters of the vocabulary do not keep the topic;
 * cluster loss (``on_activations``, training only, when ``cluster_weight > 0``): the paper's
   "close" loss on the head's output, the mean squared distance of each real position's output to
   its cluster's mean output in the batch, relative to the outputs' mean square. The paper's
-  "away" loss (prototypes apart) is not implemented.
+  prototypes are learned; here they are the batch's cluster means. The paper's "away" loss
+  (prototypes apart) is not implemented.
 
 A token's cluster comes from its id (``FrontContext.input_ids``) where the front has it, else from
 the nearest center to the embedding it is given.
@@ -25,11 +32,13 @@ the nearest center to the embedding it is given.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from splitfed.privacy.defenses._tokens import ALL_PHASES, DefensePhase, not_set_up
+from splitfed.privacy.defenses._tokens import ALL_PHASES, DefensePhase, not_set_up, real_token_mask
 from splitfed.split.front import Defense, FrontContext, FrontResources
 
 
@@ -61,8 +70,11 @@ class TextObfuscator(Defense, nn.Module):
         k-means iterations.
     cluster_weight : float, default 0.0
         Weight of the close-to-prototype loss on the head's outputs (0: none).
+    obfuscate : {"representations", "embeddings"}, default "representations"
+        Noise on the head's output (the paper), or cluster centers plus noise in place of the
+        token embeddings.
     phases : list of {"train", "eval", "generate"}, default all
-        Where embeddings are obfuscated.
+        Where it obfuscates.
     """
 
     name = "textobfuscator"
@@ -79,6 +91,10 @@ class TextObfuscator(Defense, nn.Module):
         cluster_weight: float = Field(
             0.0, ge=0.0, le=1e6, description="weight of the close-to-prototype loss on the head's output"
         )
+        obfuscate: Literal["representations", "embeddings"] = Field(
+            "representations",
+            description="noise on the head's output (paper) or cluster centers as embeddings",
+        )
         phases: list[DefensePhase] = Field(
             default_factory=lambda: list(ALL_PHASES), min_length=1, description="phases it applies in"
         )
@@ -89,9 +105,11 @@ class TextObfuscator(Defense, nn.Module):
         noise_scale: float = 0.1,
         iterations: int = 10,
         cluster_weight: float = 0.0,
+        obfuscate: Literal["representations", "embeddings"] = "representations",
         phases: list[DefensePhase] | tuple[DefensePhase, ...] = ALL_PHASES,
     ) -> None:
         nn.Module.__init__(self)
+        self.obfuscate = obfuscate
         self.n_clusters, self.noise_scale = int(n_clusters), float(noise_scale)
         self.iterations, self.cluster_weight = int(iterations), float(cluster_weight)
         self.phases = frozenset(phases)
@@ -138,6 +156,8 @@ class TextObfuscator(Defense, nn.Module):
             )
         labels = self.cluster_of(embeddings, context.input_ids)
         self._last_labels = labels
+        if self.obfuscate == "representations":
+            return embeddings  # the clusters only steer the loss; the noise goes on the output
         out = self.centers.to(embeddings.device)[labels]
         if self.noise_scale > 0:
             out = out + self.noise_scale * self.rms * torch.randn_like(out)
@@ -146,6 +166,16 @@ class TextObfuscator(Defense, nn.Module):
     def on_activations(
         self, hidden: torch.Tensor, context: FrontContext
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        close = self._close_loss(hidden, context)
+        if self.obfuscate == "representations" and context.phase in self.phases and self.noise_scale > 0:
+            mask = real_token_mask(context, hidden).bool()
+            real = hidden.detach().float()[mask] if bool(mask.any()) else hidden.detach().float()
+            rms = real.pow(2).mean().sqrt()
+            noise = torch.randn(hidden.shape, device=hidden.device) * (self.noise_scale * rms)
+            hidden = hidden + noise.to(hidden.dtype)
+        return hidden if close is None else (hidden, close)
+
+    def _close_loss(self, hidden: torch.Tensor, context: FrontContext) -> torch.Tensor | None:
         labels = self._last_labels
         if (
             self.cluster_weight <= 0
@@ -153,18 +183,18 @@ class TextObfuscator(Defense, nn.Module):
             or labels is None
             or tuple(labels.shape) != tuple(hidden.shape[:-1])
         ):
-            return hidden
+            return None
         h = hidden.float().reshape(-1, hidden.shape[-1])
         flat = labels.reshape(-1)
         if context.attention_mask is not None and context.attention_mask.shape == labels.shape:
             real = context.attention_mask.reshape(-1).bool()
             h, flat = h[real], flat[real]
         if h.shape[0] == 0:
-            return hidden
+            return None
         _, inverse = torch.unique(flat, return_inverse=True)
         n = int(inverse.max()) + 1
         sums = h.new_zeros(n, h.shape[1]).index_add(0, inverse, h)
         counts = torch.bincount(inverse, minlength=n).to(h.dtype)[:, None]
         prototypes = sums / counts
         close = (h - prototypes[inverse]).pow(2).mean() / h.detach().pow(2).mean().clamp_min(1e-12)
-        return hidden, self.cluster_weight * close
+        return self.cluster_weight * close
