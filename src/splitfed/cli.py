@@ -751,7 +751,13 @@ def bench(
             with ResultStore(store or default_store) as db:
                 the_plan = plan(sweep, root, db)
             for run in the_plan.runs:
-                mark = "stored" if run.key in the_plan.stored else "to run"
+                mark = (
+                    "stored"
+                    if run.key in the_plan.stored
+                    else "again"
+                    if run.key in the_plan.again
+                    else "to run"
+                )
                 console.print(f"{run.key}  {mark:7}  {run.spec}")
             console.print(
                 f"{len(the_plan.runs)} runs x {len(the_plan.attacks)} attacks; {len(the_plan.todo)} to run"

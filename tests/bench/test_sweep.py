@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from splitfed.bench.store import ResultStore
-from splitfed.bench.sweep import expand, load_sweep, plan, run_sweep
+from splitfed.bench.sweep import attack_key, attack_specs, expand, load_sweep, plan, run_sweep
 from splitfed.cli import app
 from splitfed.config import ConfigError
 from splitfed.privacy import defenses
@@ -62,8 +62,10 @@ def test_the_estimate_counts_training_and_attacks_of_the_stored_runs(workspace: 
         assert plan(sweep, root, store).estimate_s is None  # nothing stored: no figure to go on
         for run in runs[:2]:
             store.put_run(run.key, sweep=sweep.name, spec=run.spec, status="done", seconds=10.0)
-            for name in ("vmi", "bli"):
-                store.put_attack(run.key, name, attack=name, spec={"name": name}, status="done", seconds=5.0)
+            for spec in attack_specs(sweep):
+                store.put_attack(
+                    run.key, attack_key(spec), attack=spec["name"], spec=spec, status="done", seconds=5.0
+                )
         the_plan = plan(sweep, root, store)
     # (10 s training + 2 x 5 s attacks) per run, 4 runs left, 2 at a time
     assert the_plan.stored == {r.key for r in runs[:2]} and the_plan.estimate_s == pytest.approx(40.0)
@@ -107,6 +109,22 @@ def test_a_sweep_stores_every_run_and_attack_resumes_and_records_failures(
     lines.clear()
     again = run_sweep(sweep, root, log=lines.append)  # resumes: only the failed run runs again
     assert "2 stored, 1 to run" in lines[0] and len(again.stored) == 2
+    # A stored run whose attack failed (or that lacks an attack the sweep now has) runs again,
+    # after the runs never stored: its recording is gone.
+    bli = next(s for s in attack_specs(sweep) if s["name"] == "bli")
+    with ResultStore(Path(sweep.out) / "results.sqlite") as store:  # type: ignore[arg-type]
+        store.put_attack(
+            runs["none"].key, attack_key(bli), attack="bli", spec=bli, status="failed", error="x"
+        )
+        the_plan = plan(sweep, root, store)
+    assert the_plan.again == {runs["none"].key} and runs["none"].key not in the_plan.stored
+    assert [r.key for r in the_plan.todo] == [runs["explodes"].key, runs["none"].key]
+    lines.clear()
+    third = run_sweep(sweep, root, log=lines.append)
+    assert "1 stored, 2 to run (1 of them again" in lines[0], lines[0]
+    assert runs["none"].key in third.stored and not third.again
+    with ResultStore(Path(sweep.out) / "results.sqlite") as store:  # type: ignore[arg-type]
+        assert store.attack_status(runs["none"].key, attack_key(bli)) == "done"
 
 
 def test_cli_bench_dry_run_lists_the_runs(workspace: Path) -> None:

@@ -285,6 +285,13 @@ class ResultStore:
         ).fetchone()
         return row is not None and row[0] == "done"
 
+    def attack_status(self, run_key: str, attack_key: str) -> str | None:
+        """The stored status of that attack on that run (``None``: not stored)."""
+        row = self._db.execute(
+            "SELECT status FROM attacks WHERE run_key = ? AND attack_key = ?", (run_key, attack_key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def runs(self, sweep: str | None = None) -> list[RunRow]:
         """Every stored run (of ``sweep``), oldest first."""
         query = "SELECT * FROM runs" + (" WHERE sweep = ?" if sweep else "") + " ORDER BY created"

@@ -40,7 +40,8 @@ store, each run as it finishes.
 
 Each run is identified by the hash of what determines it, so a rerun skips the runs already in
 the store (an interrupted sweep resumes where it stopped); a failed run records its error and the
-sweep goes on. One recording of a run feeds all of its attacks and is deleted afterwards unless
+sweep goes on. A stored run one of whose attacks failed, or that lacks an attack the sweep has
+gained since, runs again after the runs never stored (its recording is gone). One recording of a run feeds all of its attacks and is deleted afterwards unless
 ``keep_recordings`` is set.
 """
 
@@ -441,7 +442,7 @@ def run_one(
     context = None
     for spec in attacks:
         name = spec["name"]
-        attack_key = spec_key({k: v for k, v in spec.items() if not k.startswith("_")})
+        key = attack_key(spec)
         params = {k: v for k, v in spec.items() if k not in ("type",) and not k.startswith("_")}
         row: dict[str, Any] = {
             "attack": name,
@@ -452,7 +453,7 @@ def run_one(
             reason = None if _allowed(only, run.spec.get) else f"the sweep runs it only where {only}"
             reason = reason or why_not_applicable(spec, recording)
             if reason is not None:
-                rows.append((attack_key, row | {"status": "not_applicable", "error": reason}))
+                rows.append((key, row | {"status": "not_applicable", "error": reason}))
                 continue
             if context is None:
                 context = attack_context(cfg, auxiliary_texts(cfg, aux), max_examples=max_examples)
@@ -474,7 +475,7 @@ def run_one(
             }
         except Exception as err:  # one failing attack does not lose the run or the others
             row |= {"status": "failed", "error": _error(err)}
-        rows.append((attack_key, row))
+        rows.append((key, row))
     if not keep_recording:
         shutil.rmtree(recording, ignore_errors=True)
     return RunOutcome(run.key, run_row, rows, time.perf_counter() - start)
@@ -547,11 +548,38 @@ class SweepPlan:
     stored: set[str]
     attacks: list[dict[str, Any]]
     estimate_s: float | None
+    #: Runs stored as done whose attacks are not all settled (one failed, or the sweep has an
+    #: attack the store lacks for it): run again, after the runs never run.
+    again: set[str] = field(default_factory=set)
 
     @property
     def todo(self) -> list[RunSpec]:
-        """The runs not stored yet."""
-        return [r for r in self.runs if r.key not in self.stored]
+        """The runs not stored yet, then those to run again (their recordings are gone)."""
+        fresh = [r for r in self.runs if r.key not in self.stored and r.key not in self.again]
+        return fresh + [r for r in self.runs if r.key in self.again]
+
+
+def attack_key(spec: Mapping[str, Any]) -> str:
+    """The store's key of an attack spec of :func:`attack_specs` (its ``_``-private keys left out)."""
+    return spec_key({k: v for k, v in spec.items() if not k.startswith("_")})
+
+
+#: Attack statuses a resumed sweep leaves alone (``failed`` ones are retried, with their run).
+SETTLED = ("done", "not_applicable")
+
+
+def _stored(
+    store: ResultStore, runs: Sequence[RunSpec], attacks: Sequence[Mapping[str, Any]]
+) -> tuple[set[str], set[str]]:
+    """The runs stored with every attack settled, and the stored runs to run again."""
+    keys = [attack_key(a) for a in attacks]
+    stored: set[str] = set()
+    again: set[str] = set()
+    for run in runs:
+        if store.has_run(run.key):
+            settled = all(store.attack_status(run.key, k) in SETTLED for k in keys)
+            (stored if settled else again).add(run.key)
+    return stored, again
 
 
 def plan(sweep: SweepConfig, root: Path, store: ResultStore, *, parallel: int | None = None) -> SweepPlan:
@@ -559,7 +587,7 @@ def plan(sweep: SweepConfig, root: Path, store: ResultStore, *, parallel: int | 
     (training and attacks) with ``parallel`` runs at once (default: the sweep's ``workers``)."""
     runs = expand(sweep, root)
     attacks = attack_specs(sweep)
-    stored = {r.key for r in runs if store.has_run(r.key)}
+    stored, again = _stored(store, runs, attacks)
     done = [r for r in store.runs(sweep.name) if r.status == "done" and r.seconds]
     estimate = None
     if done:
@@ -567,7 +595,7 @@ def plan(sweep: SweepConfig, root: Path, store: ResultStore, *, parallel: int | 
             float(r.seconds or 0.0) + sum(float(a.seconds or 0.0) for a in store.attacks(r.key)) for r in done
         ) / len(done)
         estimate = per_run * (len(runs) - len(stored)) / (parallel or sweep.workers)
-    return SweepPlan(runs, stored, attacks, estimate)
+    return SweepPlan(runs, stored, attacks, estimate, again)
 
 
 def sweep_paths(sweep: SweepConfig, root: Path) -> tuple[Path, Path]:
@@ -626,8 +654,13 @@ def run_sweep(
             else ""
         )
         log(
-            f"sweep {sweep.name}: {total} runs x {len(the_plan.attacks)} attacks; {done} stored, {len(todo)} to run{eta} "
-            f"({where}); results in {store.path}"
+            f"sweep {sweep.name}: {total} runs x {len(the_plan.attacks)} attacks; {done} stored, {len(todo)} to run"
+            + (
+                f" ({len(the_plan.again)} of them again: an attack of theirs failed or is new to the store)"
+                if the_plan.again
+                else ""
+            )
+            + f"{eta} ({where}); results in {store.path}"
         )
         if not todo:
             return the_plan
@@ -678,5 +711,5 @@ def run_sweep(
         else:
             for outcome in _pool_outcomes(todo, the_plan.attacks, sweep.workers, kwargs):
                 finish(outcome)
-        the_plan.stored = {r.key for r in the_plan.runs if store.has_run(r.key)}
+        the_plan.stored, the_plan.again = _stored(store, the_plan.runs, the_plan.attacks)
         return the_plan
