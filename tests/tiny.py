@@ -344,3 +344,22 @@ def crash_or_finish(run: Any, attacks: Any, **kwargs: Any) -> Any:
         time.sleep(1.5)  # in flight long enough to be seen running
         os._exit(3)
     return RunOutcome(run.key, {"status": "done"}, [], 0.0)
+
+
+def served_run(cfg: Any, server_record, party_record, client_id: str = "clinic") -> Any:
+    """``cfg`` over gRPC on this machine: a recording model party (``serve --record``) and one data
+    party that joins it and records its own side (``join --record``); the join's result."""
+    from splitfed.runtime import join, start_server
+
+    server = start_server(cfg, port=0, record=server_record, log=lambda s: None)
+    try:
+        return join(
+            cfg,
+            f"127.0.0.1:{server.port}",
+            client_id=client_id,
+            progress=False,
+            log=lambda s: None,
+            record=party_record,
+        )
+    finally:
+        server.stop()

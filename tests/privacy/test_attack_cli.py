@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from splitfed.cli import app
-from tiny import run_config, save_tiny_pretrained, write_topic_csv
+from tiny import run_config, save_tiny_pretrained, served_run, write_topic_csv
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,6 @@ def test_attack_recovers_prompts_from_a_generate_recording(tmp_path: Path) -> No
 
 def test_attack_scores_a_model_party_recording_with_the_joined_party_s_ground_truth(tmp_path: Path) -> None:
     from splitfed.config import parse_config
-    from splitfed.runtime import join, start_server
 
     save_tiny_pretrained(tmp_path / "model")
     write_topic_csv(tmp_path / "data.csv")
@@ -148,18 +147,7 @@ def test_attack_scores_a_model_party_recording_with_the_joined_party_s_ground_tr
     config = tmp_path / "remote.yaml"
     config.write_text(yaml.safe_dump(raw))
     cfg = parse_config(raw)
-    server = start_server(cfg, port=0, record=tmp_path / "server")
-    try:
-        join(
-            cfg,
-            f"127.0.0.1:{server.port}",
-            client_id="clinic",
-            progress=False,
-            log=lambda s: None,
-            record=tmp_path / "party",
-        )
-    finally:
-        server.stop()
+    served_run(cfg, tmp_path / "server", tmp_path / "party")
     out = tmp_path / "remote.json"
     args = ["attack", str(tmp_path / "server"), "--config", str(config), "--attack", "vmi", "--attack", "bli"]
     result = CliRunner().invoke(

@@ -14,7 +14,7 @@ from splitfed.transport.channel import Message
 from splitfed.transport.codec import decode, encode
 from splitfed.transport.grpc_channel import GrpcChannel
 from splitfed.transport.wire import WireCodecs
-from tiny import run_config, save_tiny_pretrained, write_topic_csv
+from tiny import run_config, save_tiny_pretrained, served_run, write_topic_csv
 
 HIDDEN = 32
 
@@ -71,24 +71,12 @@ def test_a_server_recording_lines_up_with_the_joined_party_s_ground_truth(
     workspace: Path, tmp_path: Path
 ) -> None:
     from splitfed.privacy.recording import GroundTruthReader, ground_truth_dir
-    from splitfed.runtime import join
 
     raw = run_config(workspace, "rec-join")
     raw["model"]["num_labels"] = 3
     raw["train"] |= {"steps": 3, "eval_before": False}
     cfg = parse_config(raw)
-    server = start_server(cfg, port=0, record=tmp_path / "server")
-    try:
-        result = join(
-            cfg,
-            f"127.0.0.1:{server.port}",
-            client_id="clinic",
-            progress=False,
-            log=lambda s: None,
-            record=tmp_path / "party",
-        )
-    finally:
-        server.stop()
+    result = served_run(cfg, tmp_path / "server", tmp_path / "party")
     assert result.summary["recording"]["records"] > 0
     truth = GroundTruthReader(ground_truth_dir(tmp_path / "party"))
     forwards = list(RecordingReader(tmp_path / "server").records(kinds="forward"))

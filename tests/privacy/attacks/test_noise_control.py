@@ -24,11 +24,11 @@ from splitfed.privacy.attacks import ATTACKS, AttackContext, AttackResult, Need,
 from splitfed.privacy.attacks.metrics import token_scores
 from splitfed.privacy.attacks.runner import load_observations
 from splitfed.run import train
-from splitfed.runtime import join, start_server
 from tiny import (
     WORDS,
     run_config,
     save_tiny_pretrained,
+    served_run,
     tiny_tokenizer,
     write_binary_csv,
     write_topic_csv,
@@ -93,20 +93,8 @@ def served(recordings: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
     root, out = recordings["root"], {}
     for name in RECORDINGS:
         cfg = _run_config(root, name, "grpc")
-        server = start_server(cfg, port=0, record=root / f"served-{name}", log=lambda s: None)
-        try:
-            party = root / f"joined-{name}"
-            join(
-                cfg,
-                f"127.0.0.1:{server.port}",
-                client_id="clinic",
-                progress=False,
-                log=lambda s: None,
-                record=party,
-            )
-        finally:
-            server.stop()
-        out[name] = (root / f"served-{name}", party)
+        served_run(cfg, root / f"served-{name}", root / f"joined-{name}")
+        out[name] = (root / f"served-{name}", root / f"joined-{name}")
     return out
 
 

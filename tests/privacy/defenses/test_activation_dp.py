@@ -124,3 +124,11 @@ def test_bad_parameters_name_the_key_and_what_is_allowed() -> None:
         build_defense({"name": "activation_dp", "clip": -1})
     with pytest.raises(DefenseConfigError, match="sigma: Extra inputs are not permitted"):
         build_defense({"name": "activation_dp", "sigma": 1})
+
+
+def test_budgets_up_to_ten_thousand_calibrate_and_beyond_is_refused() -> None:
+    loose = build_defense({"name": "activation_dp", "epsilon": 1600, "clip": 10.0})
+    tight = build_defense({"name": "activation_dp", "epsilon": 16, "clip": 10.0})
+    assert 0 < loose.noise_scale < tight.noise_scale  # type: ignore[attr-defined]
+    with pytest.raises(DefenseConfigError, match="epsilon: Input should be less than or equal to 10000"):
+        build_defense({"name": "activation_dp", "epsilon": 20000})
