@@ -728,6 +728,14 @@ def bench(
         float | None,
         typer.Option(help="CPUs each run reserves with --ray (default: the sweep's ray_cpus_per_run)."),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Torch threads per local worker (default: the sweep's threads, or cores / workers); "
+            "lower it when other jobs share the machine.",
+        ),
+    ] = None,
 ) -> None:
     """Run a privacy–utility sweep: every run × defense × strength, each attacked, results in SQLite.
 
@@ -746,6 +754,8 @@ def bench(
     _quiet_libraries()
     try:
         sweep, root = load_sweep(sweep_file)
+        if threads is not None:
+            sweep = sweep.model_copy(update={"threads": threads})
         if dry_run:
             _, default_store = sweep_paths(sweep, root)
             with ResultStore(store or default_store) as db:

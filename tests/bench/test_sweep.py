@@ -173,3 +173,13 @@ def test_parts_union_their_runs_and_only_limits_a_defense_to_some_settings(works
     defenses[2]["only"] = {"depth": ["hbt"]}  # type: ignore[index]
     with pytest.raises(ConfigError, match="only: unknown axes"):
         expand(*load_sweep(_sweep(workspace, "parts", defenses=defenses, parts=parts)))
+
+
+def test_threads_per_worker_is_validated_and_does_not_change_the_runs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="threads"):
+        load_sweep(_sweep(tmp_path, "zero", threads=0))
+    one, _ = load_sweep(_sweep(tmp_path, "one", threads=1))
+    default, _ = load_sweep(_sweep(tmp_path, "default"))
+    assert one.threads == 1 and default.threads is None
+    # threads is how runs execute, not what they are: the run keys (and so the store) are the same
+    assert [r.key for r in expand(one, tmp_path)] == [r.key for r in expand(default, tmp_path)]

@@ -21,6 +21,7 @@ A sweep's YAML names a base run config and the axes to vary::
     max_examples: 32                            # sequences attacked per run
     window: last                                # ... the run's last ones (first: from its start)
     workers: 1                                  # runs in parallel (local processes)
+    threads: 2                                  # torch threads per worker (default: cores / workers)
     ray_cpus_per_run: 1                         # CPUs each run reserves on a Ray cluster
 
 A sweep over several tasks or models that do not cross (a classifier and a causal LM, a
@@ -130,6 +131,13 @@ class SweepConfig(BaseModel):
     )
     mp_metric: str | None = None
     workers: int = Field(1, ge=1, le=64)
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch threads per local worker (default: the machine's cores / workers); set it "
+        "when other jobs share the machine, since oversubscribed cores slow every job down",
+    )
     ray_cpus_per_run: float = Field(1.0, gt=0, le=1024, description="CPUs per run with --ray")
     out: str | None = Field(None, description="where run directories go (default runs/bench/<name>)")
     store: str | None = Field(None, description="the results database (default <out>/results.sqlite)")
@@ -666,7 +674,7 @@ def run_sweep(
             return the_plan
         if progress is not None:
             progress(done, total, "")
-        threads = max(1, (os.cpu_count() or 1) // sweep.workers)
+        threads = sweep.threads or max(1, (os.cpu_count() or 1) // sweep.workers)
         kwargs = {
             "out": out,
             "aux": sweep.aux,
