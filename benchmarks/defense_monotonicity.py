@@ -14,7 +14,8 @@ AP counts as monotone when, along that order, it never rises by more than the to
 larger of ``--tol`` and the spread of AP over the sweep's seeds at any one point (with one seed,
 ``--tol`` alone); an AP at or below its chance level counts as chance (an attack that recovers
 nothing wobbles around it). Which parameter is the strength, and which way it grows, is
-:data:`STRENGTH`; which attacks a defense is meant to stop is :data:`TARGETED`.
+:data:`STRENGTH` (a defense swept along two parameters, or at two settings of a fixed one, gives
+one series per setting, each checked on its own); which attacks a defense is meant to stop is :data:`TARGETED`.
 
     python benchmarks/defense_monotonicity.py                 # both sweeps (about 1 h on 2 cores; resumable)
     python benchmarks/defense_monotonicity.py --table-only    # print the table of a stored sweep
@@ -45,22 +46,23 @@ SWEEPS = [
     for name in ("monotonicity.yaml", "monotonicity_hbt.yaml")
 ]
 
-#: Each defense's strength parameter and its direction: +1 when a larger value protects more,
-#: -1 when a smaller one does (a privacy budget, a fraction sent).
-STRENGTH: dict[str, tuple[str, int]] = {
-    "activation_dp": ("epsilon", -1),
-    "dchi_privacy": ("epsilon", -1),
-    "santext": ("epsilon", -1),
-    "custext": ("epsilon", -1),
-    "rantext": ("epsilon", -1),
-    "snd": ("epsilon", -1),
-    "grad_topk": ("fraction", -1),
-    "grad_dp": ("noise_multiplier", 1),
-    "dp_sgd": ("noise_multiplier", 1),
-    "nopeek": ("weight", 1),
-    "mid": ("weight", 1),
-    "adversarial": ("weight", 1),
-    "textobfuscator": ("noise_scale", 1),
+#: Each defense's strength parameters and their direction: +1 when a larger value protects more,
+#: -1 when a smaller one does (a privacy budget, a fraction sent, a bottleneck's width). A run's
+#: strength is the first of these its sweep entry varies; its other parameters name its series.
+STRENGTH: dict[str, tuple[tuple[str, int], ...]] = {
+    "activation_dp": (("epsilon", -1), ("clip", -1)),
+    "dchi_privacy": (("epsilon", -1),),
+    "santext": (("epsilon", -1),),
+    "custext": (("epsilon", -1),),
+    "rantext": (("epsilon", -1),),
+    "snd": (("epsilon", -1),),
+    "grad_topk": (("fraction", -1),),
+    "grad_dp": (("noise_multiplier", 1),),
+    "dp_sgd": (("noise_multiplier", 1),),
+    "nopeek": (("weight", 1),),
+    "mid": (("weight", 1), ("bottleneck", -1)),
+    "adversarial": (("weight", 1),),
+    "textobfuscator": (("noise_scale", 1),),
 }
 
 #: The attacks each defense is meant to stop (the table shows only these).
@@ -88,8 +90,29 @@ UNTARGETED = {
     "dp_sgd": "targets membership inference on the data party's parameters, which these sweeps do not run",
 }
 
-#: ``(MP values, AP values, chance levels)`` over seeds, keyed by (defense, strength value, attack).
-Cells = dict[tuple[str, float | None, str], tuple[list[float], list[float], list[float]]]
+#: A defense's series: its name and the parameters that stay fixed along it, as ``key=value`` text
+#: (two sweep entries of one defense at different clips are two series, each ordered by strength).
+Series = tuple[str, str]
+#: ``(MP values, AP values, chance levels)`` over seeds, keyed by (series, strength value, attack).
+Cells = dict[tuple[Series, float | None, str], tuple[list[float], list[float], list[float]]]
+#: Which parameter is each series' strength, and its direction.
+Strengths = dict[Series, tuple[str, int]]
+
+
+def strength_of(defense: str, varied: dict[str, object]) -> tuple[str, int]:
+    """The strength parameter of a run of ``defense`` whose sweep entry varies ``varied``.
+
+    The first parameter of :data:`STRENGTH` that the entry varies; an entry that varies none of them
+    (one strength) reads the first.
+    """
+    candidates = STRENGTH.get(defense, (("", 1),))
+    return next(((p, d) for p, d in candidates if p in varied), candidates[0])
+
+
+def series_of(defense: str, params: dict[str, object], strength: str) -> Series:
+    """The series of a run: ``defense`` and every parameter in ``params`` but ``strength``, sorted."""
+    fixed = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != strength)
+    return defense, fixed
 
 
 def quick_sweep(sweep: SweepConfig, out: Path) -> SweepConfig:
@@ -112,22 +135,35 @@ def quick_sweep(sweep: SweepConfig, out: Path) -> SweepConfig:
     )
 
 
-def collect(store: ResultStore, sweep: str) -> Cells:
-    """MP and AP of every done run and attack of ``sweep`` in ``store``, grouped over seeds."""
+def collect(store: ResultStore, sweep: str) -> tuple[Cells, Strengths]:
+    """MP and AP of every done run and attack of ``sweep`` in ``store``, grouped over seeds.
+
+    Runs of one defense fall in one series per combination of their parameters other than the
+    strength (e.g. activation DP at clip 10 and at clip 100 are two series, each along ε).
+    """
     cells: Cells = defaultdict(lambda: ([], [], []))
+    strengths: Strengths = {}
     for run in store.runs(sweep):
         if run.status != "done" or run.mp is None:
             continue
         defense = str(run.spec.get("defense", NO_DEFENSE))
-        param = STRENGTH.get(defense, ("", 1))[0]
-        value = run.spec.get("strength", {}).get(param) if defense != NO_DEFENSE else None
+        if defense == NO_DEFENSE:
+            series, value = (NO_DEFENSE, ""), None
+        else:
+            varied = dict(run.spec.get("strength") or {})
+            param, direction = strength_of(defense, varied)
+            params = dict(run.spec.get("params") or varied)
+            series = series_of(defense, params, param)
+            strengths[series] = (param, direction)
+            raw = params.get(param, varied.get(param))
+            value = float(raw) if isinstance(raw, int | float) else None
         for attack in store.attacks(run.key):
             if attack.status == "done" and attack.ap is not None:
-                mp, ap, chance = cells[(defense, value, attack.attack)]
+                mp, ap, chance = cells[(series, value, attack.attack)]
                 mp.append(float(run.mp))
                 ap.append(float(attack.ap))
                 chance.append(float(attack.chance or 0.0))
-    return cells
+    return cells, strengths
 
 
 def monotone(aps: list[list[float]], tol: float, chance: list[float] | None = None) -> bool:
@@ -143,34 +179,41 @@ def monotone(aps: list[list[float]], tol: float, chance: list[float] | None = No
     return all(later <= earlier + allowed for earlier, later in itertools.pairwise(means))
 
 
-def report(cells: Cells, tol: float) -> dict[str, bool]:
-    """Print the defense x strength x attack table; return whether AP is monotone for each defense."""
-    defenses = sorted({d for d, _, _ in cells if d != NO_DEFENSE})
+def report(cells: Cells, strengths: Strengths, tol: float) -> dict[str, bool]:
+    """Print the defense x strength x attack table; return whether AP is monotone for each defense.
+
+    A defense is monotone when each of its series is.
+    """
+    none: Series = (NO_DEFENSE, "")
+    every = sorted({s for s, _, _ in cells if s != none})
     verdicts: dict[str, bool] = {}
     print(
         f"{'defense':14s} {'strength':>22s} {'attack':8s} {'MP':>6s} {'AP':>6s} {'chance':>6s} {'seeds':>5s}"
     )
-    for defense in defenses:
-        param, direction = STRENGTH.get(defense, ("", 1))
-        values = sorted({v for d, v, _ in cells if d == defense}, key=lambda v: direction * float(v or 0))
+    for series in every:
+        defense, fixed = series
+        param, direction = strengths.get(series, ("", 1))
+        values = sorted({v for s, v, _ in cells if s == series}, key=lambda v: direction * float(v or 0))
+        if fixed:
+            print(f"{defense:14s} ({fixed})")
         ok = True
         if not TARGETED.get(defense):
             for v in values:
-                mps = [mp for (d, value, _), (mp, _, _) in cells.items() if d == defense and value == v]
+                mps = [mp for (s, value, _), (mp, _, _) in cells.items() if s == series and value == v]
                 print(
-                    f"{defense:14s} {f'{param}={v}':>22s} {'-':8s} {statistics.fmean(mps[0]):6.3f} {'-':>6s}"
+                    f"{defense:14s} {f'{param}={v:g}':>22s} {'-':8s} {statistics.fmean(mps[0]):6.3f} {'-':>6s}"
                 )
             print(f"{'':14s} {'':>22s} {defense} {UNTARGETED.get(defense, 'has no targeted attack here')}")
             continue
         for attack in TARGETED.get(defense, ()):
-            points = [(None, cells.get((NO_DEFENSE, None, attack)))] + [
-                (v, cells.get((defense, v, attack))) for v in values
+            points = [(None, cells.get((none, None, attack)))] + [
+                (v, cells.get((series, v, attack))) for v in values
             ]
             points = [(v, c) for v, c in points if c is not None]
             if len(points) < 2:
                 continue
             for v, (mp, ap, chance) in points:
-                label = "none" if v is None else f"{param}={v}"
+                label = "none" if v is None else f"{param}={v:g}"
                 print(
                     f"{defense:14s} {label:>22s} {attack:8s} {statistics.fmean(mp):6.3f} "
                     f"{statistics.fmean(ap):6.3f} {statistics.fmean(chance):6.3f} {len(ap):5d}"
@@ -178,7 +221,7 @@ def report(cells: Cells, tol: float) -> dict[str, bool]:
             attack_ok = monotone([c[1] for _, c in points], tol, [statistics.fmean(c[2]) for _, c in points])
             print(f"{'':14s} {'':>22s} {attack:8s} AP monotone: {'yes' if attack_ok else 'NO'}")
             ok = ok and attack_ok
-        verdicts[defense] = ok
+        verdicts[defense] = verdicts.get(defense, True) and ok
     return verdicts
 
 
@@ -217,9 +260,10 @@ def main() -> None:
             print(f"sweep {sweep.name}: nothing stored yet ({store_path})")
             continue
         with ResultStore(store_path) as store:
-            cells = collect(store, sweep.name)
+            cells, strengths = collect(store, sweep.name)
         print(f"sweep {sweep.name} ({store_path})")
-        verdicts |= report(cells, args.tol)
+        for defense, ok in report(cells, strengths, args.tol).items():
+            verdicts[defense] = verdicts.get(defense, True) and ok
     for defense, ok in verdicts.items():
         print(f"BENCH {defense}_ap_monotone {int(ok)} >= 1")
 
