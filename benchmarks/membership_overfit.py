@@ -39,6 +39,70 @@ def _text(example: dict[str, Any]) -> str:
     return str(example.get("text", ""))
 
 
+def overfit_target(
+    members: int,
+    epochs: int,
+    lr: float,
+    *,
+    body_frozen: bool = False,
+    defenses: list[dict[str, Any]] | None = None,
+) -> tuple[Any, float]:
+    """Train the target run: ``epochs`` passes over ``members`` shakespeare examples at ``lr``.
+
+    ``body_frozen``: the model party's body keeps its pretrained weights, so only the data party's
+    head adapters learn (what DP-SGD on the data party covers). ``defenses``: the run's list.
+    Returns the run's result and its training seconds.
+    """
+    from splitfed.config import parse_config
+    from splitfed.run import train
+
+    batch = 8
+    steps = epochs * -(-members // batch)
+    raw = smollm2_splitlora_config(
+        "model",
+        "membership",
+        2,
+        steps=steps,
+        batch_size=batch,
+        lr=lr,
+        eval_before=False,
+        eval_max_new_tokens=0,
+    )
+    raw["data"] |= {"max_length": 32, "max_train": members, "max_eval": 64}
+    if body_frozen:
+        raw["finetune"]["body"] = {"mode": "frozen"}
+    raw["defenses"] = list(defenses or [])
+    t0 = time.perf_counter()
+    result = train(parse_config(raw), progress=True, log=lambda s: None)
+    return result, time.perf_counter() - t0
+
+
+def unseen_pools(run: Any, pool: int, count: int = 3) -> list[list[dict[str, Any]]]:
+    """``count`` disjoint pools of ``pool`` training-split examples ``run`` never saw (shuffled, seed 0)."""
+    from splitfed.data import load_splits
+
+    cfg = run.cfg
+    seen = {_text(e) for e in run.members}
+    everything = load_splits(cfg.data.model_copy(update={"task": cfg.task, "max_train": None}))
+    unseen = [e for e in everything.train if _text(e) not in seen and _text(e).strip()]
+    random.Random(0).shuffle(unseen)
+    if len(unseen) < count * pool:
+        raise SystemExit(f"the training split has {len(unseen)} unseen examples; lower --pool")
+    return [unseen[i * pool : (i + 1) * pool] for i in range(count)]
+
+
+def attack(
+    run: Any, references: list[Any], members: list[dict[str, Any]], others: list[dict[str, Any]], what: str
+) -> dict[str, float]:
+    """Membership inference of ``members`` against ``others`` on ``run``'s model; prints and returns its metrics."""
+    from splitfed.privacy.attacks.membership import run_membership
+
+    res = run_membership(run.model, references, members, others, run.work.task)
+    shown = {k: round(v, 3) for k, v in res.metrics.items()}
+    print(f"{what}: {len(members)} vs {len(others)} in {res.seconds:.0f} s: {shown}")
+    return res.metrics
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,40 +119,16 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    from splitfed.config import parse_config
-    from splitfed.data import load_splits
-    from splitfed.privacy.attacks.membership import load_target_run, run_membership, train_references
-    from splitfed.run import train
+    from splitfed.privacy.attacks.membership import load_target_run, train_references
 
-    batch = 8
-    steps = args.epochs * -(-args.members // batch)
-    raw = smollm2_splitlora_config(
-        "model",
-        "membership",
-        2,
-        steps=steps,
-        batch_size=batch,
-        lr=args.lr,
-        eval_before=False,
-        eval_max_new_tokens=0,
-    )
-    raw["data"] |= {"max_length": 32, "max_train": args.members, "max_eval": 64}
-    t0 = time.perf_counter()
-    result = train(parse_config(raw), progress=True, log=lambda s: None)
-    train_s = time.perf_counter() - t0
+    result, train_s = overfit_target(args.members, args.epochs, args.lr)
+    steps = len(result.history)
     print(
         f"target: {args.members} members, {steps} steps at lr {args.lr}: {train_s:.0f} s; {result.metrics_after}"
     )
 
     run = load_target_run(result.output_dir)
-    cfg = run.cfg
-    seen = {_text(e) for e in run.members}
-    everything = load_splits(cfg.data.model_copy(update={"task": cfg.task, "max_train": None}))
-    unseen = [e for e in everything.train if _text(e) not in seen and _text(e).strip()]
-    random.Random(0).shuffle(unseen)
-    if len(unseen) < 3 * args.pool:
-        raise SystemExit(f"the training split has {len(unseen)} unseen examples; lower --pool")
-    non_members, control_a, control_b = (unseen[i * args.pool : (i + 1) * args.pool] for i in range(3))
+    non_members, control_a, control_b = unseen_pools(run, args.pool)
 
     t1 = time.perf_counter()
     references = train_references(run, args.references, run.auxiliary, steps=steps)
@@ -98,17 +138,17 @@ def main() -> None:
             f"test-split examples, {time.perf_counter() - t1:.0f} s"
         )
 
-    def attack(members: list[dict[str, Any]], others: list[dict[str, Any]], what: str) -> dict[str, float]:
-        res = run_membership(run.model, references, members, others, run.work.task)
-        shown = {k: round(v, 3) for k, v in res.metrics.items()}
-        print(f"{what}: {len(members)} vs {len(others)} in {res.seconds:.0f} s: {shown}")
-        return res.metrics
-
-    main_metrics = attack(run.members, non_members, "members vs unseen training-split examples")
-    attack(
-        run.members, run.non_members, "members vs the validation split (what `splitfed membership` scores)"
+    main_metrics = attack(
+        run, references, run.members, non_members, "members vs unseen training-split examples"
     )
-    control = attack(control_a, control_b, "control: two halves of one unseen pool")
+    attack(
+        run,
+        references,
+        run.members,
+        run.non_members,
+        "members vs the validation split (what `splitfed membership` scores)",
+    )
+    control = attack(run, references, control_a, control_b, "control: two halves of one unseen pool")
     shutil.rmtree(result.output_dir, ignore_errors=True)
 
     best = max(v for k, v in main_metrics.items() if k.endswith("_auc"))
