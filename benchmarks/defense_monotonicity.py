@@ -90,13 +90,11 @@ UNTARGETED = {
     "dp_sgd": "targets membership inference on the data party's parameters, which these sweeps do not run",
 }
 
-#: A defense's series: its name and the parameters that stay fixed along it, as ``key=value`` text
-#: (two sweep entries of one defense at different clips are two series, each ordered by strength).
-Series = tuple[str, str]
+#: A defense's series: its name, its strength parameter and the parameters that stay fixed along
+#: it, as ``key=value`` text (two sweep entries of one defense at different clips are two series).
+Series = tuple[str, str, str]
 #: ``(MP values, AP values, chance levels)`` over seeds, keyed by (series, strength value, attack).
 Cells = dict[tuple[Series, float | None, str], tuple[list[float], list[float], list[float]]]
-#: Which parameter is each series' strength, and its direction.
-Strengths = dict[Series, tuple[str, int]]
 
 
 def strength_of(defense: str, varied: dict[str, object]) -> tuple[str, int]:
@@ -110,9 +108,15 @@ def strength_of(defense: str, varied: dict[str, object]) -> tuple[str, int]:
 
 
 def series_of(defense: str, params: dict[str, object], strength: str) -> Series:
-    """The series of a run: ``defense`` and every parameter in ``params`` but ``strength``, sorted."""
+    """The series of a run: ``defense``, ``strength`` and every other parameter in ``params``, sorted."""
     fixed = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != strength)
-    return defense, fixed
+    return defense, strength, fixed
+
+
+def direction_of(series: Series) -> int:
+    """+1 when a larger value of the series' strength protects more, -1 when a smaller one does."""
+    defense, strength, _ = series
+    return dict(STRENGTH.get(defense, ()))[strength] if strength else 1
 
 
 def quick_sweep(sweep: SweepConfig, out: Path) -> SweepConfig:
@@ -135,26 +139,24 @@ def quick_sweep(sweep: SweepConfig, out: Path) -> SweepConfig:
     )
 
 
-def collect(store: ResultStore, sweep: str) -> tuple[Cells, Strengths]:
+def collect(store: ResultStore, sweep: str) -> Cells:
     """MP and AP of every done run and attack of ``sweep`` in ``store``, grouped over seeds.
 
     Runs of one defense fall in one series per combination of their parameters other than the
     strength (e.g. activation DP at clip 10 and at clip 100 are two series, each along ε).
     """
     cells: Cells = defaultdict(lambda: ([], [], []))
-    strengths: Strengths = {}
     for run in store.runs(sweep):
         if run.status != "done" or run.mp is None:
             continue
         defense = str(run.spec.get("defense", NO_DEFENSE))
         if defense == NO_DEFENSE:
-            series, value = (NO_DEFENSE, ""), None
+            series, value = (NO_DEFENSE, "", ""), None
         else:
             varied = dict(run.spec.get("strength") or {})
-            param, direction = strength_of(defense, varied)
+            param, _ = strength_of(defense, varied)
             params = dict(run.spec.get("params") or varied)
             series = series_of(defense, params, param)
-            strengths[series] = (param, direction)
             raw = params.get(param, varied.get(param))
             value = float(raw) if isinstance(raw, int | float) else None
         for attack in store.attacks(run.key):
@@ -163,7 +165,7 @@ def collect(store: ResultStore, sweep: str) -> tuple[Cells, Strengths]:
                 mp.append(float(run.mp))
                 ap.append(float(attack.ap))
                 chance.append(float(attack.chance or 0.0))
-    return cells, strengths
+    return cells
 
 
 def monotone(aps: list[list[float]], tol: float, chance: list[float] | None = None) -> bool:
@@ -179,20 +181,20 @@ def monotone(aps: list[list[float]], tol: float, chance: list[float] | None = No
     return all(later <= earlier + allowed for earlier, later in itertools.pairwise(means))
 
 
-def report(cells: Cells, strengths: Strengths, tol: float) -> dict[str, bool]:
+def report(cells: Cells, tol: float) -> dict[str, bool]:
     """Print the defense x strength x attack table; return whether AP is monotone for each defense.
 
     A defense is monotone when each of its series is.
     """
-    none: Series = (NO_DEFENSE, "")
+    none: Series = (NO_DEFENSE, "", "")
     every = sorted({s for s, _, _ in cells if s != none})
     verdicts: dict[str, bool] = {}
     print(
         f"{'defense':14s} {'strength':>22s} {'attack':8s} {'MP':>6s} {'AP':>6s} {'chance':>6s} {'seeds':>5s}"
     )
     for series in every:
-        defense, fixed = series
-        param, direction = strengths.get(series, ("", 1))
+        defense, param, fixed = series
+        direction = direction_of(series)
         values = sorted({v for s, v, _ in cells if s == series}, key=lambda v: direction * float(v or 0))
         if fixed:
             print(f"{defense:14s} ({fixed})")
@@ -260,9 +262,9 @@ def main() -> None:
             print(f"sweep {sweep.name}: nothing stored yet ({store_path})")
             continue
         with ResultStore(store_path) as store:
-            cells, strengths = collect(store, sweep.name)
+            cells = collect(store, sweep.name)
         print(f"sweep {sweep.name} ({store_path})")
-        for defense, ok in report(cells, strengths, args.tol).items():
+        for defense, ok in report(cells, args.tol).items():
             verdicts[defense] = verdicts.get(defense, True) and ok
     for defense, ok in verdicts.items():
         print(f"BENCH {defense}_ap_monotone {int(ok)} >= 1")

@@ -26,7 +26,7 @@ import argparse
 import itertools
 import shutil
 
-from membership_overfit import attack, overfit_target, unseen_pools
+from membership_overfit import BATCH, attack, overfit_target, unseen_pools
 from transformers.utils import logging as hf_logging
 
 #: The undefended target must leak: a membership attack that fails on it measures nothing.
@@ -59,14 +59,13 @@ def main() -> None:
 
     from splitfed.privacy.attacks.membership import load_target_run, train_references
 
-    batch = 8
     rows: list[tuple[str, float | None, float, float, dict[str, float]]] = []
     for sigma in [None, *args.noise]:
         defenses = (
             []
             if sigma is None
             else [
-                {"name": "dp_sgd", "sample_rate": min(1.0, batch / args.members), "noise_multiplier": sigma}
+                {"name": "dp_sgd", "sample_rate": min(1.0, BATCH / args.members), "noise_multiplier": sigma}
             ]
         )
         result, train_s = overfit_target(

@@ -39,6 +39,10 @@ def _text(example: dict[str, Any]) -> str:
     return str(example.get("text", ""))
 
 
+#: Sequences per optimizer step of the target run.
+BATCH = 8
+
+
 def overfit_target(
     members: int,
     epochs: int,
@@ -56,14 +60,13 @@ def overfit_target(
     from splitfed.config import parse_config
     from splitfed.run import train
 
-    batch = 8
-    steps = epochs * -(-members // batch)
+    steps = epochs * -(-members // BATCH)
     raw = smollm2_splitlora_config(
         "model",
         "membership",
         2,
         steps=steps,
-        batch_size=batch,
+        batch_size=BATCH,
         lr=lr,
         eval_before=False,
         eval_max_new_tokens=0,

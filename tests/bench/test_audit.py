@@ -249,7 +249,7 @@ def test_under_secure_aggregation_the_audit_attacks_the_average_and_recovers_far
     found = audit_run(run, attacks=[QUICK_INVERSION]).findings[0]
     print(found.verdict, found.metrics, found.examples)
     # measured: token F1 0.33 or 0.50 against the best-matching of the round's 4 clients (chance 0.13
-    # so scored; which of the two depends on the process's PYTHONHASHSEED: CI drew 0.50), against
+    # so scored; which of the two depends on the process, cause not found: CI drew 0.50), against
     # 0.75 (chance 0.06) on one client's update. Compared above each one's chance.
     assert "average" in found.crossing and found.metrics["updates"] == 1  # one round after the first
     assert "best-matching client" in (found.detail or "")
