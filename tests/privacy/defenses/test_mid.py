@@ -134,6 +134,25 @@ def test_the_pca_start_passes_the_first_batch_s_principal_subspace_through() -> 
     assert not torch.allclose(random.on_activations(x, FrontContext("eval")), x, atol=0.5)
 
 
+def test_a_code_wider_than_the_batch_spans_uses_only_what_it_spans() -> None:
+    # 5 distinct tokens (one repeated) span 4 directions of 10: a width-8 code fitted on them must
+    # not scale the unspanned directions, where a fresh token's coordinate is not rounding noise.
+    torch.manual_seed(0)
+    tokens = torch.randn(5, 10)
+    first = torch.cat([tokens, tokens[:1]]).reshape(1, 6, 10)
+    mid = MID(hidden_size=10, bottleneck=8, init_logvar=-4.0)
+    out = mid.on_activations(first, FrontContext("eval"))
+    torch.testing.assert_close(out, first, atol=1e-4, rtol=1e-4)  # the batch itself passes whole
+    assert mid.head_bottleneck is not None
+    fresh = torch.randn(4, 6, 10)
+    _, kl = mid.head_bottleneck(fresh, sample=False)
+    # 4 used dimensions at a few units of variance each, 4 unused at about 1.5 nats each: a few
+    # tens of nats. Scaling the unspanned directions to unit variance gave about 1e12.
+    assert float(kl.max()) < 200.0
+    mu, _ = mid.head_bottleneck.encoder(fresh).chunk(2, dim=-1)
+    assert torch.count_nonzero(mu.reshape(-1, 8).abs().amax(0)) == 4
+
+
 def test_loaded_adapters_are_not_refitted_and_padding_is_not_fitted(split_system, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from splitfed.run.checkpoints import load_adapters, save_adapters
 

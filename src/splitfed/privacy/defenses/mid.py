@@ -18,6 +18,10 @@ from torch import nn
 from splitfed.privacy.defenses._tokens import real_token_mask
 from splitfed.split.front import Defense, FrontContext
 
+# A principal direction counts as spanned by the fitted batch when its singular value is at least
+# this fraction of the largest (float32 rounding leaves the others near 1e-7 of it).
+RANK_RTOL = 1e-3
+
 
 class Bottleneck(nn.Module):
     """``hidden -> (mu, logvar) -> sample -> hidden``: one variational bottleneck.
@@ -25,7 +29,9 @@ class Bottleneck(nn.Module):
     With ``init="pca"`` the first batch it sees (:meth:`fit`) sets it to the best linear
     autoencoder of that batch's real tokens: ``mu`` is their coordinates along the top
     ``bottleneck`` principal directions, scaled to unit variance, the decoder maps them back, and
-    ``log σ²`` starts at ``init_logvar`` everywhere. A randomly initialized bottleneck instead sends
+    ``log σ²`` starts at ``init_logvar`` everywhere. Only the directions the batch spans are
+    used (a batch of ``n`` distinct tokens spans at most ``n - 1``): code dimensions beyond them
+    start unused, carrying nothing until training gives them weight. A randomly initialized bottleneck instead sends
     the body noise until it has trained (on smollm2-135m with 40 LoRA steps, MP at chance for every
     ``weight``), so that the sweep measured the initialization, not the KL weight.
 
@@ -63,8 +69,15 @@ class Bottleneck(nn.Module):
             return  # nothing to fit on; the next batch tries again
         width, mean = self.decoder.in_features, points.mean(0)
         _, values, vectors = torch.linalg.svd(points - mean, full_matrices=False)
-        rank = min(width, int(values.shape[0]))
-        std = (values[:rank] / (points.shape[0] - 1) ** 0.5).clamp_min(1e-6)
+        # Only the directions the batch actually spans: with fewer real tokens than the code is
+        # wide (or repeated tokens), the trailing singular values are rounding noise, and scaling
+        # them to unit variance multiplied a fresh token's coordinate there by ~1e5 (a KL of 1e10
+        # per token on smollm2-135m at width 256 from a batch of 146 tokens).
+        spanned = int((values > RANK_RTOL * values[0]).sum()) if values[0] > 0 else 0
+        rank = min(width, spanned)
+        if rank == 0:
+            return  # every real token alike: nothing to fit on; the next batch tries again
+        std = values[:rank] / (points.shape[0] - 1) ** 0.5
         directions = vectors[:rank]  # [rank, hidden]
         dtype = self.encoder.weight.dtype
         encoder, bias = torch.zeros_like(self.encoder.weight), torch.zeros_like(self.encoder.bias)
