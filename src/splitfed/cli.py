@@ -822,14 +822,29 @@ def report(
         float, typer.Option(min=0, help="Largest main-task drop a recommended defense may cost.")
     ] = 0.05,
     title: Annotated[str | None, typer.Option(help="The page's title.")] = None,
+    sweep: Annotated[
+        Path | None,
+        typer.Option(
+            help="Only the runs and attacks of this sweep file's grid (a store keeps those of older grids)."
+        ),
+    ] = None,
 ) -> None:
     """Draw a sweep: MP–AP trade-off per attack with its Pareto frontier, DCS ranking, costs, recommendations."""
-    from splitfed.bench.report import write_report
+    from splitfed.bench.report import sweep_keys, write_report
     from splitfed.bench.store import StoreError
 
     try:
-        paths = write_report(store, out, beta=beta, max_mp_drop=max_mp_drop, title=title)
-    except (StoreError, FileNotFoundError, ValueError) as err:
+        run_keys, attack_keys = sweep_keys(sweep) if sweep is not None else (None, None)
+        paths = write_report(
+            store,
+            out,
+            beta=beta,
+            max_mp_drop=max_mp_drop,
+            title=title,
+            run_keys=run_keys,
+            attack_keys=attack_keys,
+        )
+    except (StoreError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         _fail(str(err))
         return
     console.print(f"report: {paths.index} ({len(paths.figures)} figures); summary: {paths.summary}")

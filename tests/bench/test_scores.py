@@ -94,3 +94,51 @@ def test_cli_report_writes_the_page_and_refuses_a_missing_store(tmp_path: Path) 
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "summary.md").is_file()
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope.sqlite"), "-o", str(tmp_path / "r2")])
     assert missing.exit_code != 0 and "nope.sqlite" in missing.output
+
+
+def test_cli_report_of_a_sweep_leaves_out_the_runs_and_attacks_of_other_grids(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from splitfed.bench.report import sweep_keys
+    from splitfed.cli import app
+
+    sweep = Path(__file__).resolve().parents[2] / "examples" / "bench" / "smoke.yaml"
+    run_keys, attack_keys = sweep_keys(sweep)
+    assert len(run_keys) == 3 and len(attack_keys) == 2  # none + activation_dp at 2 strengths; vmi, bli
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        base = {"model": "m", "task": "classification", "setting": "ht", "head_layers": 2, "tail_layers": 0}
+        for k, (key, defense) in enumerate(zip([*sorted(run_keys), "0rphan0000000000"], "abcd", strict=True)):
+            spec = base | {
+                "mode": "splitlora",
+                "seed": 0,
+                "defense": "none" if k == 0 else defense,
+                "strength": {},
+            }
+            store.put_run(
+                key, sweep="smoke", spec=spec, status="done", mp=0.9 - 0.1 * k, mp_metric="accuracy"
+            )
+            for attack, akey in [*(("vmi", a) for a in sorted(attack_keys)), ("vmi", "old-vmi-params")]:
+                store.put_attack(
+                    key,
+                    akey,
+                    attack=attack,
+                    spec={"name": attack, "type": "inversion"},
+                    status="done",
+                    ap=0.5,
+                )
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    runner = CliRunner()
+    assert runner.invoke(app, ["report", str(tmp_path / "results.sqlite"), "-o", str(whole)]).exit_code == 0
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "results.sqlite"), "-o", str(part), "--sweep", str(sweep)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "runs: 4" in (whole / "summary.md").read_text() and "| d " in (whole / "summary.md").read_text()
+    summary = (part / "summary.md").read_text()
+    assert "runs: 3 (3 done); attacks: 6 (6 done)" in summary
+    assert "only the sweep grid; left out: runs 1, attacks 6 of other grids" in summary
+    assert "| d " not in summary  # the orphan run's defense
+    bad = runner.invoke(
+        app, ["report", str(tmp_path / "results.sqlite"), "-o", str(part), "--sweep", "nope.yaml"]
+    )
+    assert bad.exit_code != 0 and "nope.yaml" in bad.output

@@ -24,7 +24,7 @@ import html
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,8 @@ class _Report:
     varying: tuple[int, ...] = ()
     label_order: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     figures: list[_Figure] = field(default_factory=list)
+    #: Set when the report shows part of the store: what it left out, in words.
+    scope: str | None = None
 
     def __post_init__(self) -> None:
         self.scores = scores(self.runs, self.attacks, beta=self.beta)
@@ -621,7 +623,8 @@ def _counts(report: _Report) -> str:
         inner = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         return f"{len(rows)}" + (f" ({inner})" if inner else "")
 
-    return f"runs: {count(report.runs)}; attacks: {count(report.attacks)}"
+    text = f"runs: {count(report.runs)}; attacks: {count(report.attacks)}"
+    return text + (f" ({report.scope})" if report.scope else "")
 
 
 def _empty_reason(report: _Report) -> str | None:
@@ -977,6 +980,8 @@ def write_report(
     beta: float = 0.5,
     max_mp_drop: float = 0.05,
     title: str | None = None,
+    run_keys: Collection[str] | None = None,
+    attack_keys: Collection[str] | None = None,
 ) -> ReportPaths:
     """Write the HTML report, its SVG figures and a Markdown summary of a results store.
 
@@ -993,6 +998,11 @@ def write_report(
         The largest MP drop a recommended defense may cost.
     title : str, optional
         The page's title (default: from the store's file name).
+    run_keys, attack_keys : collections of str, optional
+        Report only these runs, and only these attacks of them (by store key; see
+        :func:`sweep_keys` for those of a sweep file): a store that outlived a change of its
+        sweep's grid keeps the runs of the old grid, which would otherwise be ranked beside the
+        current ones. The page says how many stored rows it left out.
 
     Returns
     -------
@@ -1017,6 +1027,18 @@ def write_report(
         raise ValueError(f"max_mp_drop must be at least 0; got {max_mp_drop}")
     with ResultStore(store_path) as store:
         runs, attacks = store.runs(), store.attacks()
+    scope = None
+    if run_keys is not None or attack_keys is not None:
+        kept_runs = [r for r in runs if run_keys is None or r.key in run_keys]
+        kept = {r.key for r in kept_runs}
+        kept_attacks = [
+            a for a in attacks if a.run_key in kept and (attack_keys is None or a.attack_key in attack_keys)
+        ]
+        scope = (
+            f"only the sweep grid; left out: runs {len(runs) - len(kept_runs)}, "
+            f"attacks {len(attacks) - len(kept_attacks)} of other grids"
+        )
+        runs, attacks = kept_runs, kept_attacks
     report = _Report(
         title or f"splitfed benchmark: {store_path.stem}",
         store_path,
@@ -1024,6 +1046,7 @@ def write_report(
         max_mp_drop,
         runs,
         attacks,
+        scope=scope,
     )
     taken: set[str] = set()
     slugs = {name: _slug(name, taken) for name in sorted({a.attack for a in attacks})}
@@ -1045,3 +1068,18 @@ def write_report(
     index.write_text(_html(report, figures), encoding="utf-8")
     summary.write_text(_markdown(report), encoding="utf-8")
     return ReportPaths(out_dir, index, summary, tuple(written))
+
+
+def sweep_keys(sweep_file: str | Path) -> tuple[set[str], set[str]]:
+    """The store keys of every run and every attack of the sweep in ``sweep_file`` (for
+    :func:`write_report`'s ``run_keys`` and ``attack_keys``).
+
+    Raises
+    ------
+    splitfed.config.ConfigError
+        For a missing or bad sweep file, naming what is wrong.
+    """
+    from splitfed.bench.sweep import attack_key, attack_specs, expand, load_sweep
+
+    sweep, root = load_sweep(sweep_file)
+    return {r.key for r in expand(sweep, root)}, {attack_key(a) for a in attack_specs(sweep)}
