@@ -14,7 +14,7 @@ task's eval loss (MP: lower is better), and each attack's AUC (chance 0.5). AP i
 It is monotone when, as σ grows, the AP never rises by more than ``--tol`` (an AUC's own sampling
 spread with 32 members against 300 is about 0.05); an AP at or below 0.5 counts as 0.5.
 
-    python benchmarks/dp_sgd_membership.py            # 32 members, 25 epochs, σ 0.3 / 1 / 3 (~20 min)
+    python benchmarks/dp_sgd_membership.py            # 32 members, 25 epochs, σ 0.3 / 1 / 3 (31 min beside a sweep)
     python benchmarks/dp_sgd_membership.py --quick    # 16 members, 6 epochs, σ 1, pool 64 (< 2 minutes)
 
 Ends with one line per target: ``BENCH <name> <measured> <op> <target>``.
