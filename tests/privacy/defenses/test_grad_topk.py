@@ -129,3 +129,67 @@ def test_a_handed_over_gradient_carries_what_is_sent_and_a_callers_own_is_left_a
     assert sent.data_ptr() == given.data_ptr()
     assert handed.residual is not None and mine.residual is not None
     torch.testing.assert_close(handed.residual, mine.residual, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["spread", "ties", "mostly_zero", "band_too_high", "band_too_low"])
+def test_summing_and_sparsifying_in_one_pass_selects_what_two_passes_do(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splitfed.privacy.defenses import grad_topk
+    from splitfed.privacy.defenses.grad_topk import accumulate_and_sparsify, sparsify
+
+    g = torch.Generator().manual_seed(0)
+    n = 2**19 + 3  # above the prefilter size: the one-pass path
+    carry, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    if case == "ties":  # the threshold falls among many equal sums
+        carry.fill_(0.5)
+        grad.fill_(0.5)
+        grad[: n // 8] = 2.0
+    elif case == "mostly_zero":  # the threshold is 0: the sampled band's low end is 0
+        carry.zero_()
+        grad[n // 20 :] = 0.0
+    elif case.startswith("band_too"):  # the band misses the threshold: the sum is restored, searched exactly
+        centre = (
+            3.5 if case == "band_too_high" else 0.15
+        )  # a band [3, 4] holds too few; [0.1, 0.2] too many above it
+        monkeypatch.setattr(
+            grad_topk, "_sampled_rank", lambda sample, q, side: sample.new_tensor(centre + side * centre / 7)
+        )
+    k = n // 10
+    before = carry.clone(), grad.clone()
+    expected_carry = carry + grad
+    expected = sparsify(expected_carry, k, in_place=True)
+    out = torch.full((n,), float("nan"))
+    accumulate_and_sparsify(carry, grad, k, out=out)
+    assert int((out != 0).sum()) == int((expected != 0).sum())
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(carry, expected_carry, atol=0, rtol=0)
+    # ``out`` may be the gradient itself: each chunk is read before it is written.
+    carry2, grad2 = before[0].clone(), before[1].clone()
+    accumulate_and_sparsify(carry2, grad2, k, out=grad2)
+    torch.testing.assert_close(grad2, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 1.0])
+@pytest.mark.parametrize("handed_over", [True, False])
+def test_the_one_pass_steady_state_sends_what_sparsifying_the_sum_does(
+    fraction: float, handed_over: bool
+) -> None:
+    from splitfed.privacy.defenses.grad_topk import sparsify
+
+    torch.manual_seed(0)
+    topk, residual = GradientSparsification(fraction=fraction), torch.zeros(4 * 16 * 8192)
+    for _ in range(3):
+        grad = torch.randn(4, 16, 8192)  # 2**19 entries: the large-tensor path
+        total = residual + grad.view(-1)
+        k = math.ceil(fraction * total.numel())
+        expected = sparsify(total, k, in_place=True)
+        residual = total
+        kept = grad.clone()
+        sent = topk.on_gradients(grad, FrontContext("train", owns_gradient=handed_over))
+        if not handed_over:
+            torch.testing.assert_close(grad, kept, atol=0, rtol=0)
+        assert int((sent != 0).sum()) == k
+        torch.testing.assert_close(sent.view(-1), expected, atol=0, rtol=0)
+        assert topk.residual is not None
+        torch.testing.assert_close(topk.residual.view(-1), residual, atol=0, rtol=0)

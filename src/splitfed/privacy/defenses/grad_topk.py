@@ -116,7 +116,7 @@ def sparsify(
     """
     n = flat.numel()
     if k >= n:
-        sent = flat.clone()
+        sent = flat.clone() if out is None else out.copy_(flat)
         if residual is not None:
             residual.zero_()
         if in_place:
@@ -143,6 +143,72 @@ def sparsify(
             carry[tied] = sent[tied]
         sent[tied] = 0.0
     return sent
+
+
+def accumulate_and_sparsify(carry: torch.Tensor, grad: torch.Tensor, k: int, *, out: torch.Tensor) -> None:
+    """``carry += grad``, then the ``k`` entries of the sum largest in magnitude move into ``out``.
+
+    The same selection as ``sparsify(carry + grad, k, in_place=True, out=out)`` (exactly ``k``
+    sent; ties at the threshold sent first by position), in one chunked pass over memory where
+    that takes three: a band ``[low, high]`` of magnitudes that holds the ``k``-th largest is
+    estimated from a fixed random sample of the sum; in the pass, each chunk is summed, its entries
+    above ``high`` are moved to ``out`` and the positions of those in the band are collected; the
+    exact threshold is then selected among the band's few entries and the ones above it moved
+    too. Should the sample have been far off (the band misses the threshold), the sum is restored
+    and the exact search of :func:`sparsify` runs instead.
+
+    ``carry``, ``grad`` and ``out`` are 1-d of one length; ``out`` may be ``grad`` itself (each
+    chunk of ``grad`` is read before it is written) but must not overlap ``carry``.
+    """
+    n = carry.numel()
+    if not 1 <= k < n or n < _PREFILTER_MIN:
+        carry.add_(grad)
+        sparsify(carry, k, in_place=True, out=out)
+        return
+    g = torch.Generator(device="cpu").manual_seed(0)
+    at = torch.randint(0, n, (_SAMPLE,), generator=g).to(carry.device)
+    sample = (carry[at] + grad[at]).abs()
+    q = 1.0 - k / n
+    low, high = _sampled_rank(sample, q, -1.0), _sampled_rank(sample, q, 1.0)
+    if low is None or high is None or float(low) <= 0.0:
+        carry.add_(grad)
+        sparsify(carry, k, in_place=True, out=out)
+        return
+    # hardshrink keeps magnitudes strictly above its lambda: ``high`` itself, and the float just
+    # below ``low`` so that ``low`` is kept.
+    above_high, from_low = float(high), float(torch.nextafter(low, low.new_zeros(())))
+    scratch = torch.empty(min(n, _CHUNK), dtype=carry.dtype, device=carry.device)
+    in_band = torch.empty(n, dtype=torch.bool, device=carry.device)
+    sent_count = 0
+    # Comparisons into bool tensors and counts of nonzero floats are slow kernels on the CPU; a
+    # float-to-bool copy (x != 0) and a count of nonzero bools are fast ones.
+    flags = torch.empty(min(n, _CHUNK), dtype=torch.bool, device=carry.device)
+    for span in _spans(n):
+        part, sent, size = carry[span], out[span], span.stop - span.start
+        part.add_(grad[span])
+        torch.hardshrink(part, above_high, out=sent)
+        part.sub_(sent)
+        sent_count += int(torch.count_nonzero(flags[:size].copy_(sent)))
+        in_band[span].copy_(torch.hardshrink(part, from_low, out=scratch[:size]))
+    need = k - sent_count
+    band_at = in_band.nonzero().squeeze(1)
+    if not 0 <= need <= band_at.numel():  # the band missed the threshold: restore, search exactly
+        carry.add_(out)
+        sparsify(carry, k, in_place=True, out=out)
+        return
+    if need == 0:
+        return
+    values = carry[band_at]
+    mags = values.abs()
+    threshold = _kth_smallest(mags, mags.numel() - need + 1)
+    chosen = mags > threshold
+    short = need - int(chosen.sum())
+    if short > 0:  # ties at the threshold: the first ones by position go
+        tied = (mags == threshold).nonzero().squeeze(1)[:short]
+        chosen[tied] = True
+    at_chosen = band_at[chosen]
+    out[at_chosen] = values[chosen]
+    carry[at_chosen] = 0.0
 
 
 class GradientSparsification(Defense):
@@ -205,6 +271,25 @@ class GradientSparsification(Defense):
     def on_gradients(self, grad: torch.Tensor, context: FrontContext) -> torch.Tensor:
         work = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
         owned = work.data_ptr() != grad.data_ptr()  # a promoted copy is ours
+        r = self.residual
+        if (
+            self.error_feedback
+            and r is not None
+            and r.shape == work.shape
+            and r.dtype == work.dtype
+            and r.device == work.device
+            and r.is_contiguous()
+            and work.is_contiguous()
+        ):
+            # The steady state: the residual and the gradient are summed, and the sum sparsified,
+            # in one pass; what is sent goes into the handed-over gradient's storage where allowed.
+            k = min(work.numel(), math.ceil(self.fraction * work.numel()))
+            if context.owns_gradient and grad.dtype == work.dtype and grad.is_contiguous():
+                into = grad.detach().view(-1)
+            else:
+                into = torch.empty_like(work).view(-1)
+            accumulate_and_sparsify(r.view(-1), work.view(-1), k, out=into)
+            return into.view_as(work).to(grad.dtype)
         if self.error_feedback and self.residual is not None:
             carried = self._carried(work)  # the residual itself, or a fresh tensor: ours to change
             work, owned = carried.add_(work), True
