@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from splitfed.bench.store import ResultStore
+from splitfed.bench.store import ResultStore, StoreError
 from splitfed.bench.sweep import attack_key, attack_specs, expand, load_sweep, plan, run_sweep
 from splitfed.cli import app
 from splitfed.config import ConfigError
@@ -125,6 +125,27 @@ def test_a_sweep_stores_every_run_and_attack_resumes_and_records_failures(
     assert runs["none"].key in third.stored and not third.again
     with ResultStore(Path(sweep.out) / "results.sqlite") as store:  # type: ignore[arg-type]
         assert store.attack_status(runs["none"].key, attack_key(bli)) == "done"
+    # The stored attacks read 8 examples each: a sweep of the same name that reads otherwise is
+    # refused (before, it reused them as its own), and the CLI says what differs and what to do.
+    fewer = _sweep(
+        workspace,
+        "small",
+        grid={"setting": ["ht"]},
+        defenses=["none", {"name": "gaussian_mixer", "sigma": 2.0}, "explodes"],
+        max_examples=4,
+        window="first",
+    )
+    other, _ = load_sweep(fewer)
+    with ResultStore(Path(sweep.out) / "results.sqlite") as store, pytest.raises(StoreError) as err:  # type: ignore[arg-type]
+        plan(other, root, store)
+    assert "max_examples: 8 in the store, 4 in the sweep" in str(err.value)
+    assert "window: 'last' in the store, 'first' in the sweep" in str(err.value)
+    refused = CliRunner().invoke(app, ["bench", str(fewer), "--dry-run"])
+    assert refused.exit_code != 0 and "read otherwise" in refused.output, refused.output
+    elsewhere = CliRunner().invoke(
+        app, ["bench", str(fewer), "--dry-run", "--store", str(workspace / "new.sqlite")]
+    )
+    assert elsewhere.exit_code == 0 and "3 to run" in elsewhere.output, elsewhere.output
 
 
 def test_cli_bench_dry_run_lists_the_runs(workspace: Path) -> None:

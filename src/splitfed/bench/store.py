@@ -272,7 +272,19 @@ class ResultStore:
                 ),
             )
 
+    def set_meta(self, key: str, value: Any) -> None:
+        """Record ``value`` (JSON-ready) under ``key`` in the store's metadata (``schema`` is the store's own)."""
+        if key == "schema":
+            raise ValueError("the key 'schema' holds the store's schema version")
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
     # ------------------------------------------------------------------ reading
+    def get_meta(self, key: str) -> Any:
+        """The value recorded under ``key`` by :meth:`set_meta` (``None``: nothing recorded)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else _loads(row[0], None)
+
     def has_run(self, key: str) -> bool:
         """Whether run ``key`` is stored as done (a failed run is retried)."""
         row = self._db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()

@@ -43,7 +43,9 @@ Each run is identified by the hash of what determines it, so a rerun skips the r
 the store (an interrupted sweep resumes where it stopped); a failed run records its error and the
 sweep goes on. A stored run one of whose attacks failed, or that lacks an attack the sweep has
 gained since, runs again after the runs never stored (its recording is gone). One recording of a run feeds all of its attacks and is deleted afterwards unless
-``keep_recordings`` is set.
+``keep_recordings`` is set. What the attacks read (``aux``, ``phases``, ``max_examples``,
+``window``) is in no key: the store records it per sweep name, and a sweep of that name that
+reads otherwise is refused rather than handed the stored rows as its own.
 """
 
 from __future__ import annotations
@@ -590,9 +592,53 @@ def _stored(
     return stored, again
 
 
+def attack_reading(sweep: SweepConfig) -> dict[str, Any]:
+    """The sweep's settings of what its attacks read (not part of any run's or attack's key): a
+    store's attack rows are reused only by a sweep that reads alike."""
+    return {
+        "aux": sweep.aux,
+        "phases": list(sweep.phases),
+        "max_examples": sweep.max_examples,
+        "window": sweep.window,
+    }
+
+
+def _reading_key(sweep: SweepConfig) -> str:
+    return f"attack_reading:{sweep.name}"
+
+
+def check_attack_reading(sweep: SweepConfig, store: ResultStore) -> None:
+    """Refuse a store whose attacks of ``sweep`` read otherwise than ``sweep`` does.
+
+    Raises
+    ------
+    StoreError
+        If ``store`` recorded other ``aux``, ``phases``, ``max_examples`` or ``window`` for this
+        sweep's name: its stored attack rows would be silently reused (a store that recorded none,
+        written before this check, is taken to match).
+    """
+    from splitfed.bench.store import StoreError
+
+    stored = store.get_meta(_reading_key(sweep))
+    wanted = attack_reading(sweep)
+    if stored is None or stored == wanted:
+        return
+    differ = [k for k in wanted if stored.get(k) != wanted[k]]
+    said = ", ".join(f"{k}: {stored.get(k)!r} in the store, {wanted[k]!r} in the sweep" for k in differ)
+    raise StoreError(
+        f"{store.path} holds attacks of sweep {sweep.name!r} that read otherwise ({said}); its rows "
+        "would be reused as if they read what the sweep asks. Set `store:` (or --store) to a new "
+        "file to attack every run anew, or set those keys back to what the store holds"
+    )
+
+
 def plan(sweep: SweepConfig, root: Path, store: ResultStore, *, parallel: int | None = None) -> SweepPlan:
     """Expand ``sweep`` and compare it with ``store``; estimate the time left from stored runs' times
-    (training and attacks) with ``parallel`` runs at once (default: the sweep's ``workers``)."""
+    (training and attacks) with ``parallel`` runs at once (default: the sweep's ``workers``).
+
+    Raises :class:`~splitfed.bench.store.StoreError` where the store's attacks of this sweep read
+    other examples than it does (:func:`check_attack_reading`)."""
+    check_attack_reading(sweep, store)
     runs = expand(sweep, root)
     attacks = attack_specs(sweep)
     stored, again = _stored(store, runs, attacks)
@@ -634,6 +680,8 @@ def run_sweep(
     ------
     ClusterError
         With ``ray_address``, if Ray is not importable or no cluster answers there.
+    StoreError
+        If the store's attacks of this sweep read other examples (:func:`check_attack_reading`).
     """
     out, default_store = sweep_paths(sweep, root)
     with ExitStack() as stack:
@@ -672,6 +720,7 @@ def run_sweep(
         )
         if not todo:
             return the_plan
+        store.set_meta(_reading_key(sweep), attack_reading(sweep))
         if progress is not None:
             progress(done, total, "")
         threads = sweep.threads or max(1, (os.cpu_count() or 1) // sweep.workers)
