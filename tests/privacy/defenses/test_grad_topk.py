@@ -193,3 +193,18 @@ def test_the_one_pass_steady_state_sends_what_sparsifying_the_sum_does(
         torch.testing.assert_close(sent.view(-1), expected, atol=0, rtol=0)
         assert topk.residual is not None
         torch.testing.assert_close(topk.residual.view(-1), residual, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n", [3 * 9 * 32, 4 * 16 * 8192])  # the small path and the one-pass path
+def test_a_non_finite_gradient_does_not_spoil_the_residual_of_later_steps(n: int) -> None:
+    torch.manual_seed(0)
+    topk = GradientSparsification(fraction=0.1)
+    topk.on_gradients(torch.randn(n), TRAIN)
+    bad = torch.randn(n)
+    bad[:: n // 5] = float("nan")
+    bad[1] = float("inf")
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        topk.on_gradients(bad, TRAIN)
+    assert topk.residual is not None and bool(torch.isfinite(topk.residual).all())
+    later = topk.on_gradients(torch.randn(n), TRAIN)
+    assert bool(torch.isfinite(later).all()) and int((later != 0).sum()) == math.ceil(0.1 * n)
