@@ -134,3 +134,32 @@ def test_the_last_token_is_scored_exactly_over_the_whole_vocabulary(setup: dict)
             trial[0, -1] = c
             assert float(changes[0, c]) == pytest.approx(matcher.hard(trial) - base, rel=1e-3, abs=1e-4)
         assert int(changes.argmin()) == int(text[0, -1])
+
+
+def test_the_vocabulary_runs_only_as_far_as_the_first_lora_block(setup: dict) -> None:
+    from splitfed.privacy.attacks.gradient_inversion import _first_block_inputs
+
+    model = setup["model"]
+    names = list(setup["grads"][0])
+    later = [
+        m
+        for n, m in model.named_modules()
+        if n.endswith(("lm_head", "layers.1", ".norm")) and "layers.0" not in n
+    ]
+    ran: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: ran.append(type(mod).__name__)) for m in later]
+    try:
+        found = _first_block_inputs(model, names)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert found is not None and ran == []  # no final norm, no [V, V] logits
+    inputs, a_names = found
+    assert a_names and all(".layers.0." in n and ".lora_A." in n for n in a_names)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert inputs.shape == (vocab, model.config.hidden_size)
+    # What the first block's projections see: its input norm of each token's embedding.
+    block = next(m for n, m in model.named_modules() if n.endswith("layers.0"))
+    with torch.no_grad():
+        expected = block.input_layernorm(model.get_input_embeddings().weight[:, None])[:, 0]
+    torch.testing.assert_close(inputs, expected.float())

@@ -104,6 +104,10 @@ def client_gradient(
     return {n: g.detach() for n, g in zip(params, grads, strict=True)}
 
 
+class _Captured(Exception):
+    """Raised by the hook of :func:`_first_block_inputs` once it has what it needs."""
+
+
 def _first_block_inputs(model: nn.Module, names: Sequence[str]) -> tuple[torch.Tensor, list[str]] | None:
     """Every vocabulary token's input ``[V, width]`` to the first block's LoRA modules and their A names."""
     lora = {n.split(".lora_A.")[0] for n in names if ".lora_A." in n}
@@ -118,11 +122,18 @@ def _first_block_inputs(model: nn.Module, names: Sequence[str]) -> tuple[torch.T
     first = min(layer(n) for n in lora)
     chosen = sorted(n for n in lora if layer(n) == first)
     seen: list[torch.Tensor] = []
-    hook = modules[chosen[0]].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+
+    def capture(module: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        seen.append(inp[0].detach())
+        raise _Captured  # the rest of the model (its later blocks, a [V, V] logits) is not needed
+
+    hook = modules[chosen[0]].register_forward_pre_hook(capture)
     vocab = _embeddings(model).shape[0]
     try:
         with torch.no_grad():
             model(input_ids=torch.arange(vocab, device=_embeddings(model).device)[:, None])
+    except _Captured:
+        pass
     finally:
         hook.remove()
     a_names = [n for n in names if n.split(".lora_A.")[0] in chosen and ".lora_A." in n]
