@@ -31,6 +31,13 @@ def _spans(n: int) -> list[slice]:
     return [slice(start, min(n, start + _CHUNK)) for start in range(0, n, _CHUNK)]
 
 
+def _sample_at(n: int, device: torch.device, seed: int) -> torch.Tensor:
+    """:data:`_SAMPLE` positions in ``[0, n)`` drawn by a generator of its own (the run's random
+    state is left alone), the same for the same ``n`` and ``seed``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, n, (_SAMPLE,), generator=g).to(device)
+
+
 def _sampled_rank(sample: torch.Tensor, q: float, side: float) -> torch.Tensor | None:
     """The sample's value ``side`` (-1 below, +1 above) four standard deviations of the sample
     quantile from the ``q`` quantile, so that the population's ``q`` quantile lies beyond it;
@@ -49,8 +56,7 @@ def _kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     n = values.numel()
     if n < _PREFILTER_MIN:
         return values.kthvalue(rank).values
-    g = torch.Generator(device="cpu").manual_seed(1)
-    sample = values[torch.randint(0, n, (_SAMPLE,), generator=g).to(values.device)]
+    sample = values[_sample_at(n, values.device, 1)]
     q = rank / n
     low, high = _sampled_rank(sample, q, -1.0), _sampled_rank(sample, q, 1.0)
     if low is None or high is None:
@@ -77,8 +83,7 @@ def kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int
         raise ValueError(f"k must be in [1, {n}]; got {k}")
     if n < _PREFILTER_MIN:
         return _reaching(flat.abs(), n - k + 1)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    sample = flat[torch.randint(0, n, (_SAMPLE,), generator=g).to(flat.device)].abs()
+    sample = flat[_sample_at(n, flat.device, 0)].abs()
     estimate = _sampled_rank(sample, 1.0 - k / n, -1.0)
     if estimate is None:
         return _reaching(flat.abs(), n - k + 1)
@@ -161,20 +166,20 @@ def accumulate_and_sparsify(carry: torch.Tensor, grad: torch.Tensor, k: int, *, 
     ``carry``, ``grad`` and ``out`` are 1-d of one length; ``out`` may be ``grad`` itself (each
     chunk of ``grad`` is read before it is written) but must not overlap ``carry``.
     """
+
+    def exactly(added: torch.Tensor) -> None:  # sum in place, then the search of ``sparsify``
+        carry.add_(added)
+        sparsify(carry, k, in_place=True, out=out)
+
     n = carry.numel()
     if not 1 <= k < n or n < _PREFILTER_MIN:
-        carry.add_(grad)
-        sparsify(carry, k, in_place=True, out=out)
-        return
-    g = torch.Generator(device="cpu").manual_seed(0)
-    at = torch.randint(0, n, (_SAMPLE,), generator=g).to(carry.device)
+        return exactly(grad)
+    at = _sample_at(n, carry.device, 0)
     sample = (carry[at] + grad[at]).abs()
     q = 1.0 - k / n
     low, high = _sampled_rank(sample, q, -1.0), _sampled_rank(sample, q, 1.0)
     if low is None or high is None or float(low) <= 0.0:
-        carry.add_(grad)
-        sparsify(carry, k, in_place=True, out=out)
-        return
+        return exactly(grad)
     # hardshrink keeps magnitudes strictly above its lambda: ``high`` itself, and the float just
     # below ``low`` so that ``low`` is kept.
     above_high, from_low = float(high), float(torch.nextafter(low, low.new_zeros(())))
@@ -193,10 +198,8 @@ def accumulate_and_sparsify(carry: torch.Tensor, grad: torch.Tensor, k: int, *, 
         in_band[span].copy_(torch.hardshrink(part, from_low, out=scratch[:size]))
     need = k - sent_count
     band_at = in_band.nonzero().squeeze(1)
-    if not 0 <= need <= band_at.numel():  # the band missed the threshold: restore, search exactly
-        carry.add_(out)
-        sparsify(carry, k, in_place=True, out=out)
-        return
+    if not 0 <= need <= band_at.numel():  # the band missed the threshold: restore the sum, search exactly
+        return exactly(out)
     if need == 0:
         return
     values = carry[band_at]
@@ -294,6 +297,7 @@ class GradientSparsification(Defense):
         """What is sent of ``grad``; the residual updated."""
         work = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
         owned = work.data_ptr() != grad.data_ptr()  # a promoted copy is ours
+        k = min(work.numel(), math.ceil(self.fraction * work.numel()))
         r = self.residual
         if (
             self.error_feedback
@@ -306,7 +310,6 @@ class GradientSparsification(Defense):
         ):
             # The steady state: the residual and the gradient are summed, and the sum sparsified,
             # in one pass; what is sent goes into the handed-over gradient's storage where allowed.
-            k = min(work.numel(), math.ceil(self.fraction * work.numel()))
             if context.owns_gradient and grad.dtype == work.dtype and grad.is_contiguous():
                 into = grad.detach().view(-1)
             else:
@@ -317,7 +320,6 @@ class GradientSparsification(Defense):
             carried = self._carried(work)  # the residual itself, or a fresh tensor: ours to change
             work, owned = carried.add_(work), True
         flat = work.reshape(-1)
-        k = min(flat.numel(), math.ceil(self.fraction * flat.numel()))
         # Where the data party hands its gradient over (and it is not what ``flat`` holds), what is
         # sent is written into that storage: no fresh 100 MB buffer to fault in at every step.
         out = None
